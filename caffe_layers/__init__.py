@@ -1,0 +1,13 @@
+"""caffe_layers: Caffe nets (BVLC, DeepLab, segaware, SPN layers) in PyTorch.
+
+`import caffe_layers as caffe` gives the pycaffe interface: caffe.Net(proto, weights, caffe.TEST),
+caffe.set_mode_gpu(), net.blobs / net.params / net.forward / net.backward.
+"""
+from caffe_layers.layers import known_types, register as register_layer
+from caffe_layers.layers.base import Layer
+from caffe_layers.mode import set_device, set_mode_cpu, set_mode_gpu
+from caffe_layers.net import Net
+from caffe_layers.proto import TEST, TRAIN
+
+__all__ = ["Net", "Layer", "register_layer", "known_types", "TRAIN", "TEST",
+           "set_mode_cpu", "set_mode_gpu", "set_device"]

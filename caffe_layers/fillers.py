@@ -1,0 +1,99 @@
+"""Caffe's weight fillers (include/caffe/filler.hpp), drawing from torch's default generator."""
+import math
+
+import torch
+
+from caffe_layers.proto import pb
+
+FILLERS = {}
+
+
+def filler(name):
+    def deco(fn):
+        FILLERS[name] = fn
+        return fn
+    return deco
+
+
+def fill(shape, param, dtype=torch.float32):
+    """A new tensor of `shape` filled as FillerParameter `param` says."""
+    kind = param.type
+    if kind not in FILLERS:
+        raise ValueError(f"unknown filler type {kind!r}; known: {sorted(FILLERS)}")
+    return FILLERS[kind](tuple(shape), param, dtype)
+
+
+def _fans(shape):
+    # Caffe: fan_in = count / num, fan_out = count / channels
+    count = math.prod(shape)
+    fan_in = count // shape[0] if shape else 1
+    fan_out = count // shape[1] if len(shape) > 1 else count
+    return fan_in, fan_out
+
+
+def _scale_denominator(shape, param):
+    fan_in, fan_out = _fans(shape)
+    if param.variance_norm == pb.FillerParameter.FAN_OUT:
+        return fan_out
+    if param.variance_norm == pb.FillerParameter.AVERAGE:
+        return (fan_in + fan_out) / 2.0
+    return fan_in
+
+
+def _sparsify(x, shape, param):
+    # Caffe keeps each weight with probability sparse / num_outputs (Bernoulli mask).
+    if param.sparse >= 0:
+        if len(shape) < 2:
+            raise ValueError("sparse filling needs a blob with at least 2 axes")
+        keep = param.sparse / shape[0]
+        x = x * torch.bernoulli(torch.full(shape, keep, dtype=x.dtype))
+    return x
+
+
+@filler("constant")
+def constant(shape, param, dtype):
+    return torch.full(shape, param.value, dtype=dtype)
+
+
+@filler("uniform")
+def uniform(shape, param, dtype):
+    return torch.empty(shape, dtype=dtype).uniform_(param.min, param.max)
+
+
+@filler("gaussian")
+def gaussian(shape, param, dtype):
+    x = torch.empty(shape, dtype=dtype).normal_(param.mean, param.std)
+    return _sparsify(x, shape, param)
+
+
+@filler("positive_unitball")
+def positive_unitball(shape, param, dtype):
+    x = torch.rand(shape, dtype=dtype)
+    flat = x.reshape(shape[0] if shape else 1, -1)
+    return (flat / flat.sum(1, keepdim=True)).reshape(shape)
+
+
+@filler("xavier")
+def xavier(shape, param, dtype):
+    bound = math.sqrt(3.0 / _scale_denominator(shape, param))
+    return torch.empty(shape, dtype=dtype).uniform_(-bound, bound)
+
+
+@filler("msra")
+def msra(shape, param, dtype):
+    std = math.sqrt(2.0 / _scale_denominator(shape, param))
+    return torch.empty(shape, dtype=dtype).normal_(0.0, std)
+
+
+@filler("bilinear")
+def bilinear(shape, param, dtype):
+    """Upsampling kernel for Deconvolution: f = ceil(K/2), c = (2f - 1 - f%2) / (2f)."""
+    if len(shape) != 4 or shape[2] != shape[3]:
+        raise ValueError(f"bilinear filler needs a 4-D blob with square kernels, got {shape}")
+    k = shape[3]
+    f = math.ceil(k / 2.0)
+    c = (2 * f - 1 - f % 2) / (2.0 * f)
+    pos = torch.arange(k, dtype=torch.float64)
+    w = 1 - (pos / f - c).abs()
+    kernel = (w[:, None] * w[None, :]).to(dtype)
+    return kernel.expand(shape).clone()

@@ -1,0 +1,60 @@
+"""The base class of every layer."""
+import math
+
+import torch
+from torch import nn
+
+from caffe_layers.fillers import fill
+
+
+class Layer(nn.Module):
+    """One Caffe layer as a torch module.
+
+    A subclass reads its settings from `param` (a caffe LayerParameter) in __init__, creating its
+    parameter blobs with `add_blob`; `forward(*bottoms)` returns one top tensor or a tuple of them.
+    `bottom_shapes` are the shapes of the bottoms, known when the net is built (Caffe's
+    LayerSetUp). Top shapes are found by running forward on meta tensors; a layer whose forward
+    cannot run on meta tensors overrides `top_shapes`.
+    """
+
+    is_loss = False  # loss layers get loss_weight 1 on their first top by default
+
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__()
+        self.param = param
+        self.name = param.name
+        self.phase = phase
+        self.blobs = nn.ParameterList()
+        self.bottom_shapes = [tuple(s) for s in bottom_shapes]
+
+    def add_blob(self, shape, filler_param=None, value=None):
+        """Append a learnable blob, filled by a FillerParameter or a constant."""
+        if filler_param is not None:
+            data = fill(shape, filler_param)
+        else:
+            data = torch.full(tuple(shape), 0.0 if value is None else value)
+        self.blobs.append(nn.Parameter(data))
+        return self.blobs[-1]
+
+    def top_shapes(self, bottom_shapes):
+        dtype = self.blobs[0].dtype if len(self.blobs) else torch.float32
+        metas = tuple(torch.empty(s, dtype=dtype, device="meta") for s in bottom_shapes)
+        state = {k: torch.empty_like(v, device="meta") for k, v in self.named_parameters()}
+        state.update({k: torch.empty_like(v, device="meta") for k, v in self.named_buffers()})
+        tops = torch.func.functional_call(self, state, metas)
+        if isinstance(tops, torch.Tensor):
+            tops = (tops,)
+        return [tuple(t.shape) for t in tops]
+
+    def extra_repr(self):
+        return f"{self.name!r}"
+
+
+def count(shape, start=0, end=None):
+    return math.prod(shape[start:end])
+
+
+def canonical_axis(axis, num_axes, layer_name="?"):
+    if not -num_axes <= axis < num_axes:
+        raise ValueError(f"layer {layer_name!r}: axis {axis} out of range for a {num_axes}-axis blob")
+    return axis % num_axes

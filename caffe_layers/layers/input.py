@@ -1,0 +1,20 @@
+"""Input: tops whose values the caller provides."""
+from caffe_layers.layers import register
+from caffe_layers.layers.base import Layer
+
+
+@register("Input")
+class Input(Layer):
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        shapes = [tuple(s.dim) for s in param.input_param.shape]
+        tops = len(param.top)
+        if len(shapes) not in (1, tops):
+            raise ValueError(f"layer {param.name!r}: input_param must give 1 or {tops} shapes, got {len(shapes)}")
+        self.shapes = shapes * tops if len(shapes) == 1 else shapes
+
+    def top_shapes(self, bottom_shapes):
+        return list(self.shapes)
+
+    def forward(self):
+        raise RuntimeError(f"Input layer {self.name!r} has no forward: the net feeds its tops")

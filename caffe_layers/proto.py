@@ -1,0 +1,24 @@
+"""The caffe protobuf module, generated from proto/caffe.proto at build time."""
+try:
+    from caffe_layers import caffe_pb2 as pb
+except ImportError as err:  # pragma: no cover - only without a build
+    raise ImportError(
+        "caffe_layers/caffe_pb2.py is missing: it is generated from proto/caffe.proto by the build. "
+        "Run `pip install -e .` (or `python setup.py build_py`) in the repository root."
+    ) from err
+
+TRAIN = pb.TRAIN
+TEST = pb.TEST
+
+
+def phase_value(phase):
+    """Accept caffe.TRAIN / caffe.TEST or the strings 'train' / 'test'."""
+    if isinstance(phase, str):
+        key = phase.upper()
+        if key not in ("TRAIN", "TEST"):
+            raise ValueError(f"phase must be 'train' or 'test', got {phase!r}")
+        return pb.Phase.Value(key)
+    if phase not in (TRAIN, TEST):
+        raise ValueError(f"phase must be caffe.TRAIN or caffe.TEST, got {phase!r}")
+    return int(phase)
+caffe_pb2 = pb  # pycaffe scripts use `from caffe.proto import caffe_pb2`
