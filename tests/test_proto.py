@@ -7,10 +7,9 @@ do not depend on the rest of the package. They check that
   * every prototxt embedded in the golden .npz files parses,
   * each field-number conflict is resolved as documented at the top of caffe.proto.
 """
-import importlib
 import re
 import struct
-import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -26,23 +25,41 @@ GOLDEN = SHARED / "golden"
 
 @pytest.fixture(scope="session")
 def pb(tmp_path_factory):
-    """Compile caffe.proto and import the generated caffe_pb2 module."""
+    """Compile caffe.proto with grpc_tools.protoc into a temporary directory.
+
+    protoc writes both caffe_pb2.py and a descriptor set there. The message classes are
+    built from the descriptor set in a private DescriptorPool, so this test never clashes
+    with another copy of caffe.proto registered in protobuf's default pool (for example the
+    package's own caffe_pb2 imported in the same pytest session).
+    """
     grpc_protoc = pytest.importorskip("grpc_tools.protoc")
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
     out = tmp_path_factory.mktemp("caffe_pb")
+    desc = out / "caffe.desc"
     rc = grpc_protoc.main([
         "grpc_tools.protoc",
         f"-I{PROTO.parent}",
         f"--python_out={out}",
+        f"--descriptor_set_out={desc}",
         str(PROTO),
     ])
     assert rc == 0, "protoc failed on proto/caffe.proto"
-    sys.path.insert(0, str(out))
-    try:
-        sys.modules.pop("caffe_pb2", None)
-        mod = importlib.import_module("caffe_pb2")
-    finally:
-        sys.path.remove(str(out))
-    return mod
+    assert (out / "caffe_pb2.py").exists()
+    fds = descriptor_pb2.FileDescriptorSet.FromString(desc.read_bytes())
+    pool = descriptor_pool.DescriptorPool()
+    for f in fds.file:
+        pool.Add(f)
+    fd = pool.FindFileByName("caffe.proto")
+    classes = message_factory.GetMessageClassesForFiles(["caffe.proto"], pool)
+    ns = types.SimpleNamespace(DESCRIPTOR=fd)
+    for name in fd.message_types_by_name:
+        setattr(ns, name, classes["caffe." + name])
+    for name, enum in fd.enum_types_by_name.items():
+        setattr(ns, name, enum)
+        for v in enum.values:
+            setattr(ns, v.name, v.number)
+    return ns
 
 
 def _text_format():
