@@ -1,0 +1,124 @@
+"""Convolution (BaseConvolutionLayer + ConvolutionLayer), with the segaware fork's bottom_is_im2col.
+
+`conv_setup` reads the settings shared with Deconvolution.
+"""
+import torch.nn.functional as F
+
+from caffe_layers.layers import register
+from caffe_layers.layers.base import Layer, canonical_axis
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _per_axis(name, values, has_hw, h, w, default, nsp, what):
+    """Caffe's rule: `name` once or once per spatial axis, or name_h and name_w (2-D only)."""
+    if has_hw:
+        if nsp != 2:
+            raise ValueError(f"{what}: {name}_h & {name}_w can only be used for 2D convolution")
+        if len(values):
+            raise ValueError(f"{what}: either {name} or {name}_h/w should be specified; not both")
+        return [h, w]
+    if len(values) == 0 and default is not None:
+        return [default] * nsp
+    if len(values) not in (1, nsp):
+        raise ValueError(f"{what}: {name} must be specified once, or once per spatial dimension "
+                         f"({name} specified {len(values)} times; {nsp} spatial dims)")
+    return [values[0 if len(values) == 1 else i] for i in range(nsp)]
+
+
+def conv_setup(layer, param, bottom_shapes, kind):
+    """Set kernel/stride/pad/dilation, channel axis, group and the parameter blobs on `layer`."""
+    p = param.convolution_param
+    what = f"layer {param.name!r} ({kind})"
+    layer.what = what
+    if not bottom_shapes:
+        raise ValueError(f"{what}: needs at least one bottom")
+    shape = bottom_shapes[0]
+    for s in bottom_shapes[1:]:
+        if tuple(s) != tuple(shape):
+            raise ValueError(f"{what}: all bottoms must have the same shape, got {list(map(list, bottom_shapes))}")
+    layer.axis = canonical_axis(p.axis, len(shape), param.name)
+    nsp = len(shape) - layer.axis - 1
+    if nsp not in _CONV:
+        raise ValueError(f"{what}: supports 1 to 3 spatial axes after the channel axis, got {nsp}")
+    layer.nsp = nsp
+    has = p.HasField
+    if not len(p.kernel_size) and not (has("kernel_h") or has("kernel_w")):
+        raise ValueError(f"{what}: kernel_size (or kernel_h and kernel_w) is required")
+    layer.kernel = _per_axis("kernel_size", p.kernel_size, has("kernel_h") or has("kernel_w"),
+                             p.kernel_h, p.kernel_w, None, nsp, what)
+    if any(k <= 0 for k in layer.kernel):
+        raise ValueError(f"{what}: filter dimensions must be nonzero, got kernel {layer.kernel}")
+    layer.stride = _per_axis("stride", p.stride, has("stride_h") or has("stride_w"),
+                             p.stride_h, p.stride_w, 1, nsp, what)
+    if any(s <= 0 for s in layer.stride):
+        raise ValueError(f"{what}: stride dimensions must be nonzero, got {layer.stride}")
+    layer.pad = _per_axis("pad", p.pad, has("pad_h") or has("pad_w"), p.pad_h, p.pad_w, 0, nsp, what)
+    layer.dilation = _per_axis("dilation", p.dilation, False, 0, 0, 1, nsp, what)
+    channels = shape[layer.axis]
+    layer.num_output = p.num_output
+    layer.group = p.group
+    if layer.num_output <= 0:
+        raise ValueError(f"{what}: num_output must be positive, got {layer.num_output}")
+    if layer.group <= 0 or channels % layer.group:
+        raise ValueError(f"{what}: group {layer.group} must divide the {channels} input channels")
+    if layer.num_output % layer.group:
+        raise ValueError(f"{what}: num_output {layer.num_output} must be a multiple of group {layer.group}")
+    layer.channels = channels
+    layer.bias_term = p.bias_term
+    return p, channels
+
+
+def check_bottoms(layer, bottoms):
+    for x in bottoms:
+        if x.dim() != layer.axis + 1 + layer.nsp or x.shape[layer.axis] != layer.channels:
+            raise ValueError(f"{layer.what}: bottom shape {list(x.shape)} does not fit the layer "
+                             f"({layer.channels} channels on axis {layer.axis}, {layer.nsp} spatial axes)")
+
+
+@register("Convolution")
+class Convolution(Layer):
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        p, channels = conv_setup(self, param, bottom_shapes, "Convolution")
+        self.bottom_is_im2col = p.bottom_is_im2col
+        per_group = channels // self.group
+        kernel_count = 1
+        for k in self.kernel:
+            kernel_count *= k
+        if self.bottom_is_im2col:
+            # segaware: the bottom is an im2col buffer, C = channels * prod(kernel); Caffe divides the
+            # per-group channels by the kernel sizes (integer division) to get the weight shape.
+            if per_group % kernel_count:
+                raise ValueError(f"{self.what}: bottom_is_im2col needs channels/group ({per_group}) to be a "
+                                 f"multiple of the kernel size product {kernel_count}")
+            per_group //= kernel_count
+        self.add_blob([self.num_output, per_group] + self.kernel, p.weight_filler)
+        if self.bias_term:
+            self.add_blob([self.num_output], p.bias_filler)
+        if not self.bottom_is_im2col:
+            for i in range(self.nsp):
+                extent = self.dilation[i] * (self.kernel[i] - 1) + 1
+                size = bottom_shapes[0][self.axis + 1 + i]
+                if size + 2 * self.pad[i] < extent:
+                    raise ValueError(f"{self.what}: spatial size {size} with pad {self.pad[i]} is smaller "
+                                     f"than the kernel extent {extent}")
+
+    def forward(self, *bottoms):
+        check_bottoms(self, bottoms)
+        weight = self.blobs[0]
+        bias = self.blobs[1] if self.bias_term else None
+        tops = []
+        for x in bottoms:
+            lead = x.shape[:self.axis]
+            x = x.reshape((-1,) + tuple(x.shape[self.axis:]))
+            if self.bottom_is_im2col:
+                # segaware: the column buffer is used as is: a 1x1 (grouped) convolution, output size =
+                # input size; stride, pad and dilation are ignored.
+                w = weight.reshape(weight.shape[0], -1, *([1] * self.nsp))
+                y = _CONV[self.nsp](x, w, bias, 1, 0, 1, self.group)
+            else:
+                y = _CONV[self.nsp](x, weight, bias, self.stride, self.pad, self.dilation, self.group)
+            tops.append(y.reshape(tuple(lead) + tuple(y.shape[1:])))
+        return tops[0] if len(tops) == 1 else tuple(tops)

@@ -1,0 +1,34 @@
+"""InnerProduct: y = x W^T + b over the axes from `axis` on, flattened (transpose: y = x W)."""
+import torch.nn.functional as F
+
+from caffe_layers.layers import register
+from caffe_layers.layers.base import Layer, canonical_axis, count
+
+
+@register("InnerProduct")
+class InnerProduct(Layer):
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        p = param.inner_product_param
+        self.what = f"layer {param.name!r} (InnerProduct)"
+        if p.num_output <= 0:
+            raise ValueError(f"{self.what}: num_output must be positive, got {p.num_output}")
+        shape = bottom_shapes[0]
+        self.axis = canonical_axis(p.axis, len(shape), param.name)
+        self.K = count(shape, self.axis)
+        self.N = p.num_output
+        self.transpose = p.transpose
+        self.bias_term = p.bias_term
+        self.add_blob([self.K, self.N] if self.transpose else [self.N, self.K], p.weight_filler)
+        if self.bias_term:
+            self.add_blob([self.N], p.bias_filler)
+
+    def forward(self, x):
+        if x.dim() <= self.axis or count(x.shape, self.axis) != self.K:
+            raise ValueError(f"{self.what}: input size incompatible with inner product parameters: bottom "
+                             f"{list(x.shape)} must have {self.K} elements from axis {self.axis} on")
+        lead = tuple(x.shape[:self.axis])
+        flat = x.reshape(-1, self.K)
+        w = self.blobs[0].t() if self.transpose else self.blobs[0]
+        y = F.linear(flat, w, self.blobs[1] if self.bias_term else None)
+        return y.reshape(lead + (self.N,))

@@ -1,0 +1,79 @@
+"""Interp (DeepLab v2): align-corners bilinear resize of a cropped input (util/interp.cpp)."""
+import torch
+
+from caffe_layers.layers import register
+from caffe_layers.layers.base import Layer
+
+
+def interp_matrix(size_in, offset, size_eff, size_out):
+    """(size_out, size_in) weights of Caffe's caffe_cpu_interp2 along one axis.
+
+    Positions are computed in float32 as the original does: r = float(eff - 1) / (out - 1),
+    src = r * i, i0 = int(src), lambda = src - i0, neighbour i0 + 1 unless i0 is the last row.
+    """
+    m = torch.zeros(size_out, size_in, dtype=torch.float64)
+    rows = torch.arange(size_out)
+    if size_eff == size_out:  # the original's special case: a plain copy of the crop
+        m[rows, rows + offset] = 1.0
+        return m
+    ratio = (torch.tensor(float(size_eff - 1), dtype=torch.float32) / (size_out - 1)
+             if size_out > 1 else torch.tensor(0.0, dtype=torch.float32))
+    src = ratio * rows.to(torch.float32)
+    i0 = src.to(torch.int64)  # truncation, as the C++ cast
+    lam1 = (src - i0.to(torch.float32)).to(torch.float64)
+    step = (i0 < size_eff - 1).to(torch.int64)
+    m.index_put_((rows, offset + i0), 1.0 - lam1, accumulate=True)
+    m.index_put_((rows, offset + i0 + step), lam1, accumulate=True)
+    return m
+
+
+@register("Interp")
+class Interp(Layer):
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        p = param.interp_param
+        self.what = f"layer {param.name!r} (Interp)"
+        self.p = p
+        if p.pad_beg > 0 or p.pad_end > 0:
+            raise ValueError(f"{self.what}: only non-positive padding (cropping) is supported, "
+                             f"got pad_beg {p.pad_beg}, pad_end {p.pad_end}")
+        has = p.HasField
+        if not ((has("shrink_factor") or has("zoom_factor")) or (has("height") and has("width"))):
+            raise ValueError(f"{self.what}: give zoom_factor and/or shrink_factor, or both height and width")
+        self.sizes(bottom_shapes[0])
+
+    def sizes(self, shape):
+        """(eff_h, eff_w), (out_h, out_w) by the original's rules, in its order of precedence."""
+        if len(shape) != 4:
+            raise ValueError(f"{self.what}: input must have 4 axes (num, channels, height, width), got {list(shape)}")
+        p, has = self.p, self.p.HasField
+        eff = [shape[2] + p.pad_beg + p.pad_end, shape[3] + p.pad_beg + p.pad_end]
+        if has("shrink_factor") and not has("zoom_factor"):
+            self._check_factor("shrink_factor", p.shrink_factor)
+            out = [(e - 1) // p.shrink_factor + 1 for e in eff]
+        elif has("zoom_factor") and not has("shrink_factor"):
+            self._check_factor("zoom_factor", p.zoom_factor)
+            out = [e + (e - 1) * (p.zoom_factor - 1) for e in eff]
+        elif has("height") and has("width"):
+            out = [p.height, p.width]
+        else:
+            self._check_factor("shrink_factor", p.shrink_factor)
+            self._check_factor("zoom_factor", p.zoom_factor)
+            out = [(e - 1) // p.shrink_factor + 1 for e in eff]
+            out = [o + (o - 1) * (p.zoom_factor - 1) for o in out]
+        # C++ integer division truncates toward zero; the sizes are checked positive below anyway
+        if min(eff) <= 0 or min(out) <= 0:
+            raise ValueError(f"{self.what}: input {list(shape)} gives cropped size {eff} and output size "
+                             f"{out}; both must be positive")
+        return eff, out
+
+    def _check_factor(self, name, value):
+        if value < 1:
+            raise ValueError(f"{self.what}: {name} must be positive, got {value}")
+
+    def forward(self, x):
+        eff, out = self.sizes(x.shape)
+        off = -self.p.pad_beg  # the original crops pad_beg from the start of both axes
+        mh = interp_matrix(x.shape[2], off, eff[0], out[0]).to(device=x.device, dtype=x.dtype)
+        mw = interp_matrix(x.shape[3], off, eff[1], out[1]).to(device=x.device, dtype=x.dtype)
+        return torch.einsum("ih,nchw,jw->ncij", mh, x, mw)

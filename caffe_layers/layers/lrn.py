@@ -1,0 +1,40 @@
+"""LRN: local response normalization across channels or within a channel, Caffe's formulas."""
+import torch.nn.functional as F
+
+from caffe_layers.layers import register
+from caffe_layers.layers.base import Layer
+from caffe_layers.proto import pb
+
+
+@register("LRN")
+class LRN(Layer):
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        p = param.lrn_param
+        self.what = f"layer {param.name!r} (LRN)"
+        if p.local_size % 2 != 1:
+            raise ValueError(f"{self.what}: local_size must be odd, got {p.local_size}")
+        if p.norm_region not in (pb.LRNParameter.ACROSS_CHANNELS, pb.LRNParameter.WITHIN_CHANNEL):
+            raise ValueError(f"{self.what}: unknown norm_region {p.norm_region}")
+        self.size, self.alpha, self.beta, self.k = p.local_size, p.alpha, p.beta, p.k
+        self.across = p.norm_region == pb.LRNParameter.ACROSS_CHANNELS
+        for s in bottom_shapes:
+            self._check(s)
+
+    def _check(self, shape):
+        if len(shape) != 4:
+            raise ValueError(f"{self.what}: input must have 4 axes (num, channels, height, width), got {list(shape)}")
+
+    def forward(self, x):
+        self._check(x.shape)
+        pre = (self.size - 1) // 2
+        sq = x * x
+        if self.across:
+            # scale = k + alpha / size * sum of squares over channels c - pre .. c + pre (zero padded)
+            padded = F.pad(sq, (0, 0, 0, 0, pre, pre))
+            window = padded.unfold(1, self.size, 1).sum(-1)
+            return x * (self.k + self.alpha / self.size * window) ** -self.beta
+        # WITHIN_CHANNEL: (1 + alpha * mean of squares over a size x size window) ^ -beta. Caffe builds it
+        # from AVE pooling (pad pre, always size^2 elements here) and a Power layer with shift 1: k is unused.
+        mean = F.avg_pool2d(sq, self.size, stride=1, padding=pre, count_include_pad=True)
+        return x * (1 + self.alpha * mean) ** -self.beta

@@ -1,0 +1,136 @@
+"""Pooling: MAX, AVE, STOCHASTIC over 2-D windows, with Caffe's output size and window rules."""
+import torch
+import torch.nn.functional as F
+
+from caffe_layers.layers import register
+from caffe_layers.layers.base import Layer
+from caffe_layers.proto import TRAIN, pb
+
+FLT_MAX = 3.4028234663852886e38
+FLT_MIN = 1.1754943508222875e-38
+PP = pb.PoolingParameter
+
+
+def pooled_size(size, kernel, pad, stride, ceil_mode):
+    """Caffe's output size: ceil (or floor) of (size + 2 pad - kernel) / stride, plus one; with padding
+    the last window must start inside the image or the left padding, else it is dropped."""
+    span = size + 2 * pad - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if pad and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+@register("Pooling")
+class Pooling(Layer):
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        p = param.pooling_param
+        self.what = what = f"layer {param.name!r} (Pooling)"
+        has = p.HasField
+        self.method = p.pool
+        self.global_pooling = p.global_pooling
+        if self.global_pooling:
+            if has("kernel_size") or has("kernel_h") or has("kernel_w"):
+                raise ValueError(f"{what}: with global_pooling: true the filter size cannot be specified")
+        else:
+            if has("kernel_size") == (has("kernel_h") and has("kernel_w")):
+                raise ValueError(f"{what}: give kernel_size, or kernel_h and kernel_w; not both, not neither")
+        if not ((not has("pad") and has("pad_h") and has("pad_w")) or (not has("pad_h") and not has("pad_w"))):
+            raise ValueError(f"{what}: pad is pad OR pad_h and pad_w")
+        if not ((not has("stride") and has("stride_h") and has("stride_w"))
+                or (not has("stride_h") and not has("stride_w"))):
+            raise ValueError(f"{what}: stride is stride OR stride_h and stride_w")
+        if has("kernel_size"):
+            self.kernel = (p.kernel_size, p.kernel_size)
+        else:
+            self.kernel = (p.kernel_h, p.kernel_w)
+        self.pad = (p.pad_h, p.pad_w) if has("pad_h") else (p.pad, p.pad)
+        self.stride = (p.stride_h, p.stride_w) if has("stride_h") else (p.stride, p.stride)
+        self.ceil_mode = p.round_mode == PP.CEIL
+        if len(bottom_shapes) != 1 or len(bottom_shapes[0]) != 4:
+            raise ValueError(f"{what}: needs one bottom with 4 axes (num, channels, height, width), "
+                             f"got shapes {[list(s) for s in bottom_shapes]}")
+        if self.global_pooling:
+            self.kernel = tuple(bottom_shapes[0][2:])
+            if self.pad != (0, 0) or self.stride != (1, 1):
+                raise ValueError(f"{what}: with global_pooling: true only pad = 0 and stride = 1")
+        if min(self.kernel) <= 0:
+            raise ValueError(f"{what}: filter dimensions cannot be zero, got kernel {list(self.kernel)}")
+        if min(self.stride) <= 0:
+            raise ValueError(f"{what}: stride must be positive, got {list(self.stride)}")
+        if self.pad != (0, 0):
+            if self.method not in (PP.AVE, PP.MAX):
+                raise ValueError(f"{what}: padding is implemented only for AVE and MAX pooling")
+            if self.pad[0] >= self.kernel[0] or self.pad[1] >= self.kernel[1]:
+                raise ValueError(f"{what}: pad {list(self.pad)} must be smaller than kernel {list(self.kernel)}")
+        if len(param.top) > (2 if self.method == PP.MAX else 1):
+            raise ValueError(f"{what}: at most {2 if self.method == PP.MAX else 1} tops for this method "
+                             f"(MAX may output its argmax mask as a second top), got {len(param.top)}")
+        self.out_size(bottom_shapes[0])
+
+    def out_size(self, shape):
+        if len(shape) != 4:
+            raise ValueError(f"{self.what}: input must have 4 axes (num, channels, height, width), got {list(shape)}")
+        kernel = tuple(shape[2:]) if self.global_pooling else self.kernel
+        out = tuple(pooled_size(shape[2 + i], kernel[i], self.pad[i], self.stride[i], self.ceil_mode)
+                    for i in range(2))
+        if min(out) <= 0:
+            raise ValueError(f"{self.what}: input {list(shape)} is smaller than the kernel {list(kernel)}")
+        return kernel, out
+
+    def _windows(self, x, kernel, out, value):
+        """View (N, C, oh, ow, kh, kw) of the windows; outside the image reads `value`."""
+        (kh, kw), (oh, ow), (ph, pw), (sh, sw) = kernel, out, self.pad, self.stride
+        H, W = x.shape[2:]
+        bottom = max((oh - 1) * sh + kh - H - ph, 0)
+        right = max((ow - 1) * sw + kw - W - pw, 0)
+        xp = F.pad(x, (pw, right, ph, bottom), value=value)
+        return xp.unfold(2, kh, sh).unfold(3, kw, sw)[:, :, :oh, :ow]
+
+    def forward(self, x):
+        kernel, out = self.out_size(x.shape)
+        if self.method == PP.MAX:
+            return self._max(x, kernel, out)
+        if self.method == PP.AVE:
+            return self._ave(x, kernel, out)
+        return self._stochastic(x, kernel, out)
+
+    def _max(self, x, kernel, out):
+        win = self._windows(x, kernel, out, float("-inf"))
+        val, idx = win.reshape(win.shape[:4] + (-1,)).max(-1)  # first maximum, as Caffe's strict '>'
+        # Caffe starts from -FLT_MAX; a window with nothing above it gives -FLT_MAX, mask -1, no gradient.
+        top = val.clamp_min(-FLT_MAX)
+        if len(self.param.top) < 2:
+            return top
+        (kh, kw), (ph, pw), (sh, sw) = kernel, self.pad, self.stride
+        rows = torch.arange(out[0], device=x.device).view(-1, 1) * sh - ph + torch.div(idx, kw, rounding_mode="floor")
+        cols = torch.arange(out[1], device=x.device).view(1, -1) * sw - pw + idx % kw
+        mask = torch.where(val > -FLT_MAX, rows * x.shape[3] + cols, torch.full_like(idx, -1))
+        return top, mask.to(x.dtype)
+
+    def _ave(self, x, kernel, out):
+        win = self._windows(x, kernel, out, 0.0)
+        # Caffe divides by the window clipped to the padded image (not to the image): AVE quirk.
+        sizes = []
+        for i in range(2):
+            size, starts = x.shape[2 + i], torch.arange(out[i]) * self.stride[i] - self.pad[i]
+            ends = torch.clamp(starts + kernel[i], max=size + self.pad[i])
+            sizes.append(ends - starts)
+        pool_size = (sizes[0].view(-1, 1) * sizes[1].view(1, -1)).to(device=x.device, dtype=x.dtype)
+        return win.sum((-2, -1)) / pool_size
+
+    def _stochastic(self, x, kernel, out):
+        # No padding here (Caffe forbids it); windows are clipped to the image (zeros add nothing).
+        win = self._windows(x, kernel, out, 0.0)
+        flat = win.reshape(win.shape[:4] + (-1,))
+        if self.phase == TRAIN:
+            # Sample a position with probability proportional to its value: the first one whose running
+            # sum reaches u * total (Caffe's StoPoolForwardTrain); the gradient goes to that position.
+            cumsum = flat.cumsum(-1)
+            thres = torch.rand(cumsum.shape[:4], dtype=x.dtype, device=x.device) * cumsum[..., -1]
+            pick = (cumsum >= thres.unsqueeze(-1)).to(x.dtype).argmax(-1, keepdim=True)
+            return flat.gather(-1, pick).squeeze(-1)
+        # TEST: sum x^2 / sum x (running sum started at FLT_MIN). Backward here is the true gradient;
+        # Caffe's TEST backward reads stale sample indices from the last TRAIN forward (deviation).
+        return (flat * flat).sum(-1) / (flat.sum(-1) + FLT_MIN)
