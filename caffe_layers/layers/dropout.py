@@ -1,0 +1,30 @@
+"""Dropout. TRAIN: y = x * mask / (1 - p) with mask ~ Bernoulli(1 - p) (torch's generator, not
+Caffe's boost stream); TEST: identity. The backward uses the same mask and scale.
+
+The proto has no scale_train option (neither BVLC nor segaware have one), so it is not offered.
+"""
+import torch
+
+from caffe_layers.layers import register
+from caffe_layers.layers.base import Layer
+from caffe_layers.proto import TRAIN
+
+
+@register("Dropout")
+class Dropout(Layer):
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        self.ratio = param.dropout_param.dropout_ratio
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"layer {self.name!r} (Dropout): dropout_ratio must be in [0, 1), got {self.ratio}")
+        self.scale = 1.0 / (1.0 - self.ratio)
+        self.mask = None  # the last TRAIN mask (0/1), like Caffe's rand_vec_
+
+    def forward(self, x):
+        if self.phase != TRAIN:
+            return x.clone()
+        if x.device.type == "meta":
+            return torch.empty_like(x)
+        mask = torch.bernoulli(torch.full_like(x, 1.0 - self.ratio))
+        self.mask = mask
+        return x * mask * self.scale

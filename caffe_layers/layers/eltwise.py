@@ -1,0 +1,73 @@
+"""Eltwise: PROD, SUM (with one coeff per bottom) or MAX of two or more same-shaped bottoms.
+
+MAX follows eltwise_layer.cpp: bottom 0 wins over bottom 1 only if strictly greater (a tie
+goes to bottom 1); later bottoms win only if strictly greater than the running max (a tie
+keeps the earlier one). The gradient goes to the winner only.
+PROD's gradient is the product of the other bottoms (stable_prod_grad, the default); with
+stable_prod_grad: false it is y / x_i as in Caffe (NaN/inf where x_i = 0).
+"""
+import torch
+
+from caffe_layers.layers import register
+from caffe_layers.layers.base import Layer
+from caffe_layers.proto import pb
+
+OP = pb.EltwiseParameter
+
+
+class _ProdByDivision(torch.autograd.Function):
+    """y = prod(x_i); dx_i = dy * y / x_i (Caffe with stable_prod_grad: false)."""
+
+    @staticmethod
+    def forward(ctx, *xs):
+        y = xs[0] * xs[1]
+        for x in xs[2:]:
+            y = y * x
+        ctx.save_for_backward(y, *xs)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, *xs = ctx.saved_tensors
+        return tuple(dy * (y / x) for x in xs)
+
+
+@register("Eltwise")
+class Eltwise(Layer):
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        p = param.eltwise_param
+        n = len(self.bottom_shapes)
+        if n < 2:
+            raise ValueError(f"layer {self.name!r} (Eltwise): needs at least 2 bottoms, got {n}")
+        if len(p.coeff) not in (0, n):
+            raise ValueError(f"layer {self.name!r} (Eltwise): takes one coeff per bottom ({n}), got {len(p.coeff)}")
+        if p.operation == OP.PROD and len(p.coeff):
+            raise ValueError(f"layer {self.name!r} (Eltwise): coeff is only allowed for SUM")
+        self.op = p.operation
+        self.coeffs = list(p.coeff) or [1.0] * n
+        self.stable_prod_grad = p.stable_prod_grad
+
+    def forward(self, *xs):
+        for i, x in enumerate(xs[1:], 1):
+            if x.shape != xs[0].shape:
+                raise ValueError(f"layer {self.name!r} (Eltwise): bottom {i} has shape {list(x.shape)}, "
+                                 f"bottom 0 has {list(xs[0].shape)}; all must be equal")
+        if self.op == OP.PROD:
+            if not self.stable_prod_grad:
+                return _ProdByDivision.apply(*xs)
+            y = xs[0] * xs[1]
+            for x in xs[2:]:
+                y = y * x
+            return y
+        if self.op == OP.SUM:
+            y = xs[0] * self.coeffs[0] if self.coeffs[0] != 1 else xs[0].clone()
+            for c, x in zip(self.coeffs[1:], xs[1:]):
+                y = y + (x * c if c != 1 else x)
+            return y
+        if self.op == OP.MAX:
+            y = torch.where(xs[0] > xs[1], xs[0], xs[1])
+            for x in xs[2:]:
+                y = torch.where(x > y, x, y)
+            return y
+        raise ValueError(f"layer {self.name!r} (Eltwise): unknown operation {self.op}")

@@ -1,0 +1,33 @@
+"""PReLU: max(x, 0) + a_c * min(x, 0), one slope per channel (axis 1) or one shared slope.
+
+Caffe's backward treats x = 0 as negative (dy * a, slope diff dy * x), as torch.where does here.
+"""
+import torch
+
+from caffe_layers.proto import pb
+from caffe_layers.layers import register
+from caffe_layers.layers.base import Layer
+
+
+@register("PReLU")
+class PReLU(Layer):
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        p = param.prelu_param
+        shape = self.bottom_shapes[0]
+        if len(shape) < 2:
+            raise ValueError(f"layer {self.name!r} (PReLU): bottom must have at least 2 axes, got {list(shape)}")
+        self.channel_shared = p.channel_shared
+        filler = p.filler if p.HasField("filler") else pb.FillerParameter(type="constant", value=0.25)
+        # a shared slope is a 0-axis blob, as in Caffe
+        self.add_blob(() if self.channel_shared else (shape[1],), filler)
+
+    def forward(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"layer {self.name!r} (PReLU): bottom must have at least 2 axes, got {list(x.shape)}")
+        slope = self.blobs[0]
+        if not self.channel_shared:
+            if slope.numel() != x.shape[1]:
+                raise ValueError(f"layer {self.name!r} (PReLU): {slope.numel()} slopes for {x.shape[1]} channels")
+            slope = slope.reshape((1, -1) + (1,) * (x.dim() - 2))
+        return torch.where(x > 0, x, slope * x)

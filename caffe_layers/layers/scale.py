@@ -1,0 +1,37 @@
+"""Scale: y = x * s (+ b), s broadcast over x's axes [axis, axis + s.dim()) as in Bias.
+
+s is a learned blob (filler, default constant 1) or bottom 1; with bias_term the bias blob
+follows Bias's rules with num_axes = scale_param.num_axes (or bottom 1's axis count) and
+bias_filler (default constant 0). Blobs: [scale, bias] or, with two bottoms, [bias].
+"""
+from caffe_layers.layers import register
+from caffe_layers.layers.base import Layer
+from caffe_layers.layers.bias import broadcast_operand, operand_shape
+from caffe_layers.proto import pb
+
+
+@register("Scale")
+class Scale(Layer):
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        p = param.scale_param
+        n = len(self.bottom_shapes)
+        if n not in (1, 2):
+            raise ValueError(f"layer {self.name!r} (Scale): takes 1 or 2 bottoms, got {n}")
+        self.axis, self.bias_term = p.axis, p.bias_term
+        x_shape = self.bottom_shapes[0]
+        if n == 1:
+            shape = operand_shape(self, "scale", x_shape, p.axis, p.num_axes)
+            filler = p.filler if p.HasField("filler") else pb.FillerParameter(type="constant", value=1)
+            self.add_blob(shape, filler)
+        if self.bias_term:
+            num_axes = len(self.bottom_shapes[1]) if n == 2 else p.num_axes
+            shape = operand_shape(self, "bias", x_shape, p.axis, num_axes)
+            self.add_blob(shape, p.bias_filler if p.HasField("bias_filler") else pb.FillerParameter())
+
+    def forward(self, x, *rest):
+        s = rest[0] if rest else self.blobs[0]
+        y = x * broadcast_operand(self, "scale", x, s, self.axis)
+        if self.bias_term:
+            y = y + broadcast_operand(self, "bias", x, self.blobs[-1], self.axis)
+        return y

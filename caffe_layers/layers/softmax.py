@@ -1,0 +1,15 @@
+"""Softmax along `axis`; Caffe's backward (dy - sum(dy * y)) * y is autograd's."""
+import torch
+
+from caffe_layers.layers import register
+from caffe_layers.layers.base import Layer, canonical_axis
+
+
+@register("Softmax")
+class Softmax(Layer):
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        self.axis = param.softmax_param.axis
+
+    def forward(self, x):
+        return torch.softmax(x, canonical_axis(self.axis, x.dim(), self.name))
