@@ -1,0 +1,64 @@
+"""Divide (caffe-spn): top = 1 / bottom, with the original's clamping of values near zero.
+
+Quirks of the original, kept by default:
+- the clamp differs by device: Forward_cpu replaces exact zeros by 1e-4, the CUDA kernel replaces
+  |x| < 1e-6 (negative ones too) by +1e-6. clamp="device" (default) follows the tensor's device,
+  clamp="cpu" / "gpu" force one rule.
+- the clamped value is written back into the bottom blob (modify_bottom=True), so later readers
+  of that blob see it, as in Caffe.
+- backward is -top_diff / x_clamped^2 also where x was clamped (the true gradient there is 0:
+  true_gradient=True gives it).
+divide_param.alpha is parsed but, as in the original, unused.
+"""
+import torch
+
+from caffe_layers.layers import register
+from caffe_layers.layers.base import Layer
+
+CLAMPS = ("device", "cpu", "gpu")
+
+
+def clamp_mask(x, rule):
+    """(mask of clamped entries, replacement value) for rule 'cpu' or 'gpu'."""
+    if rule == "cpu":
+        return x == 0, 1e-4
+    return (x < 1e-6) & (x > -1e-6), 1e-6
+
+
+class _Reciprocal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mask, eps, true_gradient):
+        xc = x.masked_fill(mask, eps)
+        ctx.save_for_backward(xc, mask)
+        ctx.true_gradient = true_gradient
+        return 1 / xc
+
+    @staticmethod
+    def backward(ctx, dtop):
+        xc, mask = ctx.saved_tensors
+        grad = (-1 / (xc * xc)) * dtop  # the original's expression
+        if ctx.true_gradient:
+            grad = grad.masked_fill(mask, 0)
+        return grad, None, None, None
+
+
+@register("Divide")
+class Divide(Layer):
+    def __init__(self, param, bottom_shapes, phase, clamp="device", modify_bottom=True, true_gradient=False):
+        super().__init__(param, bottom_shapes, phase)
+        if clamp not in CLAMPS:
+            raise ValueError(f"layer {self.name!r} (Divide): clamp must be one of {CLAMPS}, got {clamp!r}")
+        if len(bottom_shapes) != 1:
+            raise ValueError(f"layer {self.name!r} (Divide): takes 1 bottom, got {len(bottom_shapes)}")
+        self.clamp, self.modify_bottom, self.true_gradient = clamp, modify_bottom, true_gradient
+
+    def forward(self, x):
+        rule = self.clamp if self.clamp != "device" else ("gpu" if x.device.type == "cuda" else "cpu")
+        mask, eps = clamp_mask(x.detach(), rule)
+        top = _Reciprocal.apply(x, mask, eps, self.true_gradient)
+        if self.modify_bottom and x.device.type != "meta":
+            x.data.masked_fill_(mask, eps)  # the original writes into bottom data; .data: no autograd bump
+        return top
+
+    def extra_repr(self):
+        return f"{self.name!r}, clamp={self.clamp}"
