@@ -1,0 +1,55 @@
+"""Patch geometry shared by the im2* operations (Caffe's convolution arithmetic)."""
+import numpy as np
+
+# What the fork writes for removed neighbours: FLT_MAX / 100 evaluated in float (3.4028235e36),
+# "to give room for the grad check"; the same float value is used in float64 nets.
+FLT_MAX_100 = float(np.float32(np.finfo(np.float32).max) / np.float32(100))
+
+
+def pair(value, what="value"):
+    """(a, b) from an int or a 2-sequence."""
+    if isinstance(value, int):
+        return value, value
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"{what} must be an int or a pair, got {value}")
+    return value
+
+
+def output_size(size, kernel, pad, stride, dilation):
+    """Caffe's output size: (size + 2 pad - extent) / stride + 1, C++ integer division."""
+    extent = dilation * (kernel - 1) + 1
+    num = size + 2 * pad - extent
+    out = (abs(num) // stride) * (1 if num >= 0 else -1) + 1  # C++ truncates toward zero
+    if out <= 0:
+        raise ValueError(f"kernel extent {extent} (kernel {kernel}, dilation {dilation}) does not fit "
+                         f"an input of size {size} with pad {pad} and stride {stride}")
+    return out
+
+
+def check_geometry(x, kernel, pad, stride, dilation, what):
+    """Validated (kernel, pad, stride, dilation, (H_out, W_out)) for an N x C x H x W input."""
+    if x.dim() != 4:
+        raise ValueError(f"{what}: expected an N x C x H x W input, got shape {list(x.shape)}")
+    kernel, pad = pair(kernel, "kernel"), pair(pad, "pad")
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    if min(kernel) <= 0 or min(stride) <= 0 or min(dilation) <= 0 or min(pad) < 0:
+        raise ValueError(f"{what}: kernel, stride and dilation must be positive and pad non-negative; "
+                         f"got kernel {kernel}, pad {pad}, stride {stride}, dilation {dilation}")
+    out = tuple(output_size(x.shape[2 + i], kernel[i], pad[i], stride[i], dilation[i]) for i in range(2))
+    return kernel, pad, stride, dilation, out
+
+
+def window(xp, i, j, stride, dilation, out):
+    """The values of padded input `xp` at kernel offset (i, j) for every output position."""
+    h0, w0 = i * dilation[0], j * dilation[1]
+    return xp[:, :, h0:h0 + stride[0] * (out[0] - 1) + 1:stride[0],
+              w0:w0 + stride[1] * (out[1] - 1) + 1:stride[1]]
+
+
+def inside(size, pad, stride, offset, out, device):
+    """Boolean vector over output positions: is `pos * stride - pad + offset` inside [0, size)?"""
+    import torch
+
+    pos = torch.arange(out, device=device) * stride - pad + offset
+    return (pos >= 0) & (pos < size)
