@@ -1,0 +1,109 @@
+"""Machinery shared by the data layers: a base class with background prefetch, sharding for
+data-parallel training, list files and the data transformer."""
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from caffe_layers.layers.base import Layer
+
+PREFETCH_COUNT = 3  # Caffe's BasePrefetchingDataLayer keeps three batches ready
+
+
+class DataLayer(Layer):
+    """A layer without bottoms whose forward returns the next batch.
+
+    A subclass sets `self.shapes` (top shapes) in __init__ and implements `load_batch()`, returning
+    one numpy array per top; it is called in order from one background thread, so it may keep a
+    cursor. With `set_shard(rank, world)` each of `world` processes reads every world-th batch,
+    starting at its rank, so k processes see the batches one process would see in k steps.
+    """
+
+    is_data_layer = True
+    prefetch = PREFETCH_COUNT
+
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        if bottom_shapes:
+            raise ValueError(f"layer {self.name!r} ({param.type}): a data layer takes no bottoms")
+        self.register_buffer("_like", torch.empty(0), persistent=False)
+        self.rank, self.world = 0, 1
+        self._queue, self._thread, self._started = None, None, False
+        seed = torch.initial_seed() % (2 ** 32)
+        self.rng = np.random.RandomState(seed)  # shuffles, crops, mirrors
+
+    def top_shapes(self, bottom_shapes):
+        return [tuple(s) for s in self.shapes]
+
+    def set_shard(self, rank, world):
+        if self._started:
+            raise RuntimeError(f"layer {self.name!r}: set_shard must come before the first batch")
+        self.rank, self.world = int(rank), int(world)
+
+    def load_batch(self):
+        raise NotImplementedError
+
+    def _produce(self):
+        if not self._started:
+            self._started = True
+            for _ in range(self.rank):
+                self.load_batch()
+        else:
+            for _ in range(self.world - 1):
+                self.load_batch()
+        return self.load_batch()
+
+    def _worker(self):
+        while True:
+            try:
+                item = self._produce()
+            except BaseException as err:  # handed to the consumer, which raises it
+                self._queue.put(err)
+                return
+            self._queue.put(item)
+
+    def next_batch(self):
+        if not self.prefetch:
+            return self._produce()
+        if self._thread is None:
+            self._queue = queue.Queue(maxsize=self.prefetch)
+            self._thread = threading.Thread(target=self._worker, name=f"prefetch-{self.name}", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise RuntimeError(f"layer {self.name!r}: loading a batch failed: {item}") from item
+        return item
+
+    def forward(self):
+        dtype = self._like.dtype if self._like.is_floating_point() else torch.float32
+        tops = tuple(torch.as_tensor(np.ascontiguousarray(a)).to(device=self._like.device, dtype=dtype)
+                     for a in self.next_batch())
+        return tops if len(tops) != 1 else tops[0]
+
+
+def read_list(source, layer_name, columns=None):
+    """The lines of a list file split on whitespace; errors name the layer and the file."""
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"layer {layer_name!r}: cannot open source list {source!r}")
+    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"layer {layer_name!r}: source list {source!r} is empty")
+    if columns is not None:
+        for n, row in enumerate(rows, 1):
+            if len(row) < columns:
+                raise ValueError(f"layer {layer_name!r}: {source}:{n}: expected {columns} columns, "
+                                 f"got {' '.join(row)!r}")
+    return rows
+
+
+def resolve(path, list_file):
+    """A path from a list file: as given (Caffe: relative to the working directory), else
+    relative to the list file's folder."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    beside = Path(list_file).parent / p
+    return beside if beside.exists() else p

@@ -1,0 +1,536 @@
+"""Caffe's solvers (SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam), learning-rate policies,
+snapshots (.caffemodel + .solverstate, or HDF5) and the training loop of `caffe train`.
+
+The update rules follow the segaware fork's sgd_solver.cpp and solvers/*.cpp, not torch.optim:
+gradients are clipped on their global L2 norm, then divided by iter_size, regularised, turned
+into an update with the local rate (rate x lr_mult) folded in before momentum, and subtracted.
+"""
+import logging
+import math
+import signal
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from caffe_layers.net import Net
+from caffe_layers.proto import pb
+from caffe_layers.prototxt import read_net, read_solver
+
+log = logging.getLogger("caffe_layers.solver")
+
+SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
+_LEGACY_TYPES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
+
+
+def learning_rate(param, it, current_step):
+    """(rate, current_step) of Caffe's SGDSolver::GetLearningRate at iteration `it`."""
+    policy = param.lr_policy
+    base = param.base_lr
+    if policy == "fixed":
+        rate = base
+    elif policy == "step":
+        if param.stepsize <= 0:
+            raise ValueError("solver: lr_policy 'step' needs stepsize > 0")
+        current_step = it // param.stepsize
+        rate = base * param.gamma ** current_step
+    elif policy == "exp":
+        rate = base * param.gamma ** it
+    elif policy == "inv":
+        rate = base * (1.0 + param.gamma * it) ** (-param.power)
+    elif policy == "multistep":
+        # Quirk: at most one step is taken per call, so two stepvalues passed in one
+        # iteration (e.g. after a resume) take effect on consecutive iterations.
+        if current_step < len(param.stepvalue) and it >= param.stepvalue[current_step]:
+            current_step += 1
+            log.info("MultiStep Status: Iteration %d, step = %d", it, current_step)
+        rate = base * param.gamma ** current_step
+    elif policy == "poly":
+        frac = float(np.float32(it) / np.float32(param.max_iter))
+        rate = base * (1.0 - frac) ** param.power
+    elif policy == "sigmoid":
+        rate = base / (1.0 + math.exp(-param.gamma * (it - param.stepsize)))
+    else:
+        raise ValueError(f"solver: unknown lr_policy {policy!r}; expected fixed, step, exp, inv, "
+                         f"multistep, poly or sigmoid")
+    return float(np.float32(rate)), current_step  # Caffe computes the rate as a float
+
+
+def solver_type(param):
+    if param.HasField("solver_type") and not param.HasField("type"):
+        return _LEGACY_TYPES[int(param.solver_type)]
+    name = param.type or "SGD"
+    if name not in SOLVER_TYPES:
+        raise ValueError(f"solver: unknown type {name!r}; expected one of {', '.join(SOLVER_TYPES)}")
+    return name
+
+
+class Solver:
+    """A Caffe solver over a train net (and its test nets).
+
+    `param`: a SolverParameter, or a solver.prototxt path/text (with `variables` for ${NAME}).
+    `resume_data`: "restart" (Caffe: a resumed run reads its data from the start again) or "skip"
+    (data layers are advanced past the batches the interrupted run had used, so a resumed run
+    equals the uninterrupted one).
+    """
+
+    def __init__(self, param, variables=None, resume_data="restart", device=None):
+        if not isinstance(param, pb.SolverParameter):
+            param = read_solver(param, variables)
+        self.param = param
+        self.variables = variables
+        self.type = solver_type(param)
+        if param.average_loss < 1:
+            raise ValueError("solver: average_loss must be >= 1")
+        if resume_data not in ("restart", "skip"):
+            raise ValueError(f"solver: resume_data must be 'restart' or 'skip', got {resume_data!r}")
+        self.resume_data = resume_data
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+        if param.snapshot and not param.HasField("snapshot_prefix"):
+            raise ValueError("solver: snapshot is set but snapshot_prefix is not")
+        if param.random_seed >= 0:
+            # Caffe seeds only the root solver; every rank gets the same seed here so that
+            # fillers give identical initial weights.
+            torch.manual_seed(param.random_seed)
+            np.random.seed(param.random_seed)
+        self.net = self._train_net()
+        if device is not None:
+            self.net.to(device)
+        self.test_nets = self._test_nets() if self.rank == 0 else []
+        for net in self.test_nets:
+            net.to(self.net.device)
+        self.params = [p for p, _, _ in self.net.param_specs]
+        self.lr_mults = [lr for _, lr, _ in self.net.param_specs]
+        self.decay_mults = [d for _, _, d in self.net.param_specs]
+        n_hist = 2 if self.type in ("AdaDelta", "Adam") else 1  # AdaDelta/Adam keep a second set
+        self.history = [torch.zeros_like(p.detach()) for _ in range(n_hist) for p in self.params]
+        self.iter = 0
+        self.current_step = 0
+        self.losses, self.smoothed_loss = [], 0.0
+        self.requested_early_exit = False
+        self.action = lambda: None  # returns None, "snapshot" or "stop" (signals)
+        self.callbacks = []  # called as fn(solver, loss) after each iteration
+        for layer in self.net.layer_modules:
+            if hasattr(layer, "set_shard"):
+                layer.set_shard(self.rank, self.world)
+
+    # ---- nets ----------------------------------------------------------------------------
+    def _net_source(self, which):
+        p = self.param
+        fields = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
+        if which == "train":
+            if len(fields) != 1:
+                raise ValueError("solver: give exactly one of net, net_param, train_net, train_net_param "
+                                 f"(found {fields or 'none'})")
+            return read_net(getattr(p, fields[0]), self.variables)
+        raise AssertionError(which)
+
+    @staticmethod
+    def _state(phase, net_param, extra):
+        state = pb.NetState(phase=phase)
+        state.MergeFrom(net_param.state)
+        if extra is not None:
+            state.MergeFrom(extra)
+        return state
+
+    def _make_net(self, net_param, state):
+        return Net(net_param, phase=state.phase, level=state.level, stages=list(state.stage))
+
+    def _train_net(self):
+        net_param = self._net_source("train")
+        state = self._state(pb.TRAIN, net_param, self.param.train_state)
+        return self._make_net(net_param, state)
+
+    def _test_nets(self):
+        p = self.param
+        sources = [read_net(n, self.variables) for n in p.test_net_param]
+        sources += [read_net(n, self.variables) for n in p.test_net]
+        if len(p.test_iter) < len(sources):
+            raise ValueError("solver: test_iter must be given for each test net")
+        generic = None
+        if p.HasField("net_param"):
+            generic = p.net_param
+        elif p.HasField("net"):
+            generic = read_net(p.net, self.variables)
+        if generic is None and len(p.test_iter) != len(sources):
+            raise ValueError("solver: test_iter must be given for each test net")
+        sources += [generic] * (len(p.test_iter) - len(sources))
+        if len(p.test_state) and len(p.test_state) != len(sources):
+            raise ValueError("solver: test_state must be unset or given once per test net")
+        if sources and p.test_interval <= 0:
+            raise ValueError("solver: test nets need test_interval > 0")
+        nets = []
+        for i, src in enumerate(sources):
+            state = self._state(pb.TEST, src, p.test_state[i] if len(p.test_state) else None)
+            nets.append(self._make_net(src, state))
+        return nets
+
+    # ---- one iteration -------------------------------------------------------------------
+    def forward_backward(self):
+        values = self.net.run({})
+        loss = self.net.loss(values)
+        if loss is not None and loss.requires_grad:
+            loss.backward()
+        self.last_values = values
+        return 0.0 if loss is None else float(loss.detach())
+
+    def step(self, iters):
+        start_iter, stop_iter = self.iter, self.iter + iters
+        self.losses, self.smoothed_loss = [], 0.0
+        p = self.param
+        while self.iter < stop_iter:
+            for q in self.params:
+                q.grad = None
+            if (p.test_interval and self.iter % p.test_interval == 0
+                    and (self.iter > 0 or p.test_initialization) and self.rank == 0):
+                self.test_all()
+                if self.requested_early_exit:
+                    break
+            display = p.display and self.iter % p.display == 0
+            loss = 0.0
+            for _ in range(p.iter_size):
+                loss += self.forward_backward()
+            loss /= p.iter_size
+            self._update_smoothed_loss(loss, start_iter)
+            if display and self.rank == 0:
+                log.info("Iteration %d, loss = %.6g", self.iter, self.smoothed_loss)
+                self._log_outputs()
+            self._all_reduce_grads()
+            self.apply_update(display)
+            self.iter += 1
+            for cb in self.callbacks:
+                cb(self, loss)
+            request = self._request()
+            if (p.snapshot and self.iter % p.snapshot == 0 and self.rank == 0) or request == "snapshot":
+                self.snapshot()
+            if request == "stop":
+                self.requested_early_exit = True
+                break
+
+    def _request(self):
+        request = self.action()
+        if self.world > 1:  # every rank must act on a signal that reached any of them
+            codes = {None: 0, "snapshot": 1, "stop": 2}
+            t = torch.tensor([codes[request]])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            request = {0: None, 1: "snapshot", 2: "stop"}[int(t)]
+        return request
+
+    def _log_outputs(self):
+        index = 0
+        weights = {t: w for s in self.net.steps for t, w in zip(s.tops, s.loss_weights)}
+        for name in self.net.outputs:
+            value = self.last_values.get(name)
+            if value is None:
+                continue
+            w = weights.get(name, 0.0)
+            for v in value.detach().reshape(-1).cpu().tolist():
+                extra = f" (* {w:g} = {w * v:.6g} loss)" if w else ""
+                log.info("    Train net output #%d: %s = %.6g%s", index, name, v, extra)
+                index += 1
+
+    def _update_smoothed_loss(self, loss, start_iter):
+        n = self.param.average_loss
+        if len(self.losses) < n:
+            self.losses.append(loss)
+            size = len(self.losses)
+            self.smoothed_loss = (self.smoothed_loss * (size - 1) + loss) / size
+        else:
+            idx = (self.iter - start_iter) % n
+            self.smoothed_loss += (loss - self.losses[idx]) / n
+            self.losses[idx] = loss
+
+    def _all_reduce_grads(self):
+        if self.world == 1:
+            return
+        # As Caffe's multi-GPU sync: sum the gradients of all solvers, then divide by their number.
+        flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).reshape(-1)
+                          for q in self.params])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for q in self.params:
+            q.grad = flat[offset:offset + q.numel()].view_as(q).clone()
+            offset += q.numel()
+
+    # ---- the update rules ----------------------------------------------------------------
+    def apply_update(self, display=False):
+        rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
+        if display and self.rank == 0:
+            log.info("Iteration %d, lr = %.6g", self.iter, rate)
+        with torch.no_grad():
+            diffs = [q.grad.detach().clone() if q.grad is not None else torch.zeros_like(q)
+                     for q in self.params]
+            self._clip(diffs)
+            for i, q in enumerate(self.params):
+                if self.param.iter_size != 1:  # Normalize: after clipping, as in Caffe
+                    diffs[i] *= 1.0 / self.param.iter_size
+                self._regularize(i, q, diffs[i])
+                diffs[i] = self._update_value(i, diffs[i], rate)
+                q.sub_(diffs[i])
+
+    def _clip(self, diffs):
+        clip = self.param.clip_gradients
+        if clip < 0:
+            return
+        # Quirk: the norm is taken before the iter_size normalisation (as in the original).
+        sumsq = sum(float(torch.sum(d.double() * d.double())) for d in diffs)
+        norm = math.sqrt(sumsq)
+        if norm > clip:
+            factor = clip / norm
+            log.info("Gradient clipping: scaling down gradients (L2 norm %g > %g) by scale factor %g",
+                     norm, clip, factor)
+            for d in diffs:
+                d *= factor
+
+    def _regularize(self, i, q, diff):
+        decay = self.param.weight_decay * self.decay_mults[i]
+        if not decay:
+            return
+        kind = self.param.regularization_type
+        if kind == "L2":
+            diff.add_(q.detach(), alpha=decay)
+        elif kind == "L1":
+            diff.add_(torch.sign(q.detach()), alpha=decay)
+        else:
+            raise ValueError(f"solver: unknown regularization_type {kind!r}; expected L1 or L2")
+
+    def _update_value(self, i, g, rate):
+        p = self.param
+        local_rate = float(np.float32(rate) * np.float32(self.lr_mults[i]))
+        h = self.history[i]
+        if self.type == "SGD":
+            h.mul_(p.momentum).add_(g, alpha=local_rate)
+            return h.clone()
+        if self.type == "Nesterov":
+            previous = h.clone()
+            h.mul_(p.momentum).add_(g, alpha=local_rate)
+            return h * (1.0 + p.momentum) - previous * p.momentum
+        if self.type == "AdaGrad":
+            h.add_(g * g)
+            return local_rate * g / (h.sqrt() + p.delta)
+        if self.type == "RMSProp":
+            h.mul_(p.rms_decay).add_(g * g, alpha=1.0 - p.rms_decay)
+            return local_rate * g / (h.sqrt() + p.delta)
+        if self.type == "AdaDelta":
+            u = self.history[len(self.params) + i]
+            h.mul_(p.momentum).add_(g * g, alpha=1.0 - p.momentum)
+            step = g * ((u + p.delta) / (h + p.delta)).sqrt()
+            u.mul_(p.momentum).add_(step * step, alpha=1.0 - p.momentum)
+            return local_rate * step
+        if self.type == "Adam":
+            m, v = h, self.history[len(self.params) + i]
+            b1, b2 = p.momentum, p.momentum2
+            t = self.iter + 1
+            correction = float(np.float32(math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)))
+            m.mul_(b1).add_(g, alpha=1.0 - b1)
+            v.mul_(b2).add_(g * g, alpha=1.0 - b2)
+            return (local_rate * correction) * (m / (v.sqrt() + p.delta))
+        raise AssertionError(self.type)
+
+    # ---- solving -------------------------------------------------------------------------
+    def solve(self, resume_file=None):
+        log.info("Solving %s", self.net.name)
+        log.info("Learning Rate Policy: %s", self.param.lr_policy)
+        self.requested_early_exit = False
+        if resume_file:
+            log.info("Restoring previous solver status from %s", resume_file)
+            self.restore(resume_file)
+        self.step(self.param.max_iter - self.iter)
+        p = self.param
+        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0) and self.rank == 0:
+            self.snapshot()
+        if self.requested_early_exit:
+            log.info("Optimization stopped early.")
+            return
+        # Caffe's final display runs one more forward pass (it consumes a batch).
+        if p.display and self.iter % p.display == 0:
+            with torch.no_grad():
+                values = self.net.run({})
+                loss = self.net.loss(values)
+            self._update_smoothed_loss(0.0 if loss is None else float(loss), 0)
+            if self.rank == 0:
+                log.info("Iteration %d, loss = %.6g", self.iter, self.smoothed_loss)
+        if p.test_interval and self.iter % p.test_interval == 0 and self.rank == 0:
+            self.test_all()
+        log.info("Optimization Done.")
+
+    def test_all(self):
+        results = []
+        for i in range(len(self.test_nets)):
+            if self.requested_early_exit:
+                break
+            results.append(self.test(i))
+        return results
+
+    def test(self, i):
+        """Run test net i for test_iter[i] batches; returns {output: mean value}."""
+        net = self.test_nets[i]
+        log.info("Iteration %d, Testing net (#%d)", self.iter, i)
+        own = dict(self.net.state_dict())
+        theirs = net.state_dict()
+        net.load_state_dict({k: v for k, v in own.items() if k in theirs and v.shape == theirs[k].shape},
+                            strict=False)  # Caffe's ShareTrainedLayersWith, by layer name
+        scores, total_loss = {}, 0.0
+        n = self.param.test_iter[i]
+        for _ in range(n):
+            request = self.action()
+            while request is not None:
+                if request == "snapshot":
+                    self.snapshot()
+                elif request == "stop":
+                    self.requested_early_exit = True
+                request = self.action()
+            if self.requested_early_exit:
+                log.info("Test interrupted.")
+                return None
+            with torch.no_grad():
+                values = net.run({})
+                loss = net.loss(values)
+            if self.param.test_compute_loss and loss is not None:
+                total_loss += float(loss)
+            for name in net.outputs:
+                v = values[name].detach().double().reshape(-1).cpu()
+                scores[name] = scores[name] + v if name in scores else v
+        if self.param.test_compute_loss:
+            log.info("Test loss: %g", total_loss / n)
+        weights = {t: w for s in net.steps for t, w in zip(s.tops, s.loss_weights)}
+        means, index = {}, 0
+        for name, total in scores.items():
+            mean = total / n
+            means[name] = mean.numpy()
+            w = weights.get(name, 0.0)
+            for v in mean.tolist():
+                extra = f" (* {w:g} = {w * v:.6g} loss)" if w else ""
+                log.info("    Test net output #%d: %s = %.6g%s", index, name, v, extra)
+                index += 1
+        return means
+
+    # ---- snapshots -----------------------------------------------------------------------
+    def snapshot_filename(self, extension):
+        return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
+
+    def snapshot(self):
+        """Write <prefix>_iter_N.caffemodel(.h5) and .solverstate(.h5); returns both paths."""
+        from caffe_layers.weights import save_weights
+
+        hdf5 = self.param.snapshot_format == pb.SolverParameter.HDF5
+        model = self.snapshot_filename(".caffemodel.h5" if hdf5 else ".caffemodel")
+        log.info("Snapshotting to %s file %s", "HDF5" if hdf5 else "binary proto", model)
+        save_weights(self.net, model)
+        state = self.snapshot_filename(".solverstate.h5" if hdf5 else ".solverstate")
+        log.info("Snapshotting solver state to %s file %s", "HDF5" if hdf5 else "binary proto", state)
+        if hdf5:
+            with h5py.File(state, "w") as f:
+                f["iter"] = np.int32(self.iter)
+                f["learned_net"] = np.bytes_(model)
+                f["current_step"] = np.int32(self.current_step)
+                group = f.create_group("history")
+                for i, h in enumerate(self.history):
+                    group[str(i)] = h.detach().cpu().float().numpy()
+        else:
+            msg = pb.SolverState(iter=self.iter, learned_net=model, current_step=self.current_step)
+            for h in self.history:
+                blob = msg.history.add()
+                blob.shape.dim.extend(h.shape)
+                blob.data.extend(h.detach().cpu().float().reshape(-1).tolist())
+            Path(state).write_bytes(msg.SerializeToString())
+        return model, state
+
+    def restore(self, state_file):
+        """Continue from a .solverstate(.h5): iteration, step, history and the learned net."""
+        from caffe_layers.weights import load_weights
+
+        state_file = str(state_file)
+        if state_file.endswith(".h5"):
+            with h5py.File(state_file, "r") as f:
+                it = int(f["iter"][()])
+                learned = f["learned_net"][()].decode() if "learned_net" in f else ""
+                step = int(f["current_step"][()])
+                group = f["history"]
+                history = [np.asarray(group[str(i)]) for i in range(len(group))]
+        else:
+            msg = pb.SolverState()
+            try:
+                msg.ParseFromString(Path(state_file).read_bytes())
+            except Exception as err:
+                raise ValueError(f"{state_file}: not a SolverState binary proto ({err})") from None
+            it, learned, step = msg.iter, msg.learned_net, msg.current_step
+            history = [blob_array(b, state_file) for b in msg.history]
+        if len(history) != len(self.history):
+            raise ValueError(f"{state_file}: {len(history)} history blobs, but this {self.type} solver "
+                             f"over this net has {len(self.history)}")
+        if learned:
+            path = Path(learned)
+            if not path.exists() and (Path(state_file).parent / learned).exists():
+                path = Path(state_file).parent / learned  # snapshot moved together with its model
+            load_weights(self.net, str(path))
+        with torch.no_grad():
+            for i, (h, values) in enumerate(zip(self.history, history)):
+                if values.size != h.numel():
+                    raise ValueError(f"{state_file}: history blob {i} has {values.size} values, "
+                                     f"expected {h.numel()} (shape {list(h.shape)})")
+                h.copy_(torch.as_tensor(values.reshape(h.shape), dtype=h.dtype))
+        self.iter, self.current_step = it, step
+        if self.resume_data == "skip":
+            self.skip_batches(it * self.param.iter_size)
+
+    def skip_batches(self, n):
+        """Advance every data layer of the train net by n batches."""
+        with torch.no_grad():
+            for layer in self.net.layer_modules:
+                if getattr(layer, "is_data_layer", False):
+                    for _ in range(n):
+                        layer()
+
+
+def blob_array(blob, source="?"):
+    """The values of a BlobProto as a float array of its shape (legacy 4-D fields too)."""
+    if blob.HasField("shape"):
+        shape = tuple(blob.shape.dim)
+    elif any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+        shape = (blob.num, blob.channels, blob.height, blob.width)
+    else:
+        shape = (len(blob.data) or len(blob.double_data),)
+    values = np.asarray(blob.double_data if len(blob.double_data) else blob.data, dtype=np.float32)
+    if values.size != int(np.prod(shape)):
+        raise ValueError(f"{source}: BlobProto with shape {list(shape)} holds {values.size} values")
+    return values.reshape(shape)
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class SignalActions:
+    """Caffe's SignalHandler: SIGINT and SIGHUP become solver actions ("stop", "snapshot", None)."""
+
+    def __init__(self, sigint="stop", sighup="snapshot"):
+        effects = {"stop": "stop", "snapshot": "snapshot", "none": None}
+        for name, value in (("sigint_effect", sigint), ("sighup_effect", sighup)):
+            if value not in effects:
+                raise ValueError(f"{name} must be stop, snapshot or none, got {value!r}")
+        self.effects = {signal.SIGINT: effects[sigint], signal.SIGHUP: effects[sighup]}
+        self.pending = []
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in self.effects:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.pending.append(signum)
+
+    def __call__(self):
+        while self.pending:
+            effect = self.effects[self.pending.pop(0)]
+            if effect is not None:
+                return effect
+        return None
