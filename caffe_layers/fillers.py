@@ -97,3 +97,27 @@ def bilinear(shape, param, dtype):
     w = 1 - (pos / f - c).abs()
     kernel = (w[:, None] * w[None, :]).to(dtype)
     return kernel.expand(shape).clone()
+
+
+@filler("xy")
+def xy(shape, param, dtype):
+    """segaware's XYFiller: channel 0 = x (column), channel 1 = y (row); needs 2 channels.
+
+    Quirk: the original indexes image n at n*c*H*W with c the loop's channel (0 or 1), not the
+    channel count, so x lands in image 0 channel 0 every time and the y map of image n in flat slot
+    n + 1; for num > 1 later images get y maps (or stay 0). `xy_all_images: true` (ours) fills
+    every image.
+    """
+    legacy = tuple(shape) + (1,) * (4 - len(shape))  # Caffe's num/channels/height/width
+    if len(shape) > 4 or math.prod(shape) == 0 or legacy[1] != 2:
+        raise ValueError(f"xy filler needs a non-empty blob of at most 4 axes with 2 channels, got {list(shape)}")
+    n, _, h, w = legacy
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=dtype), torch.arange(w, dtype=dtype), indexing="ij")
+    out = torch.zeros((n, 2, h, w), dtype=dtype)
+    if param.xy_all_images:
+        out[:, 0], out[:, 1] = xs, ys
+    else:
+        slots = out.view(2 * n, h, w)
+        slots[0] = xs
+        slots[1:n + 1] = ys
+    return out.reshape(shape)

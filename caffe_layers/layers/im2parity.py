@@ -1,0 +1,24 @@
+"""Im2parity (segaware): 1 where a neighbour has the patch centre's label, 0 where not (no backward).
+
+Quirks (out-of-bounds neighbours read label 0, out-of-image centres give the ignore label, the last
+channel wins) are documented in caffe_layers/ops/im2parity.py.
+"""
+from caffe_layers.layers import register
+from caffe_layers.layers.base import Layer
+from caffe_layers.layers.patch_geometry import from_nchw, patch_geometry, to_nchw
+from caffe_layers.ops.im2parity import im2parity
+
+
+@register("Im2parity")
+class Im2parity(Layer):
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        self.axis, self.kernel, self.pad, self.stride, self.dilation = patch_geometry(param, bottom_shapes[0])
+        p = param.im2parity_param
+        # uint32 in the proto, compared as a C++ int
+        self.ignore_label = int(p.ignore_label) if p.HasField("ignore_label") else None
+
+    def forward(self, labels):
+        y = im2parity(to_nchw(labels, self.axis), self.kernel, self.pad, self.stride, self.dilation,
+                      self.ignore_label)
+        return from_nchw(y, labels.shape[:self.axis])
