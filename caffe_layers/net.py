@@ -173,7 +173,10 @@ class Net(nn.Module):
         self.steps = []
         self.blob_shapes = OrderedDict()
         self.param_specs = []  # one (parameter, lr_mult, decay_mult) per learnable blob, owners only
-        self._build()
+        from caffe_layers.layers.python_layer import module_search_path
+
+        with module_search_path(prototxt):  # Python layers may import modules beside the prototxt
+            self._build()
         self._input_names = set(self.inputs)
         self._data, self._diff, self._first = {}, {}, {}
         if weights is not None:

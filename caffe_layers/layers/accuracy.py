@@ -1,0 +1,53 @@
+"""Accuracy: top_k classification accuracy over `axis`, skipping ignore_label; top 2 is per class."""
+import torch
+
+from caffe_layers.layers import register
+from caffe_layers.layers.base import Layer, canonical_axis, count
+
+
+def labels_as_int(label):
+    """Caffe reads labels with static_cast<int>: truncation toward zero."""
+    return label.detach().to(torch.int64)
+
+
+@register("Accuracy")
+class Accuracy(Layer):
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        p = param.accuracy_param
+        self.top_k, self.axis = p.top_k, p.axis
+        self.ignore_label = p.ignore_label if p.HasField("ignore_label") else None
+        self.num_tops = len(param.top)
+        if len(bottom_shapes) != 2:
+            raise ValueError(f"layer {self.name!r}: Accuracy takes 2 bottoms (scores, labels)")
+
+    def forward(self, scores, label):
+        scores = scores.detach()  # Caffe's Accuracy has no backward
+        axis = canonical_axis(self.axis, scores.dim(), self.name)
+        outer, classes, inner = count(scores.shape, 0, axis), scores.shape[axis], count(scores.shape, axis + 1)
+        if self.top_k > scores.numel() // max(label.numel(), 1):
+            raise ValueError(f"layer {self.name!r}: top_k {self.top_k} exceeds the number of classes")
+        if outer * inner != label.numel():
+            raise ValueError(f"layer {self.name!r}: {label.numel()} labels for {outer * inner} predictions "
+                             f"(scores {list(scores.shape)}, axis {axis}); expected one label per prediction")
+        s = scores.reshape(outer, classes, inner)
+        lab = labels_as_int(label).reshape(outer, 1, inner)
+        valid = torch.ones_like(lab, dtype=torch.bool)
+        if self.ignore_label is not None:
+            valid = lab != self.ignore_label
+        if s.device.type != "meta" and ((lab < 0) | (lab >= classes))[valid].any():
+            raise ValueError(f"layer {self.name!r}: labels must lie in [0, {classes}) (or be the ignore_label)")
+        safe = torch.where(valid, lab, torch.zeros_like(lab))
+        mine = s.gather(1, safe)
+        # rank of the label in Caffe's (value, index) descending order: ties rank higher indices first
+        cls = torch.arange(classes, device=s.device).reshape(1, classes, 1)
+        above = (s > mine) | ((s == mine) & (cls > safe))
+        hit = (above.sum(1, keepdim=True) < self.top_k) & valid
+        acc = hit.sum().to(s.dtype) / valid.sum().to(s.dtype)  # 0/0 = NaN, as in Caffe
+        if self.num_tops < 2:
+            return acc.reshape(())
+        flat = safe.reshape(-1)
+        nums = torch.zeros(classes, dtype=s.dtype, device=s.device).index_add_(0, flat, valid.reshape(-1).to(s.dtype))
+        hits = torch.zeros(classes, dtype=s.dtype, device=s.device).index_add_(0, flat, hit.reshape(-1).to(s.dtype))
+        per_class = torch.where(nums > 0, hits / nums.clamp(min=1), torch.zeros_like(nums))
+        return acc.reshape(()), per_class

@@ -1,0 +1,48 @@
+"""ArgMax: indices (and optionally values) of the top_k largest entries, with Caffe's output shapes."""
+import math
+
+import torch
+
+from caffe_layers.layers import register
+from caffe_layers.layers.base import Layer, canonical_axis
+
+
+def top_k_desc(x, k, dim):
+    """(values, indices) of the k largest along `dim`, ties going to the larger index.
+
+    Caffe sorts (value, index) pairs with std::greater, so equal values rank the higher index first.
+    """
+    n = x.shape[dim]
+    flipped = x.flip(dim)
+    values, idx = torch.sort(flipped, dim=dim, descending=True, stable=True)
+    idx = (n - 1) - idx
+    return values.narrow(dim, 0, k), idx.narrow(dim, 0, k)
+
+
+@register("ArgMax")
+class ArgMax(Layer):
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        p = param.argmax_param
+        self.out_max_val, self.top_k = p.out_max_val, p.top_k
+        self.axis = p.axis if p.HasField("axis") else None
+        if self.top_k < 1:
+            raise ValueError(f"layer {self.name!r}: top_k must be at least 1, got {self.top_k}")
+
+    def forward(self, x):
+        x = x.detach()  # Caffe's ArgMax has no backward
+        k = self.top_k
+        if self.axis is not None:
+            axis = canonical_axis(self.axis, x.dim(), self.name)
+            if k > x.shape[axis]:
+                raise ValueError(f"layer {self.name!r}: top_k {k} exceeds the size {x.shape[axis]} of axis {axis}")
+            values, idx = top_k_desc(x, k, axis)
+            return values if self.out_max_val else idx.to(x.dtype)
+        per_item = math.prod(x.shape[1:])
+        if k > per_item:
+            raise ValueError(f"layer {self.name!r}: top_k {k} exceeds the {per_item} values per item")
+        values, idx = top_k_desc(x.reshape(x.shape[0], -1), k, 1)
+        # Caffe's shape without axis: (N, 1 or 2, top_k, 1, ...), at least 3 axes
+        shape = [x.shape[0], 2 if self.out_max_val else 1, k] + [1] * max(0, x.dim() - 3)
+        out = torch.stack([idx.to(x.dtype), values], 1) if self.out_max_val else idx.to(x.dtype)
+        return out.reshape(shape)

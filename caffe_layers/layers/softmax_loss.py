@@ -1,0 +1,91 @@
+"""SoftmaxWithLoss: multinomial logistic loss of softmax(bottom 0) against integer labels."""
+import torch
+
+from caffe_layers.layers import register
+from caffe_layers.layers.accuracy import labels_as_int
+from caffe_layers.layers.base import Layer, canonical_axis, count
+from caffe_layers.proto import pb
+
+NORM = pb.LossParameter
+FLT_MIN = 1.1754943508222875e-38
+
+
+def loss_normalization(loss_param):
+    """Caffe's rule: the legacy `normalize` applies only when `normalization` is not set."""
+    if not loss_param.HasField("normalization") and loss_param.HasField("normalize"):
+        return NORM.VALID if loss_param.normalize else NORM.BATCH_SIZE
+    return loss_param.normalization
+
+
+def normalizer(mode, outer, inner, valid_count):
+    """Caffe's get_normalizer, at least 1 (so an all-ignored batch gives 0, not NaN)."""
+    if mode == NORM.FULL:
+        n = outer * inner
+    elif mode == NORM.VALID:
+        n = valid_count
+    elif mode == NORM.BATCH_SIZE:
+        n = outer
+    elif mode == NORM.NONE:
+        n = 1
+    else:
+        raise ValueError(f"unknown loss normalization mode {mode}")
+    return torch.clamp(torch.as_tensor(n, dtype=valid_count.dtype, device=valid_count.device), min=1.0)
+
+
+class _SoftmaxLoss(torch.autograd.Function):
+    """Caffe's forward and backward: d bottom = (prob - onehot) * top_diff / normalizer, 0 where ignored.
+
+    The backward ignores the FLT_MIN clamp of the forward's log, as Caffe does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lab, valid, mode):
+        outer, classes, inner = x.shape
+        prob = torch.softmax(x, 1)
+        safe = torch.where(valid, lab, torch.zeros_like(lab))
+        picked = prob.gather(1, safe).clamp(min=FLT_MIN)
+        v = valid.to(x.dtype)
+        norm = normalizer(mode, outer, inner, v.sum())
+        loss = -(torch.log(picked) * v).sum() / norm
+        ctx.save_for_backward(prob, safe, v, norm)
+        return loss, prob
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_prob):
+        prob, safe, v, norm = ctx.saved_tensors
+        diff = prob.scatter_add(1, safe, -torch.ones_like(v))
+        return diff * v * (grad_loss / norm), None, None, None
+
+
+@register("SoftmaxWithLoss")
+class SoftmaxWithLoss(Layer):
+    is_loss = True
+
+    def __init__(self, param, bottom_shapes, phase):
+        super().__init__(param, bottom_shapes, phase)
+        lp = param.loss_param
+        self.ignore_label = lp.ignore_label if lp.HasField("ignore_label") else None
+        self.mode = loss_normalization(lp)
+        self.axis = param.softmax_param.axis
+        self.num_tops = len(param.top)
+        if len(bottom_shapes) != 2:
+            raise ValueError(f"layer {self.name!r}: SoftmaxWithLoss takes 2 bottoms (scores, labels)")
+
+    def forward(self, scores, label):
+        if scores.shape[0] != label.shape[0]:
+            raise ValueError(f"layer {self.name!r}: scores and labels must have the same num, "
+                             f"got {list(scores.shape)} and {list(label.shape)}")
+        axis = canonical_axis(self.axis, scores.dim(), self.name)
+        outer, classes, inner = count(scores.shape, 0, axis), scores.shape[axis], count(scores.shape, axis + 1)
+        if outer * inner != label.numel():
+            raise ValueError(f"layer {self.name!r}: {label.numel()} labels for {outer * inner} predictions "
+                             f"(scores {list(scores.shape)}, axis {axis}); expected one label per prediction")
+        lab = labels_as_int(label).reshape(outer, 1, inner)
+        valid = torch.ones_like(lab, dtype=torch.bool) if self.ignore_label is None else lab != self.ignore_label
+        if scores.device.type != "meta" and ((lab < 0) | (lab >= classes))[valid].any():
+            raise ValueError(f"layer {self.name!r}: labels must lie in [0, {classes}) (or be the ignore_label)")
+        loss, prob = _SoftmaxLoss.apply(scores.reshape(outer, classes, inner), lab, valid, self.mode)
+        if self.num_tops < 2:
+            return loss
+        # Caffe's second top shares the softmax data; diffs given to it do not reach the bottom.
+        return loss, prob.detach().reshape(scores.shape)
