@@ -131,11 +131,14 @@ class Python(Layer):
         return [tuple(t.data.shape) for t in self.top]
 
     def _run_forward(self, bottom):
+        dtype = torch.as_tensor(bottom[0].data).dtype if bottom else self._marker.dtype
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        for t in self.top:  # tops work in the net's precision (float32 as in pycaffe, or float64)
+            if t.data.dtype != np_dtype:
+                t.data, t.diff = t.data.astype(np_dtype), t.diff.astype(np_dtype)
         # Caffe's Layer::Forward calls Reshape before every Forward
         self.py.reshape(bottom, self.top)
         self.py.forward(bottom, self.top)
-        like = bottom[0].data if bottom else None
-        dtype = torch.as_tensor(like).dtype if like is not None else self._marker.dtype
         return [torch.as_tensor(np.array(t.data, copy=True), dtype=dtype) for t in self.top]
 
     def forward(self, *bottoms):
