@@ -375,7 +375,7 @@ def _net_layers(net):
     return out
 
 
-def load_weights(net, path, strict=False):
+def load_weights(net, path, strict=False, progress=False):
     """Copy weights from a .caffemodel / .caffemodel.h5 into `net`, matched by layer name.
 
     As Caffe's CopyTrainedLayersFrom: file layers the net lacks are ignored, net layers the file
@@ -404,11 +404,13 @@ def load_weights(net, path, strict=False):
             raise WeightsError(f"{src.path}: strict load into net {net.name!r}: layers in the file "
                                f"but not in the net: {report.ignored}; learnable layers of the net "
                                f"not in the file: {report.missing}")
-        with torch.no_grad():
+        total = sum(p.numel() * p.element_size() for _, copies in plan for p, _ in copies)
+        with torch.no_grad(), _progress(progress, total, f"loading {src.path}") as bar:
             for name, copies in plan:
                 for param, fetch in copies:
                     fetch(param)
-                if name not in report.copied:
+                    bar.update(param.numel() * param.element_size())
+                if copies and name not in report.copied:
                     report.copied.append(name)
     return report
 
