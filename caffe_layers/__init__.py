@@ -7,7 +7,9 @@ from caffe_layers.layers import known_types, register as register_layer
 from caffe_layers.layers.base import Layer
 from caffe_layers.mode import set_device, set_mode_cpu, set_mode_gpu
 from caffe_layers.net import Net
+from caffe_layers.net_spec import NetSpec, layers, params, to_proto  # pycaffe's caffe.layers / caffe.params
 from caffe_layers.proto import TEST, TRAIN
 
 __all__ = ["Net", "Layer", "register_layer", "known_types", "TRAIN", "TEST",
-           "set_mode_cpu", "set_mode_gpu", "set_device"]
+           "set_mode_cpu", "set_mode_gpu", "set_device",
+           "NetSpec", "layers", "params", "to_proto"]
