@@ -60,5 +60,7 @@ def read_net(source, variables=None):
 
 
 def read_solver(source, variables=None):
+    from caffe_layers.upgrade import upgrade_solver
+
     text, name = _read_text(source)
-    return parse_text(substitute(text, variables, name), pb.SolverParameter(), name)
+    return upgrade_solver(parse_text(substitute(text, variables, name), pb.SolverParameter(), name), name)
