@@ -16,6 +16,8 @@ use_global_stats defaults to True in TEST and False in TRAIN.
   still used, but the variance is the batch's E((x - stored mean)^2), also used to normalise;
   the blobs are updated as above with the stored mean as "batch mean" and that variance. The
   backward is still dy / sqrt(var + eps), the variance taken as a constant (the fork's quirk).
+Unlike BVLC, the segaware fork does not force lr_mult 0 on the three blobs; neither does this
+layer (configs set `param { lr_mult: 0 }` themselves).
 """
 import torch
 

@@ -3,6 +3,10 @@
 s is a learned blob (filler, default constant 1) or bottom 1; with bias_term the bias blob
 follows Bias's rules with num_axes = scale_param.num_axes (or bottom 1's axis count) and
 bias_filler (default constant 0). Blobs: [scale, bias] or, with two bottoms, [bias].
+Backward is autograd's, which is Caffe's formula. One difference: Caffe's Backward_cpu
+overwrites (not accumulates) the scale blob's diff when outer_dim == 1 with more than one
+scale, or when the scale is as large as the bottom; that shows only with iter_size > 1 or a
+shared scale blob. Here the diff always accumulates.
 """
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
