@@ -1,0 +1,170 @@
+"""`caffe-layers train` and `caffe-layers test`, as Caffe's tools/caffe.cpp.
+
+train: --solver S [--weights W[,W2] | --snapshot S] [--set VAR=value ...] [--gpu ids|all].
+Several GPU ids start one process per GPU (data parallel on NCCL); under torchrun the process
+group comes from the environment (NCCL on GPUs, gloo on CPU).
+"""
+import logging
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("caffe_layers.train")
+
+
+def add_arguments(parser, command):
+    parser.add_argument("--set", action="append", default=[], metavar="VAR=value",
+                        help="value of a ${VAR} placeholder in the prototxt files (repeatable)")
+    parser.add_argument("--gpu", default=None, help="GPU ids, comma separated, or 'all' (default: CPU)")
+    parser.add_argument("--level", type=int, default=0, help="net state level (test)")
+    parser.add_argument("--stage", action="append", default=[], help="net state stage (test)")
+    if command == "train":
+        parser.add_argument("--solver", required=True, help="solver .prototxt")
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument("--weights", help="pretrained .caffemodel(s) to start from, comma separated")
+        group.add_argument("--snapshot", help=".solverstate(.h5) to resume from")
+        parser.add_argument("--sigint_effect", default="stop", choices=["stop", "snapshot", "none"])
+        parser.add_argument("--sighup_effect", default="snapshot", choices=["stop", "snapshot", "none"])
+        parser.add_argument("--resume_data", default="restart", choices=["restart", "skip"],
+                            help="on --snapshot: restart the data (Caffe) or skip the batches already used")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    else:
+        parser.add_argument("--model", required=True, help="net .prototxt")
+        parser.add_argument("--weights", required=True, help=".caffemodel(.h5)")
+        parser.add_argument("--iterations", type=int, default=50, help="number of batches")
+
+
+def parse_set(items):
+    variables = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects VAR=value, got {item!r}")
+        key, value = item.split("=", 1)
+        variables[key.strip()] = value
+    return variables
+
+
+def gpu_ids(spec):
+    if spec is None:
+        return []
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--gpu {spec}: no CUDA device is available to torch")
+    if spec == "all":
+        return list(range(torch.cuda.device_count()))
+    try:
+        ids = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--gpu expects comma separated ids or 'all', got {spec!r}") from None
+    bad = [i for i in ids if not 0 <= i < torch.cuda.device_count()]
+    if bad:
+        raise SystemExit(f"--gpu: no device {bad}; this machine has {torch.cuda.device_count()}")
+    return ids
+
+
+def setup_logging():
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="I%(asctime)s.%(msecs)03d %(process)d %(module)s] %(message)s",
+                        datefmt="%m%d %H:%M:%S")
+
+
+def run(args):
+    setup_logging()
+    if args.command == "test":
+        return run_test(args)
+    ids = gpu_ids(args.gpu)
+    if len(ids) > 1 and "WORLD_SIZE" not in os.environ:
+        import socket
+
+        import torch.multiprocessing as mp
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(_gpu_worker, args=(args, ids, port), nprocs=len(ids), join=True, start_method="spawn")
+        return 0
+    device = torch.device("cuda", ids[0]) if ids else None
+    return train(args, device)
+
+
+def _gpu_worker(rank, args, ids, port):
+    setup_logging()
+    torch.cuda.set_device(ids[rank])
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(ids))
+    try:
+        train(args, torch.device("cuda", ids[rank]))
+    finally:
+        dist.destroy_process_group()
+
+
+def train(args, device=None):
+    from caffe_layers import mode
+    from caffe_layers.solver import SignalActions, Solver
+    from caffe_layers.weights import load_weights
+
+    own_group = False
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo")
+        own_group = True
+    if device is not None and device.type == "cuda":
+        mode.set_mode_gpu()
+        mode.set_device(device.index or 0)
+    try:
+        solver = Solver(args.solver, parse_set(args.set), resume_data=args.resume_data, device=device)
+        if args.weights:
+            for path in args.weights.split(","):
+                log.info("Finetuning from %s", path.strip())
+                load_weights(solver.net, path.strip())
+        bar = None
+        if solver.rank == 0 and not args.no_progress:
+            from tqdm import tqdm
+            bar = tqdm(total=solver.param.max_iter, unit="it", desc="train", disable=None, file=sys.stderr)
+            solver.callbacks.append(lambda s, loss: (bar.update(s.iter - bar.n), bar.set_postfix(loss=f"{loss:.4g}")))
+        with SignalActions(args.sigint_effect, args.sighup_effect) as actions:
+            solver.action = actions
+            solver.solve(args.snapshot)
+        if bar is not None:
+            bar.close()
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    return 0
+
+
+def run_test(args):
+    import numpy as np
+
+    from caffe_layers import mode
+    from caffe_layers.net import Net
+    from caffe_layers.proto import TEST
+
+    ids = gpu_ids(args.gpu)
+    if ids:
+        mode.set_mode_gpu()
+        mode.set_device(ids[0])
+    net = Net(args.model, args.weights, TEST, parse_set(args.set), level=args.level, stages=args.stage)
+    weights = {t: w for s in net.steps for t, w in zip(s.tops, s.loss_weights)}
+    totals, total_loss = {}, 0.0
+    for i in range(args.iterations):
+        with torch.no_grad():
+            values = net.run({})
+            loss = net.loss(values)
+        total_loss += 0.0 if loss is None else float(loss)
+        index = 0
+        for name in net.outputs:
+            v = values[name].detach().double().reshape(-1).cpu().numpy()
+            totals[name] = totals[name] + v if name in totals else v
+            for x in v:
+                log.info("Batch %d, %s = %g", i, name, x)
+                index += 1
+    log.info("Loss: %g", total_loss / args.iterations)
+    for name, total in totals.items():
+        for x in total / args.iterations:
+            w = weights.get(name, 0.0)
+            extra = f" (* {w:g} = {w * x:g} loss)" if w else ""
+            log.info("%s = %g%s", name, x, extra)
+    return 0

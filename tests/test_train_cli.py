@@ -1,0 +1,87 @@
+"""The train / test / time subcommands on a small HDF5 net."""
+import logging
+
+import h5py
+import numpy as np
+import pytest
+
+from caffe_layers.cli import main
+from caffe_layers.proto import pb
+
+NET = """name: "cli"
+layer { name: "data" type: "HDF5Data" top: "x" top: "y" hdf5_data_param { source: "${LIST}" batch_size: 4 } }
+layer { name: "fc" type: "InnerProduct" bottom: "x" top: "fc"
+        inner_product_param { num_output: 2 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "fc" bottom: "y" top: "loss" }
+"""
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.RandomState(0)
+    x = rng.randn(16, 3).astype(np.float32)
+    y = (x @ rng.randn(3, 2) + 0.5).astype(np.float32)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["x"], f["y"] = x, y
+    (tmp_path / "list.txt").write_text(str(tmp_path / "d.h5") + "\n")
+    (tmp_path / "net.prototxt").write_text(NET)
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.1\nlr_policy: "fixed"\nmomentum: 0.9\n'
+        f'max_iter: ${{ITERS}}\ndisplay: 5\nsnapshot: 10\nsnapshot_prefix: "{tmp_path / "snap"}"\n'
+        f'test_iter: 2\ntest_interval: 10\nrandom_seed: 5\n')
+    return tmp_path
+
+
+def losses(text):
+    return [float(line.split("loss = ")[1]) for line in text.splitlines()
+            if "Iteration" in line and ", loss = " in line]
+
+
+def test_train_logs_snapshots_and_loss_falls(files, caplog):
+    args = ["train", "--solver", str(files / "solver.prototxt"), "--set", "ITERS=20",
+            "--set", f"LIST={files / 'list.txt'}", "--no-progress"]
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    text = caplog.text
+    assert "Iteration 0, lr = 0.1" in text and "Testing net (#0)" in text
+    seen = losses(text)
+    assert len(seen) >= 4 and seen[-1] < 0.5 * seen[0]
+    for n in (10, 20):
+        assert (files / f"snap_iter_{n}.caffemodel").exists()
+        state = pb.SolverState()
+        state.ParseFromString((files / f"snap_iter_{n}.solverstate").read_bytes())
+        assert state.iter == n and len(state.history) == 2
+
+
+def test_resume_and_weights_are_exclusive(files, caplog):
+    common = ["--set", f"LIST={files / 'list.txt'}", "--no-progress"]
+    assert main(["train", "--solver", str(files / "solver.prototxt"), "--set", "ITERS=10"] + common) == 0
+    with caplog.at_level(logging.INFO):
+        assert main(["train", "--solver", str(files / "solver.prototxt"), "--set", "ITERS=15",
+                     "--snapshot", str(files / "snap_iter_10.solverstate")] + common) == 0
+    assert "Restoring previous solver status" in caplog.text and "Iteration 10, lr" in caplog.text
+    assert "Iteration 5, lr" not in caplog.text
+    assert (files / "snap_iter_15.caffemodel").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--solver", "s", "--weights", "w", "--snapshot", "s"])
+
+
+def test_unset_variable_is_a_clear_error(files):
+    with pytest.raises(ValueError, match=r"\$\{ITERS\} is not set"):
+        main(["train", "--solver", str(files / "solver.prototxt"), "--no-progress"])
+
+
+def test_test_and_time_commands(files, caplog):
+    common = ["--set", f"LIST={files / 'list.txt'}"]
+    assert main(["train", "--solver", str(files / "solver.prototxt"), "--set", "ITERS=10",
+                 "--no-progress"] + common) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["test", "--model", str(files / "net.prototxt"), "--weights",
+                     str(files / "snap_iter_10.caffemodel"), "--iterations", "4"] + common) == 0
+    assert "Batch 3, loss = " in caplog.text and "loss = " in caplog.text.splitlines()[-1]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["time", "--model", str(files / "net.prototxt"), "--iterations", "2"] + common) == 0
+    assert "fc\tforward:" in caplog.text and "fc\tbackward:" in caplog.text
+    assert "Average Forward-Backward" in caplog.text
