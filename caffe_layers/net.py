@@ -139,6 +139,23 @@ class ParamBlob:
         self._param.data = self._param.data.new_zeros(shape)
 
 
+class _Reshaped(nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x):
+        return x.reshape(self.shape)
+
+
+def _share_reshaped(blobs, i, owner, shape):
+    """Make blobs[i] read as `owner` viewed with `shape` (gradients reach the owner)."""
+    from torch.nn.utils import parametrize
+
+    parametrize.register_parametrization(blobs, str(i), _Reshaped(shape), unsafe=True)
+    blobs.parametrizations[str(i)].original = owner
+
+
 def _numpy_view(tensor):
     """A writable view of a CPU tensor; a read-only copy of a GPU one (writes would be lost)."""
     if tensor.device.type == "cpu":
@@ -237,7 +254,10 @@ class Net(nn.Module):
                 if not same:
                     raise ValueError(f"layer {lp.name!r}: shared parameter {spec.name!r} has shape "
                                      f"{list(blob.shape)} here but {list(owner.shape)} in layer {owner_layer!r}")
-                layer.blobs[i] = owner
+                if tuple(owner.shape) == tuple(blob.shape):
+                    layer.blobs[i] = owner
+                else:  # PERMISSIVE: Caffe shares the owner's data and diff under this layer's shape
+                    _share_reshaped(layer.blobs, i, owner, tuple(blob.shape))
                 continue
             if spec.name:
                 owners[spec.name] = (blob, lp.name)
