@@ -607,6 +607,8 @@ def net_layers_for_saving(net, hdf5=False):
         lp = pb.LayerParameter()
         lp.CopyFrom(layer.param)
         lp.ClearField("blobs")
+        if getattr(layer, "is_loss", False) and not len(lp.loss_weight):
+            lp.loss_weight.append(1.0)  # LossLayer::LayerSetUp writes its default into the param
         arrays = {} if hdf5 else []
         for i, p in enumerate(layer.blobs):
             value = p.detach().cpu().numpy()

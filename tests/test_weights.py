@@ -412,3 +412,29 @@ def test_load_into_cuda_net():
     net.copy_from(golden_path())
     ref = protobuf_reference(GOLDEN / "train" / TRAIN_CASES[0] / "init.caffemodel")
     np.testing.assert_array_equal(net.params["emb"][0].data, ref["emb"][0])
+
+
+# ---- the golden train nets themselves (HDF5Data, Im2dist, DistLoss, ...) -----------------------
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_golden_train_net_strict_load_and_save(case, tmp_path, monkeypatch):
+    folder = GOLDEN / "train" / case
+    monkeypatch.chdir(folder)  # the HDF5Data source is relative, as Caffe ran it
+    net = Net("net.prototxt", phase="train")
+    report = net.copy_from("final.caffemodel", strict=True)
+    assert report.copied == ["conv1", "emb", "score"]
+    assert report.ignored_empty == ["label_data_1_split", "emb_big_emb_big_0_split"]  # Caffe's splits
+    with np.load(folder / "trajectory.npz") as z:
+        for key in (k for k in z.files if k.startswith("param:")):
+            _, layer, i = key.split(":")
+            np.testing.assert_array_equal(net.params[layer][int(i)].data, z[key])
+    out = tmp_path / "saved.caffemodel"
+    net.save(str(out))
+    ours = pb.NetParameter.FromString(out.read_bytes())
+    theirs = {l.name: l for l in pb.NetParameter.FromString((folder / "final.caffemodel").read_bytes()).layer}
+    assert ours.name == "embs_small"
+    for layer in ours.layer:  # the same definitions and values as the original's net.save,
+        expected = theirs[layer.name]  # except the bottoms Caffe renames to its Split tops
+        if any("_split_" in b for b in expected.bottom):
+            layer.ClearField("bottom")
+            expected.ClearField("bottom")
+        assert layer == expected, layer.name
