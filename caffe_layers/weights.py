@@ -6,7 +6,6 @@ anything is copied; then the blob data is read straight into the parameters. Lay
 and shapes are decoded by protobuf itself; only the outer NetParameter -> layer -> BlobProto
 nesting and the packed float arrays are handled here, which is what makes large files fast.
 """
-import io
 import logging
 import mmap
 import os

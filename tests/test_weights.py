@@ -101,6 +101,9 @@ def test_read_caffemodel_without_net():
             assert ours.dtype == np.float32 and ours.shape == theirs.shape
             np.testing.assert_array_equal(ours, theirs)
     assert read_caffemodel(path.read_bytes()).keys() == weights.keys()  # bytes work too
+    net = Net(EMBS_SMALL)
+    assert load_weights(net, path.read_bytes()).copied == ["conv1", "emb", "score"]
+    np.testing.assert_array_equal(net.params["emb"][0].data, ref["emb"][0])
 
 
 # ---- writing -----------------------------------------------------------------------------------
