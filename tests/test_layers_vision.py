@@ -152,6 +152,7 @@ def text_net(tmp_path, body):
     ('convolution_param { kernel_size: 3 }', "num_output"),
     ('convolution_param { num_output: 2 kernel_size: 5 }', "kernel extent"),
     ('convolution_param { num_output: 2 kernel_size: 2 bottom_is_im2col: true }', "multiple of the kernel"),
+    ('convolution_param { num_output: 2 kernel_size: 1 dilation: 0 }', "dilation must be positive"),
 ])
 def test_conv_errors(text, message):
     with pytest.raises(ValueError, match=message) as err:
@@ -456,3 +457,38 @@ def test_crop_errors():
         make_layer('type: "Crop" crop_param { axis: 1 offset: 1 offset: 1 }', [(1, 3, 5, 5), (1, 1, 3, 3)])
     with pytest.raises(ValueError, match="2 bottoms"):
         make_layer('type: "Crop"', [(1, 3, 5, 5)])
+
+
+# ---- CUDA matches CPU ----------------------------------------------------------------------------
+CUDA_CASES = [
+    ('type: "Convolution" convolution_param { num_output: 4 group: 2 kernel_size: 3 pad: 2 dilation: 2 stride: 2 '
+     'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }', (2, 4, 7, 6)),
+    ('type: "Convolution" convolution_param { num_output: 4 kernel_size: 3 bottom_is_im2col: true '
+     'weight_filler { type: "gaussian" } }', (2, 18, 3, 4)),
+    ('type: "Deconvolution" convolution_param { num_output: 2 group: 2 kernel_size: 4 stride: 2 pad: 1 '
+     'weight_filler { type: "bilinear" } }', (1, 2, 3, 5)),
+    ('type: "InnerProduct" inner_product_param { num_output: 3 transpose: true weight_filler { type: "gaussian" } }',
+     (2, 3, 2, 2)),
+    ('type: "Pooling" top: "a" top: "b" pooling_param { pool: MAX kernel_size: 3 pad: 1 stride: 2 }', (2, 3, 7, 8)),
+    ('type: "Pooling" pooling_param { pool: AVE kernel_size: 3 pad: 1 stride: 2 }', (2, 3, 7, 8)),
+    ('type: "LRN" lrn_param { local_size: 3 alpha: 0.5 norm_region: ACROSS_CHANNELS }', (2, 5, 3, 4)),
+    ('type: "LRN" lrn_param { local_size: 3 alpha: 0.5 norm_region: WITHIN_CHANNEL }', (2, 5, 3, 4)),
+    ('type: "Interp" interp_param { shrink_factor: 2 zoom_factor: 3 pad_beg: -1 pad_end: -1 }', (1, 2, 9, 11)),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("text,shape", CUDA_CASES)
+def test_cuda_matches_cpu(text, shape):
+    torch.manual_seed(0)
+    layer = make_layer(text, [shape])
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    xc = x.detach().cuda().requires_grad_(True)
+    out, outc = layer(x), layer.cuda()(xc)
+    out, outc = (out if isinstance(out, tuple) else (out,)), (outc if isinstance(outc, tuple) else (outc,))
+    for a, b in zip(out, outc):
+        torch.testing.assert_close(b.cpu(), a)
+    g = torch.randn(out[0].shape, dtype=torch.float64)
+    out[0].backward(g)
+    outc[0].backward(g.cuda())
+    torch.testing.assert_close(xc.grad.cpu(), x.grad)

@@ -56,6 +56,8 @@ def conv_setup(layer, param, bottom_shapes, kind):
         raise ValueError(f"{what}: stride dimensions must be nonzero, got {layer.stride}")
     layer.pad = _per_axis("pad", p.pad, has("pad_h") or has("pad_w"), p.pad_h, p.pad_w, 0, nsp, what)
     layer.dilation = _per_axis("dilation", p.dilation, False, 0, 0, 1, nsp, what)
+    if any(d <= 0 for d in layer.dilation):
+        raise ValueError(f"{what}: dilation must be positive, got {layer.dilation}")
     channels = shape[layer.axis]
     layer.num_output = p.num_output
     layer.group = p.group
