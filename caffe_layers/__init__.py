@@ -9,7 +9,8 @@ from caffe_layers.mode import set_device, set_mode_cpu, set_mode_gpu
 from caffe_layers.net import Net
 from caffe_layers.net_spec import NetSpec, layers, params, to_proto  # pycaffe's caffe.layers / caffe.params
 from caffe_layers.proto import TEST, TRAIN
+from caffe_layers import io  # pycaffe's caffe.io (Transformer, load_image, blobproto_to_array)
 
 __all__ = ["Net", "Layer", "register_layer", "known_types", "TRAIN", "TEST",
            "set_mode_cpu", "set_mode_gpu", "set_device",
-           "NetSpec", "layers", "params", "to_proto"]
+           "NetSpec", "layers", "params", "to_proto", "io"]
