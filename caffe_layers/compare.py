@@ -311,9 +311,12 @@ def plot(report, entries, ref_lookup, path):
         if ref is not None and ref.value is not None and ref.value.size == ours.size:
             err = np.abs(ours.astype(np.float64) - ref.value.reshape(ours.shape).astype(np.float64))
             title = "|ours - ref|"
+        elif ref is not None and ref.vals is not None:
+            err = np.abs(blob_samples(ours).astype(np.float64) - ref.vals.astype(np.float64)).reshape(8, -1)
+            title = "|ours - ref| at the 64 sampled positions"
         else:
             err = np.abs(ours.astype(np.float64))
-            title = "|ours| (reference has samples only)"
+            title = "|ours| (no reference values)"
         img = _heat_image(err)
         im = hx.imshow(img, cmap="inferno", aspect="auto", interpolation="nearest")
         fig.colorbar(im, ax=hx)
