@@ -1,7 +1,18 @@
-"""Build: generate caffe_layers/caffe_pb2.py from proto/caffe.proto (never edited by hand)."""
+"""Build: generate caffe_layers/caffe_pb2.py from proto/caffe.proto (never edited by hand), and the native
+kernels in cuda/: caffe_layers._native_cpu (C++, OpenMP) always, caffe_layers._native_cuda only where
+`nvcc` is on PATH (built by nvcc itself, static cudart, no CUDA-enabled torch needed).
+Set CAFFE_LAYERS_NO_CUDA=1 to skip the CUDA module; CAFFE_LAYERS_CUDA_ARCHS (default "80 90") picks
+the -gencode targets.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 
@@ -15,5 +26,49 @@ def generate_caffe_pb2():
         raise RuntimeError(f"protoc failed on {proto}")
 
 
+def _pybind11_include():
+    import pybind11
+
+    return pybind11.get_include()
+
+
+class BuildNative(build_ext):
+    """build_ext that compiles the CUDA module with nvcc (host code by nvcc's host compiler)."""
+
+    def build_extensions(self):
+        self.extensions = [e for e in self.extensions if e.name != CUDA_NAME or _nvcc()]
+        for ext in self.extensions:
+            ext.include_dirs.append(_pybind11_include())
+        super().build_extensions()
+
+    def build_extension(self, ext):
+        if ext.name != CUDA_NAME:
+            return super().build_extension(ext)
+        out = Path(self.get_ext_fullpath(ext.name))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        archs = os.environ.get("CAFFE_LAYERS_CUDA_ARCHS", "80 90").split()
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
+        includes = [f"-I{d}" for d in ext.include_dirs + [sysconfig.get_paths()["include"]]]
+        cmd = [_nvcc(), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--cudart", "static",
+               *gencode, *includes, *ext.sources, "-o", str(out)]
+        print(" ".join(cmd), flush=True)
+        subprocess.check_call(cmd)
+
+
+def _nvcc():
+    if os.environ.get("CAFFE_LAYERS_NO_CUDA"):
+        return None
+    return shutil.which("nvcc")
+
+
+CUDA_NAME = "caffe_layers._native_cuda"
+openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+extensions = [
+    Extension("caffe_layers._native_cpu", ["cuda/native_cpu.cpp"], include_dirs=["cuda"], language="c++",
+              extra_compile_args=["-O3", "-std=c++17", *openmp], extra_link_args=openmp),
+    Extension(CUDA_NAME, ["cuda/native_cuda.cu", "cuda/bind_cuda.cpp"], include_dirs=["cuda"]),
+]
+
 generate_caffe_pb2()
-setup()
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildNative})

@@ -1,0 +1,337 @@
+// CUDA kernels of caffe_layers, over raw device pointers, float and double; every launcher takes the
+// caller's stream. Same semantics as cuda/native_cpu.cpp (and the references in caffe_layers/ops);
+// gradients are gathered per input element (no atomics), so results are deterministic.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "geometry.h"
+#include "native_cuda.h"
+
+namespace {
+
+constexpr int kThreads = 256;
+
+inline int blocks(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
+
+inline void check(const char* what) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string("caffe_layers CUDA kernel ") + what + ": " + cudaGetErrorString(err));
+}
+
+__device__ inline bool in(int64_t v, int64_t size) { return v >= 0 && v < size; }
+
+// o such that o * s - p + off == pos, or -1
+__device__ inline int64_t source(int64_t pos, int64_t p, int64_t s, int64_t off, int64_t out) {
+  const int64_t q = pos + p - off;
+  if (q < 0 || q % s) return -1;
+  const int64_t o = q / s;
+  return o < out ? o : -1;
+}
+
+// ---- im2dist -----------------------------------------------------------------------------------
+template <typename T>
+__global__ void im2dist_fwd(const T* x, T* y, Geom g, bool l1, bool rc, bool rb, T big) {
+  const int64_t K = g.K(), total = g.N * K * g.Ho * g.Wo;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t ow = idx % g.Wo, oh = (idx / g.Wo) % g.Ho, k = (idx / (g.Wo * g.Ho)) % K, n = idx / (g.Wo * g.Ho * K);
+    const int64_t i = k / g.kw, j = k % g.kw, ci = g.kh / 2, cj = g.kw / 2;
+    const int64_t ch = oh * g.sh - g.ph + ci * g.dh, cw = ow * g.sw - g.pw + cj * g.dw;
+    const int64_t hh = oh * g.sh - g.ph + i * g.dh, ww = ow * g.sw - g.pw + j * g.dw;
+    T v = 0;
+    if (in(ch, g.H) && in(cw, g.W)) {
+      if (rc && i == ci && j == cj) {
+        v = big;
+      } else if (!in(hh, g.H) || !in(ww, g.W)) {
+        v = rb ? big : T(0);
+      } else {
+        for (int64_t c = 0; c < g.C; ++c) {
+          const T* xp = x + (n * g.C + c) * g.H * g.W;
+          const T d = xp[ch * g.W + cw] - xp[hh * g.W + ww];
+          v += l1 ? (d < 0 ? -d : d) : d * d * T(0.5);
+        }
+      }
+    }
+    y[idx] = v;
+  }
+}
+
+template <typename T>
+__device__ inline T dist_sign(T d, int mode) {
+  if (mode == L2) return d;
+  if (mode == L1_TRUE) return d > 0 ? T(1) : (d < 0 ? T(-1) : T(0));
+  return d > 0 ? T(1) : T(-1);  // quirk (dist2im_cpu): sign(0) = -1
+}
+
+// One thread per input element: the sum of its terms as a centre and as a neighbour.
+template <typename T>
+__global__ void im2dist_bwd(const T* x, const T* gy, T* gx, Geom g, int mode) {
+  const int64_t K = g.K(), total = g.N * g.C * g.H * g.W;
+  const int64_t ci = g.kh / 2, cj = g.kw / 2;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t w = idx % g.W, h = (idx / g.W) % g.H, nc = idx / (g.W * g.H), n = nc / g.C;
+    const T* xp = x + nc * g.H * g.W;
+    const T* gyn = gy + n * K * g.Ho * g.Wo;
+    T acc = 0;
+    // as the centre of output (oh, ow)
+    const int64_t oh = source(h, g.ph, g.sh, ci * g.dh, g.Ho), ow = source(w, g.pw, g.sw, cj * g.dw, g.Wo);
+    if (oh >= 0 && ow >= 0) {
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t i = k / g.kw, j = k % g.kw;
+        if (i == ci && j == cj) continue;
+        const int64_t hh = oh * g.sh - g.ph + i * g.dh, ww = ow * g.sw - g.pw + j * g.dw;
+        const T gv = gyn[(k * g.Ho + oh) * g.Wo + ow];
+        if (in(hh, g.H) && in(ww, g.W)) acc += dist_sign(xp[h * g.W + w] - xp[hh * g.W + ww], mode) * gv;
+        else if (mode == L1_CAFFE) acc -= gv;  // quirk: out-of-bounds neighbour still sends -top_diff
+      }
+    }
+    // as the neighbour (tap k) of output (oh, ow) whose centre is inside the image
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = k / g.kw, j = k % g.kw;
+      if (i == ci && j == cj) continue;
+      const int64_t nh = source(h, g.ph, g.sh, i * g.dh, g.Ho), nw = source(w, g.pw, g.sw, j * g.dw, g.Wo);
+      if (nh < 0 || nw < 0) continue;
+      const int64_t ch = nh * g.sh - g.ph + ci * g.dh, cw = nw * g.sw - g.pw + cj * g.dw;
+      if (!in(ch, g.H) || !in(cw, g.W)) continue;
+      acc -= dist_sign(xp[ch * g.W + cw] - xp[h * g.W + w], mode) * gyn[(k * g.Ho + nh) * g.Wo + nw];
+    }
+    gx[idx] = acc;
+  }
+}
+
+// ---- im2parity ---------------------------------------------------------------------------------
+template <typename T>
+__global__ void im2parity_fwd(const T* labels, T* y, Geom g, bool has_ignore, T ignore, T outside) {
+  const int64_t K = g.K(), total = g.N * K * g.Ho * g.Wo;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t ow = idx % g.Wo, oh = (idx / g.Wo) % g.Ho, k = (idx / (g.Wo * g.Ho)) % K, n = idx / (g.Wo * g.Ho * K);
+    const int64_t i = k / g.kw, j = k % g.kw;
+    const int64_t ch = oh * g.sh - g.ph + (g.kh / 2) * g.dh, cw = ow * g.sw - g.pw + (g.kw / 2) * g.dw;
+    const int64_t hh = oh * g.sh - g.ph + i * g.dh, ww = ow * g.sw - g.pw + j * g.dw;
+    const T* lab = labels + (n * g.C + g.C - 1) * g.H * g.W;  // the last channel wins
+    T v = outside;
+    if (in(ch, g.H) && in(cw, g.W)) {
+      const T cv = trunc(lab[ch * g.W + cw]);
+      const T nv = (in(hh, g.H) && in(ww, g.W)) ? trunc(lab[hh * g.W + ww]) : T(0);
+      v = nv == cv ? T(1) : T(0);
+      if (has_ignore && (nv == ignore || cv == ignore)) v = ignore;
+    }
+    y[idx] = v;
+  }
+}
+
+// ---- SPN scan: one launch per step, one thread per (plane, line) --------------------------------
+struct Scan {
+  int64_t H, W, T, S;
+  bool horizontal, reverse;
+  __device__ int64_t at(int64_t t, int64_t s) const {
+    const int64_t tt = reverse ? T - 1 - t : t;
+    return horizontal ? s * W + tt : tt * W + s;
+  }
+};
+
+template <typename T>
+__global__ void spn_fwd_step(const T* x, const T* g1, const T* g2, const T* g3, T* h, int64_t planes, Scan sc, int64_t t) {
+  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (idx >= planes * sc.S) return;
+  const int64_t s = idx % sc.S, b = (idx / sc.S) * sc.H * sc.W, p = b + sc.at(t, s);
+  if (t == 0) {
+    h[p] = x[p];
+    return;
+  }
+  T gsum = g2[p], hsum = g2[p] * h[b + sc.at(t - 1, s)];
+  if (g1 && s > 0) { gsum += g1[p]; hsum += g1[p] * h[b + sc.at(t - 1, s - 1)]; }
+  if (g3 && s + 1 < sc.S) { gsum += g3[p]; hsum += g3[p] * h[b + sc.at(t - 1, s + 1)]; }
+  h[p] = (T(1) - gsum) * x[p] + hsum;
+}
+
+// dh of step t is kept in dx's storage until dx is written one step later (dx = (1 - sum g) dh).
+template <typename T>
+__global__ void spn_bwd_step(const T* x, const T* g1, const T* g2, const T* g3, const T* h, const T* dtop, T* dh,
+                             T* dg1, T* dg2, T* dg3, int64_t planes, Scan sc, int64_t t) {
+  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (idx >= planes * sc.S) return;
+  const int64_t s = idx % sc.S, b = (idx / sc.S) * sc.H * sc.W, p = b + sc.at(t, s);
+  T d = dtop[p];
+  if (t + 1 < sc.T) {
+    if (g3 && s > 0) d += dh[b + sc.at(t + 1, s - 1)] * g3[b + sc.at(t + 1, s - 1)];
+    d += dh[b + sc.at(t + 1, s)] * g2[b + sc.at(t + 1, s)];
+    if (g1 && s + 1 < sc.S) d += dh[b + sc.at(t + 1, s + 1)] * g1[b + sc.at(t + 1, s + 1)];
+  }
+  dh[p] = d;
+  if (t > 0) {
+    const T xv = x[p];
+    dg2[p] = d * (h[b + sc.at(t - 1, s)] - xv);
+    if (g1) dg1[p] = s > 0 ? d * (h[b + sc.at(t - 1, s - 1)] - xv) : T(0);
+    if (g3) dg3[p] = s + 1 < sc.S ? d * (h[b + sc.at(t - 1, s + 1)] - xv) : T(0);
+  } else {
+    dg2[p] = 0;
+    if (g1) dg1[p] = 0;
+    if (g3) dg3[p] = 0;
+  }
+}
+
+// dx = (1 - sum of the gates of existing neighbours) * dh, in place over dh
+template <typename T>
+__global__ void spn_dx(const T* g1, const T* g2, const T* g3, T* dx, int64_t planes, Scan sc) {
+  const int64_t total = planes * sc.H * sc.W;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t q = idx % (sc.H * sc.W), hh = q / sc.W, ww = q % sc.W;
+    const int64_t t = sc.horizontal ? ww : hh, s = sc.horizontal ? hh : ww;
+    T gsum = 0;
+    if (t != (sc.reverse ? sc.T - 1 : 0)) {
+      gsum = g2[idx];
+      if (g1 && s > 0) gsum += g1[idx];
+      if (g3 && s + 1 < sc.S) gsum += g3[idx];
+    }
+    dx[idx] = (T(1) - gsum) * dx[idx];
+  }
+}
+
+// ---- segmentation-aware convolution chunks ---------------------------------------------------------
+template <typename T>
+__global__ void masked_im2col_k(const T* x, const T* mask, T* cols, Geom g, int64_t n, int64_t r0, int64_t r1) {
+  const int64_t K = g.K(), P = (r1 - r0) * g.Wo, total = g.C * K * P;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t p = idx % P, ck = idx / P, c = ck / K, k = ck % K;
+    const int64_t oh = r0 + p / g.Wo, ow = p % g.Wo;
+    const int64_t hh = oh * g.sh - g.ph + (k / g.kw) * g.dh, ww = ow * g.sw - g.pw + (k % g.kw) * g.dw;
+    T v = 0;
+    if (in(hh, g.H) && in(ww, g.W))
+      v = x[((n * g.C + c) * g.H + hh) * g.W + ww] * mask[((n * K + k) * g.Ho + oh) * g.Wo + ow];
+    cols[idx] = v;
+  }
+}
+
+template <typename T>
+__global__ void masked_col2im_x(const T* mask, const T* dcols, T* gx, Geom g, int64_t n, int64_t r0, int64_t r1) {
+  const int64_t K = g.K(), P = (r1 - r0) * g.Wo, total = g.C * g.H * g.W;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t w = idx % g.W, h = (idx / g.W) % g.H, c = idx / (g.W * g.H);
+    T acc = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t oh = source(h, g.ph, g.sh, (k / g.kw) * g.dh, g.Ho), ow = source(w, g.pw, g.sw, (k % g.kw) * g.dw, g.Wo);
+      if (oh < r0 || oh >= r1 || ow < 0) continue;
+      acc += dcols[(c * K + k) * P + (oh - r0) * g.Wo + ow] * mask[((n * K + k) * g.Ho + oh) * g.Wo + ow];
+    }
+    gx[(n * g.C) * g.H * g.W + idx] += acc;
+  }
+}
+
+template <typename T>
+__global__ void masked_col2im_mask(const T* x, const T* dcols, T* gmask, Geom g, int64_t n, int64_t r0, int64_t r1) {
+  const int64_t K = g.K(), P = (r1 - r0) * g.Wo, total = K * P;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t p = idx % P, k = idx / P, oh = r0 + p / g.Wo, ow = p % g.Wo;
+    const int64_t hh = oh * g.sh - g.ph + (k / g.kw) * g.dh, ww = ow * g.sw - g.pw + (k % g.kw) * g.dw;
+    T acc = 0;
+    if (in(hh, g.H) && in(ww, g.W))
+      for (int64_t c = 0; c < g.C; ++c) acc += dcols[(c * K + k) * P + p] * x[((n * g.C + c) * g.H + hh) * g.W + ww];
+    gmask[((n * K + k) * g.Ho + oh) * g.Wo + ow] = acc;
+  }
+}
+
+template <typename T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+inline cudaStream_t stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+inline int grid(int64_t n) { return n > 0 ? (blocks(n) < 65535 ? blocks(n) : 65535) : 1; }
+
+template <typename T>
+void im2dist_forward_t(uintptr_t x, uintptr_t y, const Geom& g, bool l1, bool rc, bool rb, double big, uintptr_t s) {
+  im2dist_fwd<T><<<grid(g.N * g.K() * g.Ho * g.Wo), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(y), g, l1, rc, rb, T(big));
+  check("im2dist_forward");
+}
+
+template <typename T>
+void im2dist_backward_t(uintptr_t x, uintptr_t gy, uintptr_t gx, const Geom& g, int mode, uintptr_t s) {
+  im2dist_bwd<T><<<grid(g.N * g.C * g.H * g.W), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(gy), ptr<T>(gx), g, mode);
+  check("im2dist_backward");
+}
+
+template <typename T>
+void im2parity_forward_t(uintptr_t lab, uintptr_t y, const Geom& g, bool has_ignore, double ignore, double outside, uintptr_t s) {
+  im2parity_fwd<T><<<grid(g.N * g.K() * g.Ho * g.Wo), kThreads, 0, stream(s)>>>(ptr<T>(lab), ptr<T>(y), g, has_ignore,
+                                                                                  T(ignore), T(outside));
+  check("im2parity_forward");
+}
+
+Scan make_scan(int64_t H, int64_t W, bool hz, bool rv) { return Scan{H, W, hz ? W : H, hz ? H : W, hz, rv}; }
+
+template <typename T>
+void spn_forward_t(uintptr_t x, uintptr_t g1, uintptr_t g2, uintptr_t g3, uintptr_t h, int64_t planes, int64_t H,
+                   int64_t W, bool hz, bool rv, uintptr_t s) {
+  const Scan sc = make_scan(H, W, hz, rv);
+  for (int64_t t = 0; t < sc.T; ++t)
+    spn_fwd_step<T><<<blocks(planes * sc.S), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3),
+                                                                        ptr<T>(h), planes, sc, t);
+  check("spn_forward");
+}
+
+template <typename T>
+void spn_backward_t(uintptr_t x, uintptr_t g1, uintptr_t g2, uintptr_t g3, uintptr_t h, uintptr_t dtop, uintptr_t dx,
+                    uintptr_t dg1, uintptr_t dg2, uintptr_t dg3, int64_t planes, int64_t H, int64_t W, bool hz, bool rv,
+                    uintptr_t s) {
+  const Scan sc = make_scan(H, W, hz, rv);
+  for (int64_t t = sc.T - 1; t >= 0; --t)
+    spn_bwd_step<T><<<blocks(planes * sc.S), kThreads, 0, stream(s)>>>(
+        ptr<T>(x), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3), ptr<T>(h), ptr<T>(dtop), ptr<T>(dx), ptr<T>(dg1), ptr<T>(dg2),
+        ptr<T>(dg3), planes, sc, t);
+  spn_dx<T><<<grid(planes * H * W), kThreads, 0, stream(s)>>>(ptr<T>(g1), ptr<T>(g2), ptr<T>(g3), ptr<T>(dx), planes, sc);
+  check("spn_backward");
+}
+
+template <typename T>
+void masked_im2col_t(uintptr_t x, uintptr_t mask, uintptr_t cols, const Geom& g, int64_t n, int64_t r0, int64_t r1, uintptr_t s) {
+  masked_im2col_k<T><<<grid(g.C * g.K() * (r1 - r0) * g.Wo), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(mask),
+                                                                                        ptr<T>(cols), g, n, r0, r1);
+  check("masked_im2col");
+}
+
+template <typename T>
+void masked_col2im_t(uintptr_t x, uintptr_t mask, uintptr_t dcols, uintptr_t gx, uintptr_t gmask, const Geom& g, int64_t n,
+                     int64_t r0, int64_t r1, uintptr_t s) {
+  if (gx)
+    masked_col2im_x<T><<<grid(g.C * g.H * g.W), kThreads, 0, stream(s)>>>(ptr<T>(mask), ptr<T>(dcols), ptr<T>(gx), g, n, r0, r1);
+  if (gmask)
+    masked_col2im_mask<T><<<grid(g.K() * (r1 - r0) * g.Wo), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(dcols), ptr<T>(gmask),
+                                                                                        g, n, r0, r1);
+  check("masked_col2im");
+}
+
+}  // namespace
+
+// ---- the plain C++ interface (native_cuda.h) -------------------------------------------------------
+#define DISPATCH(dbl, NAME, ...) (dbl ? NAME<double>(__VA_ARGS__) : NAME<float>(__VA_ARGS__))
+
+namespace cl_cuda {
+void im2dist_forward(bool dbl, uintptr_t x, uintptr_t y, const Geom& g, bool l1, bool rc, bool rb, double big, uintptr_t s) {
+  DISPATCH(dbl, im2dist_forward_t, x, y, g, l1, rc, rb, big, s);
+}
+void im2dist_backward(bool dbl, uintptr_t x, uintptr_t gy, uintptr_t gx, const Geom& g, int mode, uintptr_t s) {
+  DISPATCH(dbl, im2dist_backward_t, x, gy, gx, g, mode, s);
+}
+void im2parity_forward(bool dbl, uintptr_t lab, uintptr_t y, const Geom& g, bool has_ignore, double ignore, double outside,
+                       uintptr_t s) {
+  DISPATCH(dbl, im2parity_forward_t, lab, y, g, has_ignore, ignore, outside, s);
+}
+void spn_forward(bool dbl, uintptr_t x, uintptr_t g1, uintptr_t g2, uintptr_t g3, uintptr_t h, int64_t planes, int64_t H,
+                 int64_t W, bool hz, bool rv, uintptr_t s) {
+  DISPATCH(dbl, spn_forward_t, x, g1, g2, g3, h, planes, H, W, hz, rv, s);
+}
+void spn_backward(bool dbl, uintptr_t x, uintptr_t g1, uintptr_t g2, uintptr_t g3, uintptr_t h, uintptr_t dtop, uintptr_t dx,
+                  uintptr_t dg1, uintptr_t dg2, uintptr_t dg3, int64_t planes, int64_t H, int64_t W, bool hz, bool rv,
+                  uintptr_t s) {
+  DISPATCH(dbl, spn_backward_t, x, g1, g2, g3, h, dtop, dx, dg1, dg2, dg3, planes, H, W, hz, rv, s);
+}
+void masked_im2col(bool dbl, uintptr_t x, uintptr_t mask, uintptr_t cols, const Geom& g, int64_t n, int64_t r0, int64_t r1,
+                   uintptr_t s) {
+  DISPATCH(dbl, masked_im2col_t, x, mask, cols, g, n, r0, r1, s);
+}
+void masked_col2im(bool dbl, uintptr_t x, uintptr_t mask, uintptr_t dcols, uintptr_t gx, uintptr_t gmask, const Geom& g,
+                   int64_t n, int64_t r0, int64_t r1, uintptr_t s) {
+  DISPATCH(dbl, masked_col2im_t, x, mask, dcols, gx, gmask, g, n, r0, r1, s);
+}
+}  // namespace cl_cuda

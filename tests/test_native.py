@@ -1,0 +1,214 @@
+"""Native kernels (cuda/) against the pure-PyTorch references in caffe_layers/ops, forward and backward."""
+import pytest
+import torch
+
+from caffe_layers import native
+from caffe_layers.ops.im2dist import im2dist
+from caffe_layers.ops.im2parity import im2parity
+from caffe_layers.ops.segaware_conv import segaware_conv
+from caffe_layers.ops.spn import gate_recurrent
+
+pytestmark = pytest.mark.skipif(not native.available("cpu"), reason="unreachable: the CPU module is always built")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and native.available("cuda")), reason="needs a GPU and the CUDA module"))]
+
+# (N, C, H, W), kernel, pad, stride, dilation: odd sizes, stride, dilation, padding past the image, batch > 1
+GEOMETRIES = [
+    ((2, 3, 7, 9), 3, 1, 1, 1),
+    ((2, 2, 9, 8), (3, 5), (2, 1), (2, 1), (1, 2)),
+    ((1, 3, 6, 7), 5, 10, 1, 5),        # pad past the image: centres outside
+    ((3, 2, 8, 5), 2, 1, 3, 1),         # even kernel, stride 3
+    ((1, 4, 11, 6), (5, 3), (4, 1), (2, 2), (2, 3)),
+]
+
+
+def _rand(shape, seed, dtype=torch.float64, device="cpu"):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
+
+
+def _both(fn, *inputs, grad_seed=7):
+    """(outputs, input grads) of fn with native kernels and with the references."""
+    results = []
+    for use_ref in (False, True):
+        xs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        if use_ref:
+            with native.disabled():
+                y = fn(*xs)
+        else:
+            y = fn(*xs)
+        g = _rand(y.shape, grad_seed, y.dtype, y.device)
+        y.backward(g)
+        results.append((y.detach(), [t.grad for t in xs]))
+    return results
+
+
+def _close(a, b, what, tol=1e-10):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+# ---- im2dist -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("geom", GEOMETRIES)
+@pytest.mark.parametrize("norm,rc,rb,true_gradient", [
+    ("L1", False, False, False), ("L1", True, True, False), ("L1", False, True, True),
+    ("L2", False, False, False), ("L2", True, True, False)])
+def test_im2dist_matches_reference(device, geom, norm, rc, rb, true_gradient):
+    shape, k, p, s, d = geom
+    x = _rand(shape, 1, device=device)
+    x[:, :, 1, :] = x[:, :, 2, :]  # equal neighbours: sign(0) appears in the L1 backward
+    (y, (gx,)), (ry, (rgx,)) = _both(lambda t: im2dist(t, k, p, s, d, norm, rc, rb, true_gradient), x)
+    _close(y, ry, "forward")
+    _close(gx, rgx, "backward")
+
+
+@pytest.mark.parametrize("norm,true_gradient", [("L1", True), ("L2", False)])
+def test_im2dist_gradcheck(norm, true_gradient):
+    x = _rand((2, 2, 5, 6), 2).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: native.im2dist(t, 3, 2, 2, 1, norm, true_gradient=true_gradient), (x,))
+
+
+def test_im2dist_l1_default_is_caffe_backward():
+    """Default L1 backward is dist2im_cpu's (sign(0) = -1, out-of-bounds neighbours count), not autograd's."""
+    x = torch.zeros((1, 1, 3, 3), dtype=torch.float64, requires_grad=True)
+    native.im2dist(x, 3, 1, 1, 1, "L1").sum().backward()
+    # every output centre gets -1 from each of its 8 non-centre taps; each in-image neighbour gets +1 back
+    expected = torch.tensor([[-5., -3., -5.], [-3., 0., -3.], [-5., -3., -5.]], dtype=torch.float64) + 0
+    torch.testing.assert_close(x.grad[0, 0], expected)
+    x.grad = None
+    native.im2dist(x, 3, 1, 1, 1, "L1", true_gradient=True).sum().backward()
+    assert torch.all(x.grad == 0)
+
+
+# ---- im2parity ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("geom", GEOMETRIES)
+@pytest.mark.parametrize("ignore", [None, 255, 0])
+def test_im2parity_matches_reference(device, geom, ignore):
+    shape, k, p, s, d = geom
+    labels = torch.randint(0, 3, shape, generator=torch.Generator().manual_seed(3)).double() + 0.7
+    labels[:, :, 0, 0] = 255
+    labels = labels.to(device)
+    y = im2parity(labels, k, p, s, d, ignore)
+    with native.disabled():
+        ref = im2parity(labels, k, p, s, d, ignore)
+    assert torch.equal(y, ref)
+
+
+# ---- SPN scan ----------------------------------------------------------------------------------
+DIRECTIONS = [(True, False), (True, True), (False, False), (False, True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 8, 1), (1, 1, 1, 6)])
+def test_scan_three_way_matches_reference(device, direction, shape):
+    x = _rand(shape, 4, device=device)
+    gates = [0.4 * _rand(shape, 5 + i, device=device) for i in range(3)]
+    (y, grads), (ry, rgrads) = _both(lambda *t: gate_recurrent(t[0], *t[1:], *direction), x, *gates)
+    _close(y, ry, "forward", 1e-12)
+    for i, (a, b) in enumerate(zip(grads, rgrads)):
+        _close(a, b, f"grad {i}", 1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_scan_one_way_matches_reference(device, direction):
+    x, g = _rand((2, 2, 6, 5), 8, device=device), 0.5 * _rand((2, 2, 6, 5), 9, device=device)
+    fn = lambda a, b: gate_recurrent(a, b, None, None, *direction, connection="one")  # noqa: E731
+    (y, grads), (ry, rgrads) = _both(fn, x, g)
+    _close(y, ry, "forward", 1e-12)
+    for a, b in zip(grads, rgrads):
+        _close(a, b, "grad", 1e-12)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_scan_gradcheck(direction):
+    inputs = [(0.4 * _rand((1, 2, 4, 3), 10 + i)).requires_grad_(True) for i in range(4)]
+    assert torch.autograd.gradcheck(lambda *t: native.gate_recurrent(*t, *direction), inputs)
+    one = inputs[:2]
+    assert torch.autograd.gradcheck(lambda a, b: native.gate_recurrent(a, b, None, None, *direction, "one"), one)
+
+
+def test_scan_float32():
+    x, gates = _rand((2, 3, 9, 10), 1, torch.float32), [0.3 * _rand((2, 3, 9, 10), i, torch.float32) for i in range(3)]
+    with native.disabled():
+        ref = gate_recurrent(x, *gates)
+    torch.testing.assert_close(native.gate_recurrent(x, *gates), ref, rtol=1e-5, atol=1e-6)
+
+
+# ---- segmentation-aware convolution ----------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("geom", GEOMETRIES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_segaware_conv_matches_reference(device, geom, bias, monkeypatch):
+    shape, k, p, s, d = geom
+    monkeypatch.setattr(native, "_CHUNK_ELEMENTS", 40)  # several row chunks per image
+    x = _rand(shape, 11, device=device)
+    from caffe_layers.ops.geometry import check_geometry
+
+    kernel, _, _, _, out = check_geometry(x, k, p, s, d, "test")
+    K = kernel[0] * kernel[1]
+    mask = _rand((shape[0], K, *out), 12, device=device).exp()
+    weight = _rand((4, shape[1], *kernel), 13, device=device)
+    b = _rand((4,), 14, device=device) if bias else None
+    inputs = (x, mask, weight) + ((b,) if bias else ())
+    fn = lambda x, m, w, *rest: segaware_conv(x, m, w, rest[0] if rest else None, k, p, s, d)  # noqa: E731
+    (y, grads), (ry, rgrads) = _both(fn, *inputs)
+    _close(y, ry, "forward")
+    for i, (a, b2) in enumerate(zip(grads, rgrads)):
+        _close(a, b2, f"grad {i}")
+
+
+def test_segaware_conv_gradcheck(monkeypatch):
+    monkeypatch.setattr(native, "_CHUNK_ELEMENTS", 30)
+    x = _rand((2, 2, 5, 4), 1).requires_grad_(True)
+    mask = _rand((2, 9, 3, 2), 2).requires_grad_(True)
+    w = _rand((3, 18), 3).requires_grad_(True)
+    b = _rand((3,), 4).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *t: native.segaware_conv(*t, 3, 1, 2, 1), (x, mask, w, b))
+
+
+def test_segaware_conv_bad_mask():
+    x = torch.zeros((1, 2, 5, 5))
+    with pytest.raises(ValueError, match="mask must be"):
+        native.segaware_conv(x, torch.zeros((1, 4, 5, 5)), torch.zeros((3, 18)), None, 3, 1)
+
+
+# ---- loading and fallbacks -------------------------------------------------------------------------
+def test_missing_module_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setitem(native._modules, "cpu", None)
+    monkeypatch.setattr(native, "_warned", set())
+    monkeypatch.delitem(native._modules, "cpu")
+    import importlib
+
+    real = importlib.import_module
+
+    def fail(name, *a):
+        if name == "caffe_layers._native_cpu":
+            raise ImportError("not built")
+        return real(name, *a)
+
+    monkeypatch.setattr(native.importlib, "import_module", fail)
+    x = _rand((1, 2, 4, 4), 1)
+    with pytest.warns(RuntimeWarning, match="native cpu kernels unavailable"):
+        y = im2dist(x, 3, 1)
+    with native.disabled():
+        torch.testing.assert_close(y, im2dist(x, 3, 1))
+    monkeypatch.setitem(native._modules, "cpu", None)
+
+
+def test_layers_use_native_kernels(monkeypatch):
+    """The layers reach the native path through the ops functions."""
+    calls = []
+    real = native._call
+    monkeypatch.setattr(native, "_call", lambda t, name, *a: (calls.append(name), real(t, name, *a))[1])
+    from tests.golden import make_layer
+
+    layer = make_layer('type: "Im2dist" convolution_param { kernel_size: 3 pad: 1 } im2dist_param { norm: L1 }',
+                       [(1, 2, 5, 5)])
+    layer(_rand((1, 2, 5, 5), 1))
+    layer = make_layer('type: "GateRecurrent2dnoind" gaterecurrent2dnoind_param { horizontal: true reverse: false }',
+                       [(1, 2, 3, 3)] * 4)
+    layer(*[_rand((1, 2, 3, 3), i) for i in range(4)])
+    assert calls == ["im2dist_forward", "spn_forward"]
