@@ -1,0 +1,34 @@
+"""Normalised convolution (segaware norm_conv_layer.cpp): a convolution whose every patch is
+weighted by a softmax over the patch of (negatively scaled) embedding distances.
+
+    soft = softmax over the kh*kw taps of (-scale * dist)   (of +dist when there is no scale: quirk)
+    out[o] = sum_{c in group(o), tap} weight[o, c, tap] * im2col(img)[c, tap] * soft[tap] + bias[o]
+
+`dist` is im2dist's N x (kh*kw) x H_out x W_out output. Autograd gives the original's backward
+(its weight, image, embedding and scale diffs are the true gradients of this forward).
+"""
+import torch
+
+from caffe_layers.ops.im2col import im2col
+
+
+def norm_conv_filter(img, dist, weight, bias=None, scale=None, pad=0, stride=1, dilation=1, group=1):
+    """img N x C x H x W, dist N x kk x Ho x Wo, weight O x C/group x kh x kw -> N x O x Ho x Wo."""
+    n, c = img.shape[:2]
+    o, _, kh, kw = weight.shape
+    if c % group or o % group:
+        raise ValueError(f"norm_conv: channels {c} and num_output {o} must be multiples of group {group}")
+    cols = im2col(img, (kh, kw), pad, stride, dilation)
+    if dist.shape[0] != n or dist.shape[1] != kh * kw or dist.shape[2:] != cols.shape[2:]:
+        raise ValueError(f"norm_conv: distances of shape {list(dist.shape)} do not fit {kh}x{kw} patches "
+                         f"of output size {list(cols.shape[2:])}")
+    logits = dist if scale is None else -scale.reshape(()) * dist
+    soft = torch.softmax(logits, dim=1)  # the original subtracts the max, exponentiates and divides
+    ho, wo = cols.shape[2:]
+    res = cols.reshape(n, c, kh * kw, ho, wo) * soft[:, None]
+    res = res.reshape(n, group, (c // group) * kh * kw, ho * wo)
+    w = weight.reshape(group, o // group, (c // group) * kh * kw)
+    out = torch.matmul(w, res).reshape(n, o, ho, wo)
+    if bias is not None:
+        out = out + bias.reshape(1, o, 1, 1)
+    return out
