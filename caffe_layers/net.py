@@ -174,7 +174,7 @@ class Net(nn.Module):
     """
 
     def __init__(self, prototxt, weights=None, phase=TEST, variables=None, *, level=0, stages=(),
-                 strict_weights=False):
+                 strict_weights=False, fuse=True, keep_blobs=()):
         super().__init__()
         if isinstance(weights, int) and not isinstance(weights, bool):
             weights, phase = None, weights  # pycaffe's caffe.Net(proto, caffe.TEST, weights=...)
@@ -194,6 +194,11 @@ class Net(nn.Module):
 
         with module_search_path(prototxt):  # Python layers may import modules beside the prototxt
             self._build()
+        from caffe_layers.fusion import fuse_steps
+
+        # full forward passes run fused segaware convolutions (caffe_layers/fusion.py); fuse=False or
+        # keep_blobs (blobs to materialise) opt out; partial runs always use self.steps
+        self.fused_steps = fuse_steps(self, keep_blobs) if fuse else None
         self._input_names = set(self.inputs)
         self._data, self._diff, self._first = {}, {}, {}
         if weights is not None:
@@ -275,7 +280,10 @@ class Net(nn.Module):
         `hook(step, tops)` is called after each layer (for dumps and comparisons).
         """
         values = dict(inputs)
-        for step in self.steps[start:end]:
+        steps = self.steps[start:end]
+        if self.fused_steps is not None and start == 0 and end in (None, len(self.steps)):
+            steps = self.fused_steps
+        for step in steps:
             if not step.bottoms and step.layer.param.type == "Input":
                 for top in step.tops:
                     if top not in values:
