@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "geometry.h"
 
@@ -74,9 +75,16 @@ void im2dist_forward(const T* x, T* y, const Geom& g, bool l1, bool remove_cente
   }
 }
 
-template <typename T>
-void im2dist_backward(const T* x, const T* gy, T* gx, const Geom& g, int mode) {
-  const int64_t K = g.K(), ci = g.kh / 2, cj = g.kw / 2;
+template <typename T, int MODE>
+inline T dist_sign(T d) {
+  if (MODE == L2) return d;
+  if (MODE == L1_TRUE) return T(d > 0) - T(d < 0);
+  return d > 0 ? T(1) : T(-1);  // quirk (dist2im_cpu): sign(0) = -1
+}
+
+template <typename T, int MODE>
+void im2dist_backward_mode(const T* x, const T* gy, T* gx, const Geom& g) {
+  const int64_t K = g.K(), ci = g.kh / 2, cj = g.kw / 2, coff = cj * g.dw - g.pw;
   int64_t clo, chi;
   valid_range(g.W, g.pw, g.sw, cj * g.dw, g.Wo, clo, chi);
   // each thread owns whole (n, c) planes of gx: no write conflicts
@@ -86,36 +94,50 @@ void im2dist_backward(const T* x, const T* gy, T* gx, const Geom& g, int mode) {
       const T* xp = x + (n * g.C + c) * g.H * g.W;
       T* gp = gx + (n * g.C + c) * g.H * g.W;
       std::fill(gp, gp + g.H * g.W, T(0));
+      std::vector<T> tmp(g.Wo);
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
         const int64_t ch = oh * g.sh - g.ph + ci * g.dh;
         if (!in(ch, g.H)) continue;  // no gradient from taps of an out-of-image centre
+        const T* xc = xp + ch * g.W + coff;
+        T* gc = gp + ch * g.W + coff;
         for (int64_t i = 0; i < g.kh; ++i) {
           const int64_t hh = oh * g.sh - g.ph + i * g.dh;
           const bool row_in = in(hh, g.H);
           for (int64_t j = 0; j < g.kw; ++j) {
             if (i == ci && j == cj) continue;  // the centre's own distance is constant
             const T* gyr = gy + ((n * K + i * g.kw + j) * g.Ho + oh) * g.Wo;
-            for (int64_t o = clo; o < chi; ++o) {
-              const int64_t cw = o * g.sw - g.pw + cj * g.dw, nw = o * g.sw - g.pw + j * g.dw;
-              const T gv = gyr[o];
-              if (row_in && in(nw, g.W)) {
-                const T d = xp[ch * g.W + cw] - xp[hh * g.W + nw];
-                T s;
-                if (mode == L2) s = d;
-                else if (mode == L1_TRUE) s = d > 0 ? T(1) : (d < 0 ? T(-1) : T(0));
-                else s = d > 0 ? T(1) : T(-1);  // quirk (dist2im_cpu): sign(0) = -1
-                gp[ch * g.W + cw] += s * gv;
-                gp[hh * g.W + nw] -= s * gv;
-              } else if (mode == L1_CAFFE) {
-                // quirk: an out-of-bounds neighbour (distance stored as 0) still sends -top_diff
-                gp[ch * g.W + cw] -= gv;
-              }
+            int64_t lo = chi, hi = chi;
+            if (row_in) {
+              int64_t nlo, nhi;
+              valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, nlo, nhi);
+              lo = std::max(clo, nlo);
+              hi = std::max(lo, std::min(chi, nhi));
             }
+            if (MODE == L1_CAFFE) {
+              // quirk: an out-of-bounds neighbour (distance stored as 0) still sends -top_diff
+              for (int64_t o = clo; o < std::min(lo, chi); ++o) gc[o * g.sw] -= gyr[o];
+              for (int64_t o = hi; o < chi; ++o) gc[o * g.sw] -= gyr[o];
+            }
+            if (lo >= hi) continue;
+            const int64_t noff = j * g.dw - g.pw;
+            const T* xn = xp + hh * g.W + noff;
+            T* gn = gp + hh * g.W + noff;
+            // two passes: gc and gn may share a row, a separate buffer lets each loop vectorise
+            for (int64_t o = lo; o < hi; ++o) tmp[o] = dist_sign<T, MODE>(xc[o * g.sw] - xn[o * g.sw]) * gyr[o];
+            for (int64_t o = lo; o < hi; ++o) gc[o * g.sw] += tmp[o];
+            for (int64_t o = lo; o < hi; ++o) gn[o * g.sw] -= tmp[o];
           }
         }
       }
     }
   }
+}
+
+template <typename T>
+void im2dist_backward(const T* x, const T* gy, T* gx, const Geom& g, int mode) {
+  if (mode == L2) im2dist_backward_mode<T, L2>(x, gy, gx, g);
+  else if (mode == L1_TRUE) im2dist_backward_mode<T, L1_TRUE>(x, gy, gx, g);
+  else im2dist_backward_mode<T, L1_CAFFE>(x, gy, gx, g);
 }
 
 // ---- im2parity ---------------------------------------------------------------------------------
