@@ -219,6 +219,9 @@ class Net(nn.Module):
                                  f"{len(lp.bottom)} bottoms or none")
             lp.phase = self.phase
             cls = layer_class(lp.type, lp.name)
+            if cls.is_loss and not len(lp.top):
+                # Caffe's AutoTopBlobs: a loss layer without a top gets an anonymous one
+                lp.top.append(f"{lp.name} (automatic)")
             bottom_shapes = [self.blob_shapes[b] for b in lp.bottom]
             try:
                 layer = cls(lp, bottom_shapes, self.phase)

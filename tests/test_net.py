@@ -225,3 +225,12 @@ def test_pycaffe_script(capsys):
     assert np.isfinite(loss) and loss > 0
     assert lines[1].startswith("conv1 [(4, 3, 3, 3), (4,)]") and lines[2].startswith("score [(3, 4, 1, 1), (3,)]")
     assert float(lines[1].split()[-1]) > 0
+
+
+def test_loss_layer_without_top_gets_an_automatic_one():
+    text = ('name: "t" input: "x" input_shape { dim: 2 dim: 3 } input: "y" input_shape { dim: 2 dim: 3 } '
+            'layer { name: "loss" type: "EuclideanLoss" bottom: "x" bottom: "y" }')
+    net = caffe.Net(text)
+    out = net.forward(x=np.ones((2, 3)), y=np.zeros((2, 3)))
+    assert net.top_names["loss"] == ["loss (automatic)"]
+    assert float(out["loss (automatic)"]) == pytest.approx(1.5)  # sum of squares / (2N)
