@@ -120,9 +120,11 @@ def bench_ops(repeat):
 
 def _deploy(name, size):
     text = (REFERENCE / name / "deploy.prototxt").read_text()
-    if size:
-        text = re.sub(r"dim: (\d{3})\b", f"dim: {size}", text)
+    if size and name == "vgg":
+        text = re.sub(r"dim: 321\b", f"dim: {size}", text)
         text = re.sub(r"(height|width): 321", rf"\1: {size}", text)
+    elif size:  # res: multi-scale inputs 513/385/257 and the 65 label map scale together, (d - 1) / 512
+        text = re.sub(r"dim: (513|385|257|65)\b", lambda m: f"dim: {(int(m[1]) - 1) * (size - 1) // 512 + 1}", text)
     f = tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False)
     f.write(text)
     f.close()
@@ -166,7 +168,7 @@ def main():
         os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--net-size", type=int, default=0, help="input size for the deploy nets (0: the configs' own)")
+    ap.add_argument("--net-size", type=int, default=0, help="vgg input size; res: the 513 input (0: the configs' own sizes)")
     ap.add_argument("--skip-nets", action="store_true")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; native cpu module: {native.available('cpu')}")
