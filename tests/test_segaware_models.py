@@ -50,8 +50,18 @@ from caffe_layers.proto import pb  # noqa: E402
 sys.path.insert(0, str(ROOT / "models" / "segaware"))
 import make_segaware  # noqa: E402
 
-GENERATED = ["embs", "vgg"]
+GENERATED = ["embs", "vgg", "res"]
 KINDS = ["train", "test", "deploy"]
+
+
+_CONFIGS = {}
+
+
+def _configs():
+    """make_segaware.configs(), generated once per session (res is ~22k lines per config)."""
+    if not _CONFIGS:
+        _CONFIGS.update(make_segaware.configs())
+    return _CONFIGS
 
 
 def distinct_variables(net):
@@ -77,7 +87,7 @@ def assert_same_net(ours, orig, what):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("net", GENERATED)
 def test_generated_net_equals_original(net, kind):
-    text = make_segaware.configs()[f"{net}/{kind}.prototxt"]
+    text = _configs()[f"{net}/{kind}.prototxt"]
     orig = REFERENCE / "segaware" / net / f"{kind}.prototxt"
     for v in (variables(net), distinct_variables(net)):
         assert_same_net(read_net(text, v), read_net(orig, v), f"{net}/{kind} with {v['NUM_LABELS']} labels")
@@ -159,7 +169,7 @@ def test_embs_deploy_runs_on_an_image():
     assert np.isfinite(out["loss_avg"]) and out["loss_avg"] > 0
 
 
-@pytest.mark.parametrize("net", GENERATED)
+@pytest.mark.parametrize("net", ["embs", "vgg"])
 def test_train_config_runs_forward_backward(net, tmp_path):
     root = tmp_path / "VOC"
     synthetic.write_voc(root, 2, 73, 73, list_name="train")
@@ -183,3 +193,77 @@ def test_train_config_runs_forward_backward(net, tmp_path):
     assert np.isfinite(grad).all() and np.abs(grad).sum() > 0
     if net == "vgg":  # the affinity scales learn too
         assert model.params["weighted_emb_dist1_1"][0].diff.shape == ()
+
+
+# ---- res: three-scale DeepLab-v2 ResNet-101 + NormConvMeanfield CRF ------------------------------
+def _res_deploy_at(size):
+    """res/deploy with its 513 input scaled down to `size` (= 8k+1): the 0.75/0.5 scale inputs, the
+    fed-in 0.75 scores and the CRF's half-size xy grid follow."""
+    scores = (size - 1) // 8 + 1
+    quarter = (size - 1) // 4 + 1
+    sizes = {513: size, 385: quarter + (quarter - 1) * 2, 257: (scores - 1) * 4 + 1, 65: scores}
+    param = read_net(_configs()["res/deploy.prototxt"])
+    for lp in param.layer:
+        shape = lp.input_param.shape or lp.dummy_data_param.shape
+        if lp.type in ("Input", "DummyData"):
+            dims = shape[0].dim
+            dims[2:] = [sizes[dims[2]]] * 2
+    return text_format.MessageToString(param), sizes
+
+
+def test_res_parameters_are_shared_across_scales():
+    param = read_net(_configs()["res/deploy.prototxt"])
+    names = {}
+    for lp in param.layer:
+        for spec in lp.param:
+            if spec.name:
+                names.setdefault(spec.name, []).append(lp.name)
+    assert names["res4b22_branch2b_0"] == ["res4b22_branch2b", "res4b22_branch2b_res05", "res4b22_branch2b_res075"]
+    assert names["fc1_voc12_c3_w"] == ["fc1_voc12_c3", "fc1_voc12_res05_c3", "fc1_voc12_res075_c3"]
+    assert sum(lp.type == "Convolution" and not lp.convolution_param.bias_term for lp in param.layer) == 3 * 104
+
+
+def test_res_deploy_runs_on_an_image():
+    torch.manual_seed(0)
+    size = 33
+    text, sizes = _res_deploy_at(size)
+    model = Net(text)
+    scores, half = sizes[65], sizes[257]
+    assert model.blobs["emb"].shape == (1, 64, size, size)
+    assert model.blobs["res5c"].shape == (1, 2048, scores, scores)
+    assert model.blobs["res5c_res05"].shape == (1, 2048, 3, 3)
+    assert model.blobs["fc_fusion"].shape == (1, 21, scores, scores)
+    assert model.blobs["crf"].shape == (1, 21, half, half)
+    # shared weights: one blob object per name across the three scales
+    assert np.shares_memory(model.params["conv1_res05"][0].data, model.params["conv1"][0].data)
+    _random_weights(model)
+    image, _ = _image(size)
+    small = image[:, :, ::2, ::2].copy()
+    r75 = sizes[385]
+    mid = torch.nn.functional.interpolate(torch.from_numpy(image), size=(r75, r75), mode="bilinear",
+                                          align_corners=True).numpy()
+    out = model.forward(data=image, data_res05=small, data_res075=mid,
+                        fc1_voc12_res075_interp=np.zeros((1, 21, scores, scores), np.float32))
+    crf = out["crf_interp"]
+    assert crf.shape == (1, 21, 2 * half - 1, 2 * half - 1) and np.isfinite(crf).all()
+    assert np.abs(crf).max() > 0
+
+
+def test_res_train_builds(tmp_path):
+    """Build + shapes only: a forward/backward of three ResNet-101 trunks takes well over 15 s on 2 cores."""
+    root = tmp_path / "VOC"
+    synthetic.write_voc(root, 1, 41, 41, list_name="train")
+    v = {**variables("res"), "EXP": str(root), "TRAIN_SET": "train", "DATA_ROOT": f"{root}/", "CROP_SIZE": 33,
+         "HALF_SIZE": 17}
+    param = read_net(ROOT / "models" / "segaware" / "res" / "train.prototxt", v)
+    for lp in param.layer:  # losses have no top in the original (Caffe names them); name them here
+        if lp.type == "SoftmaxWithLoss" and not lp.top:
+            lp.top.append(lp.name + "_" + lp.bottom[0])
+    torch.manual_seed(0)
+    model = Net(param, phase="train")
+    assert model.blobs["data"].shape == (1, 3, 33, 33)
+    assert model.blobs["data_res075"].shape == (1, 3, 25, 25)
+    assert model.blobs["fc1_voc12_res075_interp"].shape == model.blobs["fc_fusion"].shape == (1, 21, 5, 5)
+    assert model.blobs["fc1_voc12_res05"].shape == model.blobs["label_shrink16"].shape[:1] + (21, 3, 3)
+    assert model.blobs["crf"].shape == (1, 21, 17, 17) and model.blobs["label_shrink2"].shape == (1, 1, 17, 17)
+    assert np.shares_memory(model.params["res5c_branch2c_res075"][0].data, model.params["res5c_branch2c"][0].data)

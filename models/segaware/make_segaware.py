@@ -84,7 +84,8 @@ def conv(name, bottom, num_output, kernel, pad=None, stride=None, dilation=None,
         cp.update(weight_filler={"type": "xavier"}, bias_filler={"type": "constant"})
     elif filler == "gaussian":
         cp.update(weight_filler={"type": "gaussian", "std": 0.01}, bias_filler={"type": "constant", "value": 0})
-    return L(name, "Convolution", bottom, top, param=specs((lr[0], 1), (lr[1], 0)), convolution_param=cp)
+    return L(name, "Convolution", bottom, top, param=specs((lr[0], 1), (lr[1], 0)) if lr else None,
+             convolution_param=cp)
 
 
 def relu(name, blob):
@@ -309,6 +310,203 @@ def vgg_net(kind):
     return {"name": name, "layer": layers}
 
 
+# ---- res: DeepLab-v2 ResNet-101 at three scales + embedding-driven NormConvMeanfield CRF ---------
+# (stage, block names, bottleneck width, stride of the first block, dilation of the 3x3 convs)
+RES_STAGES = [(2, ["a", "b", "c"], 64, 1, None), (3, ["a", "b1", "b2", "b3"], 128, 2, None),
+              (4, ["a"] + [f"b{i}" for i in range(1, 23)], 256, 1, 2), (5, ["a", "b", "c"], 512, 1, 4)]
+# input scales: layer/blob suffix and the input blob
+RES_SCALES = [("", "data"), ("_res05", "data_res05"), ("_res075", "data_res075")]
+
+
+def res_trunk(sfx, data, lr):
+    """ResNet-101 on `data`; parameters are shared across scales by name (the unsuffixed layer name)."""
+    layers = []
+
+    def unit(name, bn, sc, bottom, out, k, pad, stride, dil=None, relu_name=None):
+        cp = {"num_output": out, "bias_term": False, "pad": pad, "kernel_size": k, "stride": stride,
+              "dilation": dil}
+        layers.append(L(name + sfx, "Convolution", bottom, param=[{"name": f"{name}_0", "lr_mult": lr,
+                                                                    "decay_mult": 1}],
+                        convolution_param=cp))
+        layers.append(L(bn + sfx, "BatchNorm", name + sfx, name + sfx,
+                        param=[{"name": f"{bn}_{i}", "lr_mult": 0, "decay_mult": 0} for i in range(3)],
+                        batch_norm_param={"use_global_stats": True}))
+        layers.append(L(sc + sfx, "Scale", name + sfx, name + sfx,
+                        param=[{"name": f"{sc}_{i}", "lr_mult": 0} for i in range(2)],
+                        scale_param={"bias_term": True}))
+        if relu_name:
+            layers.append(relu(relu_name + sfx, name + sfx))
+        return name + sfx
+
+    bottom = unit("conv1", "bn_conv1", "scale_conv1", data, 64, 7, 3, 2, relu_name="conv1_relu")
+    layers.append(pool("pool1" + sfx, bottom))
+    bottom = "pool1" + sfx
+    for stage, blocks, width, stride, dil in RES_STAGES:
+        for blk in blocks:
+            n = f"{stage}{blk}"
+            first = blk == "a"
+            if first:
+                short = unit(f"res{n}_branch1", f"bn{n}_branch1", f"scale{n}_branch1", bottom, 4 * width, 1, 0,
+                             stride)
+            else:
+                short = bottom
+            x = unit(f"res{n}_branch2a", f"bn{n}_branch2a", f"scale{n}_branch2a", bottom, width, 1, 0,
+                     stride if first else 1, relu_name=f"res{n}_branch2a_relu")
+            x = unit(f"res{n}_branch2b", f"bn{n}_branch2b", f"scale{n}_branch2b", x, width, 3, dil or 1, 1, dil,
+                     relu_name=f"res{n}_branch2b_relu")
+            x = unit(f"res{n}_branch2c", f"bn{n}_branch2c", f"scale{n}_branch2c", x, 4 * width, 1, 0, 1)
+            layers += [L(f"res{n}{sfx}", "Eltwise", [short, x]), relu(f"res{n}_relu{sfx}", f"res{n}{sfx}")]
+            bottom = f"res{n}{sfx}"
+    return layers
+
+
+def aspp(sfx, lr):
+    """The 4-branch dilated classifier (fc1_voc12), shared across scales by parameter name."""
+    out = []
+    for i, d in enumerate((6, 12, 18, 24)):
+        params = [{"name": f"fc1_voc12_c{i}_w", "lr_mult": lr[0]}, {"name": f"fc1_voc12_c{i}_b", "lr_mult": lr[1]}]
+        out.append(L(f"fc1_voc12{sfx}_c{i}", "Convolution", f"res5c{sfx}", param=params,
+                     convolution_param={"num_output": 21, "pad": d, "kernel_size": 3, "dilation": d}))
+    out.append(L(f"fc1_voc12{sfx}", "Eltwise", [f"fc1_voc12{sfx}_c{i}" for i in range(4)],
+                 eltwise_param={"operation": Raw("SUM")}))
+    return out
+
+
+def shrink(name, bottom, factor):
+    return interp(name, bottom, shrink_factor=factor, pad_beg=0, pad_end=0)
+
+
+def crf_scale(name, bottom, value, lr):
+    return L(name, "Scale", bottom, param=[{"lr_mult": lr, "decay_mult": 1}],
+             scale_param={"num_axes": 0, "filler": {"type": "constant", "value": value}, "bias_term": False})
+
+
+def halfsize_filter():
+    """test only: two rounds of embedding-weighted 9x9 averaging of the CRF output (normalised by the weights)."""
+    win = {"pad": 4, "kernel_size": 9}
+    reduce_ = {"num_channels": 21, "operation": Raw("SUM")}
+    prod = {"operation": Raw("PROD")}
+    return [L("halfsize_dist_avg", "Im2dist", "emb2", convolution_param=win, im2dist_param={"norm": Raw("L1")}),
+            L("halfsize_fc_col", "Im2col", "crf", convolution_param=win),
+            L("halfsize_dist_sc", "Scale", "halfsize_dist_avg", param=[{"lr_mult": V("EMBS_LR3"), "decay_mult": 0}],
+              scale_param={"num_axes": 0, "filler": {"type": "constant", "value": 50}, "bias_term": False}),
+            L("halfsize_dist_exp", "Exp", "halfsize_dist_sc", exp_param={"scale": -1}),
+            tile("halfsize_dist_exp", 1, 21, "halfsize_dist_2"),
+            L("halfsize_hit", "Eltwise", ["halfsize_fc_col", "halfsize_dist_2"], eltwise_param=prod),
+            L("halfsize_sharp", "ChannelReduce", "halfsize_hit", channel_reduce_param=reduce_),
+            L("halfsize_dist_flat_2", "ChannelReduce", "halfsize_dist_2", channel_reduce_param=reduce_),
+            L("halfsize_dist_flat_2_shift", "Power", "halfsize_dist_flat_2",
+              power_param={"power": 1, "scale": 1, "shift": 0.0001}),
+            L("halfsize_oneover_dist_flat_2", "Power", "halfsize_dist_flat_2_shift",
+              power_param={"power": -1, "scale": 1, "shift": 0}),
+            L("halfsize_sharp_normalized", "Eltwise", ["halfsize_sharp", "halfsize_oneover_dist_flat_2"],
+              eltwise_param=prod),
+            L("two_halfsize_fc_col", "Im2col", "halfsize_sharp_normalized", convolution_param=win),
+            L("two_halfsize_hit", "Eltwise", ["two_halfsize_fc_col", "halfsize_dist_2"], eltwise_param=prod),
+            L("two_halfsize_sharp", "ChannelReduce", "two_halfsize_hit", channel_reduce_param=reduce_),
+            L("two_halfsize_sharp_normalized", "Eltwise", ["two_halfsize_sharp", "halfsize_oneover_dist_flat_2"],
+              eltwise_param=prod)]
+
+
+def res_net(kind):
+    train, test, deploy = kind == "train", kind == "test", kind == "deploy"
+    layers = []
+    if deploy:
+        # the original feeds the 0.75 scale and its upsampled scores as inputs (no data_res075 Interp)
+        layers += [input_layer("data", [1, 3, 513, 513]), input_layer("data_res075", [1, 3, 385, 385]),
+                   input_layer("data_res05", [1, 3, 257, 257]),
+                   input_layer("fc1_voc12_res075_interp", [1, 21, 65, 65])]
+    else:
+        tp = {"mirror": train, "crop_size": V("CROP_SIZE") if train else 513, "mean_value": MEAN,
+              # test crops at a literal 513, not ${CROP_SIZE}
+              "scale_factors": [0.5, 0.75, 1, 1.25, 1.5] if train else None}
+        ip = {"root_folder": "${DATA_ROOT}", "source": "${EXP}/list/${%s}.txt" % ("TRAIN_SET" if train else "TEST_SET"),
+              "batch_size": V("BATCH_SIZE") if train else 1, "shuffle": True if train else None,
+              "label_type": Raw("PIXEL" if train else "NONE")}
+        layers += [L("data", "ImageSegData", (), ["data", "label"] + ([] if train else ["data_dim"]),
+                     include={"phase": Raw("TRAIN" if train else "TEST")}, transform_param=tp, image_data_param=ip),
+                   shrink("data_res05", "data", 2),
+                   interp("data_res075", "data", zoom_factor=3, shrink_factor=4, pad_beg=0, pad_end=0)]
+    emb = embedding_layers((V("EMBS_LR1"), V("EMBS_LR2")) if train else None)
+    emb += [interp("emb12_resized", "emb1_2", zoom_factor=1), interp("emb22_resized", "emb2_2", zoom_factor=2),
+            interp("emb33_resized", "emb3_3", zoom_factor=4),
+            L("fused", "Concat", ["rgb_emb", "emb12_resized", "emb22_resized", "emb33_resized"]),
+            conv("emb", "fused", 64, 1, pad=0, lr=(V("EMBS_LR1"), V("EMBS_LR2")) if train else None)]
+    layers += emb
+    main_lr = 1 if deploy else V("MAIN_LR1")
+    for sfx, data in RES_SCALES:
+        layers += res_trunk(sfx, data, main_lr)
+    for sfx, _ in RES_SCALES:
+        layers += aspp(sfx, (V("FINAL_LR1"), V("FINAL_LR2")) if train else (None, None))
+    layers.append(interp("fc1_voc12_res05_interp", "fc1_voc12_res05", zoom_factor=2, pad_beg=0, pad_end=0))
+    if not deploy:
+        layers.append(interp("fc1_voc12_res075_interp", "fc1_voc12_res075", zoom_factor=4, shrink_factor=3,
+                             pad_beg=0, pad_end=0))
+    layers.append(L("fc_fusion", "Eltwise", ["fc1_voc12", "fc1_voc12_res075_interp", "fc1_voc12_res05_interp"],
+                    eltwise_param={"operation": Raw("MAX")}))
+    half = 257 if deploy else V("HALF_SIZE")
+    layers.append(L("xy", "DummyData", (), dummy_data_param={
+        "shape": {"dim": [1 if deploy else V("BATCH_SIZE"), 2, half, half]}, "data_filler": {"type": "xy"}}))
+    big = {"zoom_factor": 4} if test else {"zoom_factor": 4, "pad_beg": 0, "pad_end": 0}
+    layers.append(interp("fc_fusion_big", "fc_fusion", **big))
+    if not deploy:
+        layers.append(interp("emb2", "emb", shrink_factor=2))
+    crf_lr1, crf_lr2 = (0, 0) if deploy else (V("CRF_LR1"), V("CRF_LR2"))
+    layers.append(L("splitting", "Split", "fc_fusion_big", ["unary", "Q0"]))
+    layers.append(crf_scale("scaled_xy", "xy", 0.05, crf_lr1))
+    if deploy:  # the deploy CRF uses colour (at half size) instead of the embedding
+        layers.append(crf_scale("scaled_rgb", "data_res05", 0.13, crf_lr1))
+    else:
+        layers.append(crf_scale("scaled_emb", "emb2", 300 if test else 200, crf_lr1))
+    layers.append(crf_scale("scaled_xy2", "xy", 0.05, crf_lr1))
+    feat = "rgbxy" if deploy else "embxy"
+    layers.append(L(feat, "Concat", ["scaled_rgb" if deploy else "scaled_emb", "scaled_xy"]))
+    layers.append(L("crf", "NormConvMeanfield", ["unary", "Q0", feat, "scaled_xy2"], param=[{"lr_mult": crf_lr2}] * 3,
+                    norm_conv_meanfield_param={"num_iterations": 2, "scale": [1, 1], "remove_center": [True, True],
+                                               "remove_bounds": [True, True], "pad": [54, 2],
+                                               "kernel_size": [13, 5], "dilation": [9, 1]}))
+    if train:
+        ign = {"ignore_label": 255}
+        def loss(name, acc, scores, lbl):
+            return [L(name, "SoftmaxWithLoss", [scores, lbl], (), include={"phase": Raw("TRAIN")}, loss_param=ign),
+                    L(acc, "SegAccuracy", [scores, lbl], seg_accuracy_param=ign)]
+        layers.append(shrink("label_shrink2", "label", 2))
+        layers += loss("loss", "crf_accuracy", "crf", "label_shrink2")  # two layers named "loss" in the original
+        layers.append(shrink("label_shrink", "label", 8))
+        layers += loss("loss", "accuracy", "fc_fusion", "label_shrink")
+        layers += loss("loss_res1", "accuracy_res1", "fc1_voc12", "label_shrink")
+        layers += loss("loss_res075", "accuracy_res075", "fc1_voc12_res075_interp", "label_shrink")
+        layers.append(shrink("label_shrink16", "label", 16))
+        layers += loss("loss_res05", "accuracy_res05", "fc1_voc12_res05", "label_shrink16")
+    elif test:
+        layers += halfsize_filter()
+        layers.append(interp("crf_interp", "two_halfsize_sharp_normalized", zoom_factor=2))
+        mw = mat_write("crf_mat", "crf_interp")
+        mw["mat_write_param"]["prefix"] = "${FEATURE_DIR}/${TEST_SET}/mycrf/"
+        mw["include"] = {"phase": Raw("TEST")}
+        # two layers named "silence" in the original
+        layers += [mw, L("silence", "Silence", ["label", "data_dim", "data_res05", "data_res075"], ()),
+                   L("silence", "Silence", ["label", "data_dim", "emb"], ())]
+    else:
+        layers.append(interp("crf_interp", "crf", zoom_factor=2))
+    # the original's memory flags: train frees trunk conv tops; test frees every conv's top and bottom and the
+    # CRF/filter blobs; deploy sets none
+    for lp in layers:
+        if train and lp["type"] == "Convolution" and lp["convolution_param"].get("bias_term") is False:  # trunk
+            lp["deletetop"] = True
+        if test and lp["type"] == "Convolution":
+            lp["deletebottom"] = lp["deletetop"] = True
+        if test and lp["name"] in TEST_FREED:
+            lp["deletetop"] = True
+    return {"name": "res_given" if deploy else "${NET_ID}", "layer": layers}
+
+
+TEST_FREED = {"scaled_xy", "scaled_emb", "scaled_xy2", "crf", "halfsize_dist_avg", "halfsize_fc_col",
+              "halfsize_dist_sc", "halfsize_dist_2", "halfsize_hit", "halfsize_sharp", "halfsize_dist_flat_2",
+              "halfsize_dist_flat_2_shift", "halfsize_oneover_dist_flat_2", "halfsize_sharp_normalized",
+              "two_halfsize_fc_col", "two_halfsize_hit", "two_halfsize_sharp", "two_halfsize_sharp_normalized"}
+
+
 # ---- solvers -------------------------------------------------------------------------------------
 def solver(net):
     head = {"train_net": "${EXP}/config/${NET_ID}/train_${TRAIN_SET}.prototxt"}
@@ -327,7 +525,7 @@ def solver(net):
     return "# generated by models/segaware/make_segaware.py; do not edit\n" + "\n".join(_fields({**head, **body}, 0)) + "\n"
 
 
-NETS = {"embs": embs_net, "vgg": vgg_net}
+NETS = {"embs": embs_net, "vgg": vgg_net, "res": res_net}
 
 
 def configs():
