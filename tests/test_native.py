@@ -212,3 +212,14 @@ def test_layers_use_native_kernels(monkeypatch):
                        [(1, 2, 3, 3)] * 4)
     layer(*[_rand((1, 2, 3, 3), i) for i in range(4)])
     assert calls == ["im2dist_forward", "spn_forward"]
+
+
+def test_native_modules_are_built():
+    """The install compiles the C++ module always and cuda/*.cu wherever nvcc is on PATH (so they cannot rot)."""
+    import importlib
+    import os
+    import shutil
+
+    importlib.import_module("caffe_layers._native_cpu")
+    if shutil.which("nvcc") and not os.environ.get("CAFFE_LAYERS_NO_CUDA"):
+        importlib.import_module("caffe_layers._native_cuda")
