@@ -220,8 +220,11 @@ class Net(nn.Module):
             lp.phase = self.phase
             cls = layer_class(lp.type, lp.name)
             if cls.is_loss and not len(lp.top):
-                # Caffe's AutoTopBlobs: a loss layer without a top gets an anonymous one
-                lp.top.append(f"{lp.name} (automatic)")
+                # Caffe's AutoTopBlobs: a loss layer without a top gets an anonymous one (names may repeat)
+                name, k = f"{lp.name} (automatic)", 1
+                while name in self.blob_shapes:
+                    name, k = f"{lp.name} (automatic {k})", k + 1
+                lp.top.append(name)
             bottom_shapes = [self.blob_shapes[b] for b in lp.bottom]
             try:
                 layer = cls(lp, bottom_shapes, self.phase)

@@ -175,17 +175,14 @@ def test_train_config_runs_forward_backward(net, tmp_path):
     synthetic.write_voc(root, 2, 73, 73, list_name="train")
     v = {**variables(net), "EXP": str(root), "TRAIN_SET": "train", "DATA_ROOT": f"{root}/", "CROP_SIZE": 65}
     param = read_net(ROOT / "models" / "segaware" / net / "train.prototxt", v)
-    for lp in param.layer:
-        # vgg's loss has no top (Caffe names it automatically); our Net needs it named (not yet supported)
-        if lp.type == "SoftmaxWithLoss" and not lp.top:
-            lp.top.append(lp.name)
     torch.manual_seed(0)
     model = Net(param, phase="train")
     _random_weights(model)
     assert model.blobs["data"].shape == (1, 3, 65, 65) and model.blobs["label"].shape == (1, 1, 65, 65)
     out = model.forward()
     losses = [k for k in out if k.startswith("loss")]
-    assert losses == (["loss"] if net == "vgg" else ["loss_avg", "loss_avg2", "loss_avg3"])
+    # vgg's loss has no top: Caffe (and Net) give it an automatic one
+    assert losses == (["loss (automatic)"] if net == "vgg" else ["loss_avg", "loss_avg2", "loss_avg3"])
     assert all(np.isfinite(out[k]) and out[k] > 0 for k in losses)
     model.backward()
     first = "emb1_1" if net == "vgg" else "conv1_1"
@@ -256,9 +253,6 @@ def test_res_train_builds(tmp_path):
     v = {**variables("res"), "EXP": str(root), "TRAIN_SET": "train", "DATA_ROOT": f"{root}/", "CROP_SIZE": 33,
          "HALF_SIZE": 17}
     param = read_net(ROOT / "models" / "segaware" / "res" / "train.prototxt", v)
-    for lp in param.layer:  # losses have no top in the original (Caffe names them); name them here
-        if lp.type == "SoftmaxWithLoss" and not lp.top:
-            lp.top.append(lp.name + "_" + lp.bottom[0])
     torch.manual_seed(0)
     model = Net(param, phase="train")
     assert model.blobs["data"].shape == (1, 3, 33, 33)
