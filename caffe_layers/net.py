@@ -201,6 +201,7 @@ class Net(nn.Module):
         self.fused_steps = fuse_steps(self, keep_blobs) if fuse else None
         self._input_names = set(self.inputs)
         self._data, self._diff, self._first = {}, {}, {}
+        self._fused_away = set()  # blobs the last forward did not compute (inside fused chains)
         if weights is not None:
             self.copy_from(weights, strict=strict_weights)
         if mode.device().type != "cpu":
@@ -346,6 +347,9 @@ class Net(nn.Module):
                 self._first.setdefault(name, value)
 
         values = self.run(feed, first, last, hook=remember)
+        self._fused_away = {t for s in self.steps[first:last] for t in s.tops} - values.keys()
+        for name in self._fused_away:
+            self._data.pop(name, None)
         for name in self.inputs:
             self._first.setdefault(name, values.get(name, self._data.get(name)))
         self._data.update(values)
@@ -353,8 +357,8 @@ class Net(nn.Module):
         wanted = list(self.outputs if last == len(self.steps) else self.steps[last - 1].tops)
         wanted += [b for b in (blobs or []) if b not in wanted]
         if torch_mode:
-            return {name: values[name] for name in wanted}
-        return {name: _numpy_view(self._data[name]) for name in wanted}
+            return {name: values[name] if name in values else self._blob_data(name) for name in wanted}
+        return {name: _numpy_view(self._blob_data(name)) for name in wanted}
 
     __call__ = nn.Module.__call__
 
@@ -407,6 +411,9 @@ class Net(nn.Module):
     # ---- blob storage (pycaffe interface) ------------------------------------------------
     def _blob_data(self, name):
         """Stored blob values; input blobs stay on the CPU so pycaffe scripts can write into them."""
+        if name in self._fused_away:
+            raise KeyError(f"blob {name!r} was not computed: it is inside a fused segmentation-aware "
+                           f"convolution; build the net with keep_blobs=[{name!r}] or fuse=False")
         if name not in self._data:
             device = "cpu" if name in self._input_names else self.device
             self._data[name] = torch.zeros(self.blob_shapes[name], dtype=self._dtype(), device=device)

@@ -140,3 +140,17 @@ def test_deploy_configs_fuse(tmp_path):
     net = Net(str(path))
     assert len(_fused_layers(net)) == text.count('type: "Im2col"') == 14
     assert len(net.fused_steps) == len(net.steps) - 14 * 6
+
+
+def test_fused_away_blob_is_an_error_not_stale_data(tmp_path):
+    """pycaffe reads of a blob a fused forward did not compute say so instead of returning zeros."""
+    path = tmp_path / "net.prototxt"
+    path.write_text(_chain_net())
+    net = Net(str(path))
+    rng = np.random.default_rng(0)
+    net.forward(x=rng.standard_normal(net.blob_shapes["x"]), emb=rng.standard_normal(net.blob_shapes["emb"]))
+    with pytest.raises(KeyError, match="keep_blobs"):
+        net.blobs["hit"].data
+    kept = Net(str(path), keep_blobs=["hit"])
+    kept.forward(x=rng.standard_normal(net.blob_shapes["x"]), emb=rng.standard_normal(net.blob_shapes["emb"]))
+    assert np.abs(kept.blobs["hit"].data).sum() > 0
