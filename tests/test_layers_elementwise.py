@@ -128,10 +128,6 @@ def test_power_caffe_backward_at_zero():
     layer = make_layer('type: "Power" power_param { power: 3 scale: 2 }', [(2,)])
     layer(x).sum().backward()
     assert math.isnan(x.grad[0]) and x.grad[1] == pytest.approx(3 * 2 * 4 ** 2)  # power * y / x
-    x.grad = None
-    layer.exact_grad = True
-    layer(x).sum().backward()
-    assert x.grad.tolist() == [0.0, pytest.approx(96.0)]
     # power 0 or scale 0: a constant, zero gradient
     layer = make_layer('type: "Power" power_param { power: 2 scale: 0 shift: 3 }', [(2,)])
     x.grad = None
@@ -140,16 +136,35 @@ def test_power_caffe_backward_at_zero():
     assert y.tolist() == [9, 9] and x.grad.tolist() == [0, 0]
 
 
+def test_power_exact_grad_option():
+    x = torch.tensor([0.0, 2.0, -1.0], dtype=torch.float64, requires_grad=True)
+    layer = make_layer('type: "Power" power_param { power: 3 scale: 2 exact_grad: true }', [(3,)])
+    assert layer.exact_grad
+    layer(x).sum().backward()
+    assert x.grad.tolist() == [0.0, pytest.approx(96.0), pytest.approx(24.0)]  # 3 * 2 * (2x)^2, finite at 0
+    layer = make_layer('type: "Power" power_param { power: 0.5 shift: 1 exact_grad: true }', [(3,)])
+    assert torch.autograd.gradcheck(layer, (torch.rand(3, dtype=torch.float64, requires_grad=True),))
+
+
 def test_exp_e_base_shift_quirk():
     x = torch.zeros(3, dtype=torch.float64)
     layer = make_layer('type: "Exp" exp_param { shift: 0.5 }', [(3,)])
     assert torch.isnan(layer(x)).all()  # pow(-1, 0.5), as in the segaware fork
     layer = make_layer('type: "Exp" exp_param { shift: 2 }', [(3,)])
     assert layer(x).tolist() == [1, 1, 1]  # pow(-1, 2)
-    layer.fix_e_shift = True
-    assert layer(x).tolist() == pytest.approx([math.exp(2)] * 3)
     with pytest.raises(ValueError, match="Exp.*strictly positive"):
         make_layer('name: "e" type: "Exp" exp_param { base: -2 }', [(3,)])
+
+
+def test_exp_fix_e_shift_option():
+    x = torch.tensor([0.0, 1.0, -0.5], dtype=torch.float64)
+    for shift in (0.5, 2):
+        layer = make_layer(f'type: "Exp" exp_param {{ shift: {shift} scale: 3 fix_e_shift: true }}', [(3,)])
+        assert layer(x).tolist() == pytest.approx(torch.exp(shift + 3 * x).tolist())  # BVLC's exp(shift)
+    # the option changes nothing for a positive base: base^shift is already right there
+    both = [make_layer(f'type: "Exp" exp_param {{ base: 2 shift: 0.5 {o} }}', [(3,)])(x)
+            for o in ("", "fix_e_shift: true")]
+    assert torch.equal(*both) and both[0].tolist() == pytest.approx((2 ** (0.5 + x)).tolist())
 
 
 def test_log_values():
@@ -239,11 +254,18 @@ def test_mvn_forward_and_caffe_backward():
     yd, d = y.detach().reshape(6, -1), dy.reshape(6, -1)
     caffe = (d - d.mean(1, keepdim=True) - (d * yd).mean(1, keepdim=True) * yd) / std
     assert torch.allclose(x.grad, caffe.reshape(x.shape))
-    layer.exact_grad = True
+
+
+def test_mvn_exact_grad_option():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    layer = make_layer('type: "MVN" mvn_param { eps: 0.5 exact_grad: true }', [x.shape])
+    caffe = make_layer('type: "MVN" mvn_param { eps: 0.5 }', [x.shape])
+    assert torch.equal(layer(x), caffe(x))  # the forward is the same
     assert torch.autograd.gradcheck(layer, (x,))
-    x.grad = None
-    layer(x).backward(dy)
-    assert not torch.allclose(x.grad, caffe.reshape(x.shape), atol=1e-3)
+    exact = torch.autograd.grad(layer(x), x, dy)[0]
+    assert not torch.allclose(exact, torch.autograd.grad(caffe(x), x, dy)[0], atol=1e-3)
 
 
 def test_mvn_legacy_shape():

@@ -40,16 +40,18 @@ def test_normconvmeanfield_gradcheck():
 
 
 def test_normconvmeanfield_sets_param_diffs_instead_of_accumulating():
-    text = ('name: "m" force_backward: true input: "u" input_shape { dim: 1 dim: 3 dim: 5 dim: 5 } '
-            'input: "e" input_shape { dim: 1 dim: 2 dim: 5 dim: 5 } '
-            'layer { name: "L" ' + MEANFIELD % (2, "true", "true") + ' bottom: "u" bottom: "u" bottom: "e" '
-            'bottom: "e" top: "q" }')
+    """The quirk by default, and norm_conv_meanfield_param { accumulate_param_diffs: true } (ours)."""
+    layer = MEANFIELD % (2, "true", "true")
     rng = np.random.RandomState(0)
     u, e, top = rng.randn(1, 3, 5, 5), rng.randn(1, 2, 5, 5), rng.randn(1, 3, 5, 5)
     diffs = {}
     for accumulate in (False, True):
+        option = layer[:-1] + "accumulate_param_diffs: true }" if accumulate else layer
+        text = ('name: "m" force_backward: true input: "u" input_shape { dim: 1 dim: 3 dim: 5 dim: 5 } '
+                'input: "e" input_shape { dim: 1 dim: 2 dim: 5 dim: 5 } '
+                'layer { name: "L" ' + option + ' bottom: "u" bottom: "u" bottom: "e" bottom: "e" top: "q" }')
         net = Net(text)
-        net.layer_dict["L"].accumulate_param_diffs = accumulate
+        assert net.layer_dict["L"].accumulate_param_diffs == accumulate
         for _ in range(2):
             net.forward(u=u, e=e)
             net.blobs["q"].diff[...] = top
@@ -168,8 +170,19 @@ def test_normconv_1x1_drops_image_grad():
     img = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     out = layer(img, torch.randn(1, 2, 3, 3, dtype=torch.float64))
     assert not out.requires_grad or torch.autograd.grad(out.sum(), img, allow_unused=True)[0] is None
-    layer.drop_1x1_image_grad = False
     gradcheck_layer(text, [(1, 2, 3, 3), (1, 2, 3, 3)], grad_inputs=[1])
+
+
+def test_normconv_drop_1x1_image_grad_option():
+    text = ('type: "NormConv" convolution_param { num_output: 2 kernel_size: 1 '
+            'weight_filler { type: "gaussian" std: 1 } } norm_conv_param { scale_filler { type: "constant" value: 1 } drop_1x1_image_grad: false }')
+    shapes = [(1, 2, 3, 3), (1, 2, 3, 3)]
+    layer = make_layer(text, shapes)
+    assert not layer.drop_1x1_image_grad
+    img = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    grad = torch.autograd.grad(layer(img, torch.randn(1, 2, 3, 3, dtype=torch.float64)).sum(), img)[0]
+    assert grad.abs().max() > 0  # the image gets a diff now
+    gradcheck_layer(text, shapes)  # image, embeddings and blobs: the true gradient
 
 
 def test_normconv_bad_bottoms():

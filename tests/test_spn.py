@@ -111,6 +111,25 @@ def test_gaterecurrent_one_way_gradcheck():
     gradcheck_layer(_gr_text(False, True), [(1, 2, 3, 4)] * 2)
 
 
+def test_gaterecurrent_connection_option():
+    x, gates = _inputs((1, 2, 3, 4), seed=7)
+    text = 'type: "GateRecurrent2dnoind" name: "L" gaterecurrent2dnoind_param { horizontal: false connection: %s }'
+    one = make_layer(text % "ONE", [x.shape] * 2)
+    assert one.connection == "one"
+    zero = np.zeros(x.shape)
+    ref = gate_recurrent_loop(x.numpy(), zero, gates[0].numpy(), zero, False, False)
+    np.testing.assert_allclose(one(x, gates[0]).numpy(), ref, rtol=1e-12, atol=1e-12)
+    three = make_layer(text % "THREE", [x.shape] * 4)
+    assert three.connection == "three"
+    ref = gate_recurrent_loop(x.numpy(), *[g.numpy() for g in gates], False, False)
+    np.testing.assert_allclose(three(x, *gates).numpy(), ref, rtol=1e-12, atol=1e-12)
+    # an explicit connection must match the bottoms
+    with pytest.raises(ValueError, match="'L'.*three-way connection takes 4 bottoms"):
+        make_layer(text % "THREE", [x.shape] * 2)
+    with pytest.raises(ValueError, match="'L'.*one-way connection takes 2 bottoms"):
+        make_layer(text % "ONE", [x.shape] * 4)
+
+
 def test_gaterecurrent_bad_bottoms():
     with pytest.raises(ValueError, match="'L'.*4 bottoms"):
         make_layer(_gr_text(True, False) + ' name: "L"', [(1, 2, 3, 3)] * 3)
@@ -164,17 +183,50 @@ def test_divide_cpu_clamp_and_backward():
 
 
 def test_divide_gpu_rule_and_options():
-    layer = make_layer('type: "Divide"', [(4,)], dtype=torch.float32)
-    layer.clamp, layer.modify_bottom, layer.true_gradient = "gpu", False, True
+    text = 'type: "Divide" divide_param { clamp: GPU modify_bottom: false true_gradient: true }'
+    layer = make_layer(text, [(4,)], dtype=torch.float32)
     x = torch.tensor([0.0, -5e-7, 2e-6, -3.0], requires_grad=True)
     y = layer(x)
     np.testing.assert_array_equal(y.detach().numpy(), np.float32(1) / np.array([1e-6, 1e-6, 2e-6, -3], np.float32))
     assert x.detach()[0] == 0  # bottom untouched with modify_bottom=False
     y.sum().backward()
     assert x.grad[0] == 0 and x.grad[1] == 0 and x.grad[3] == pytest.approx(-1 / 9)
-    with pytest.raises(ValueError, match="clamp"):
-        make_layer('type: "Divide"', [(4,)]).__class__(pb.LayerParameter(name="d", type="Divide"), [(4,)], 1,
-                                                         clamp="cuda")
+
+
+def _divide(options, x):
+    layer = make_layer(f'type: "Divide" divide_param {{ {options} }}', [x.shape], dtype=torch.float32)
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    return layer, x, y.detach()
+
+
+def test_divide_clamp_option():
+    x = torch.tensor([0.0, -5e-7, 3e-7, 2.0])
+    for options in ("", "clamp: DEVICE", "clamp: CPU"):  # on CPU tensors: Forward_cpu's rule
+        layer, _, y = _divide(options, x)
+        assert layer.clamp in ("device", "cpu")
+        np.testing.assert_array_equal(y.numpy(), np.float32(1) / np.array([1e-4, -5e-7, 3e-7, 2], np.float32))
+    layer, _, y = _divide("clamp: GPU", x)  # the CUDA kernel's rule, forced on CPU
+    assert layer.clamp == "gpu"
+    np.testing.assert_array_equal(y.numpy(), np.float32(1) / np.array([1e-6, 1e-6, 1e-6, 2], np.float32))
+
+
+def test_divide_modify_bottom_option():
+    x = torch.tensor([0.0, 2.0])
+    _, bottom, _ = _divide("modify_bottom: true", x)
+    assert bottom.detach().tolist() == [np.float32(1e-4), 2.0]  # as the original
+    _, bottom, y = _divide("modify_bottom: false", x)
+    assert bottom.detach().tolist() == [0.0, 2.0] and y.tolist() == [np.float32(1e4), 0.5]
+
+
+def test_divide_true_gradient_option():
+    x = torch.tensor([0.0, 2.0])
+    _, quirk, _ = _divide("", x)
+    eps = np.float32(1e-4)
+    assert quirk.grad.tolist() == [np.float32(-1) / (eps * eps), -0.25]  # also at the clamped entry
+    _, fixed, _ = _divide("true_gradient: true", x)
+    assert fixed.grad.tolist() == [0.0, -0.25]
 
 
 def test_divide_gradcheck():
@@ -225,9 +277,14 @@ def test_resize_border_quirk_and_fix():
     text = 'type: "Resize" resize_param { is_pyramid_test: true out_height_scale: 2 out_width_scale: 2 }'
     out = make_layer(text, [x.shape], dtype=torch.float32)(x)
     assert out[0, 0, 2, 5] == 0.5 and out[0, 0, 5, 5] == 0.25 and out[0, 0, 2, 2] == 1  # dropped weights
-    fixed = make_layer(text, [x.shape], dtype=torch.float32)
-    fixed.border = "replicate"
+    drop = make_layer(text.replace("}", "border: DROP }"), [x.shape], dtype=torch.float32)
+    torch.testing.assert_close(drop(x), out, rtol=0, atol=0)
+    fixed = make_layer(text.replace("}", "border: REPLICATE }"), [x.shape], dtype=torch.float32)
+    assert fixed.border == "replicate"
     torch.testing.assert_close(fixed(x), torch.ones(1, 1, 6, 6))
+    y = torch.arange(9.0).reshape(1, 1, 3, 3)
+    np.testing.assert_allclose(fixed(y)[0, 0, -1].numpy(), [6, 6.5, 7, 7.5, 8, 8])  # the edge is repeated
+    gradcheck_layer(text.replace("}", "border: REPLICATE }"), [(1, 2, 3, 3)])
 
 
 def test_resize_gradcheck_and_errors():

@@ -1,21 +1,20 @@
 """Divide (caffe-spn): top = 1 / bottom, with the original's clamping of values near zero.
 
-Quirks of the original, kept by default:
+Quirks of the original, kept by default (each has a divide_param option of ours):
 - the clamp differs by device: Forward_cpu replaces exact zeros by 1e-4, the CUDA kernel replaces
-  |x| < 1e-6 (negative ones too) by +1e-6. clamp="device" (default) follows the tensor's device,
-  clamp="cpu" / "gpu" force one rule.
-- the clamped value is written back into the bottom blob (modify_bottom=True), so later readers
+  |x| < 1e-6 (negative ones too) by +1e-6. clamp: DEVICE (default) follows the tensor's device,
+  clamp: CPU / GPU force one rule.
+- the clamped value is written back into the bottom blob (modify_bottom: true), so later readers
   of that blob see it, as in Caffe.
 - backward is -top_diff / x_clamped^2 also where x was clamped (the true gradient there is 0:
-  true_gradient=True gives it).
+  true_gradient: true gives it).
 divide_param.alpha is parsed but, as in the original, unused.
 """
 import torch
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-
-CLAMPS = ("device", "cpu", "gpu")
+from caffe_layers.proto import pb
 
 
 def clamp_mask(x, rule):
@@ -44,13 +43,13 @@ class _Reciprocal(torch.autograd.Function):
 
 @register("Divide")
 class Divide(Layer):
-    def __init__(self, param, bottom_shapes, phase, clamp="device", modify_bottom=True, true_gradient=False):
+    def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
-        if clamp not in CLAMPS:
-            raise ValueError(f"layer {self.name!r} (Divide): clamp must be one of {CLAMPS}, got {clamp!r}")
         if len(bottom_shapes) != 1:
             raise ValueError(f"layer {self.name!r} (Divide): takes 1 bottom, got {len(bottom_shapes)}")
-        self.clamp, self.modify_bottom, self.true_gradient = clamp, modify_bottom, true_gradient
+        p = param.divide_param
+        self.clamp = pb.DivideParameter.Clamp.Name(p.clamp).lower()  # "device", "cpu" or "gpu"
+        self.modify_bottom, self.true_gradient = p.modify_bottom, p.true_gradient
 
     def forward(self, x):
         rule = self.clamp if self.clamp != "device" else ("gpu" if x.device.type == "cuda" else "cpu")

@@ -2,7 +2,7 @@
 
 Quirk of the segaware fork (exp_layer.cpp): the outer factor base^shift is computed as
 pow(base, shift) even when base is -1 (e), giving NaN for a non-integer shift and +-1 for an
-integer one; BVLC fixed it to exp(shift). Set `fix_e_shift = True` on the layer for BVLC's.
+integer one; BVLC fixed it to exp(shift). exp_param { fix_e_shift: true } (ours) gives BVLC's.
 """
 import math
 
@@ -30,7 +30,7 @@ class Exp(Layer):
         if p.base != -1 and not p.base > 0:
             raise ValueError(f"layer {self.name!r} (Exp): base must be strictly positive or -1 (e), got {p.base}")
         self.base, self.scale, self.shift = p.base, p.scale, p.shift
-        self.fix_e_shift = False
+        self.fix_e_shift = p.fix_e_shift
 
     def forward(self, x):
         log_base = 1.0 if self.base == -1 else math.log(self.base)

@@ -5,24 +5,27 @@ Bottoms (x, g1, g2, g3) of one (N, C, H, W) shape, top h. gaterecurrent2dnoind_p
 (false, false), bottom->top (false, true). num_output and active are parsed but, as in the
 original, unused.
 
-Extension: the paper's one-way connection (eq. 9) with bottoms (x, g), or connection="one".
+Extension (ours): gaterecurrent2dnoind_param { connection: ONE } is the paper's one-way connection
+(eq. 9) with bottoms (x, g); THREE is the original. Unset, it follows the bottoms: 2 give ONE.
 """
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
 from caffe_layers.ops.spn import gate_recurrent
+from caffe_layers.proto import pb
 
 
 @register("GateRecurrent2dnoind")
 class GateRecurrent2dnoind(Layer):
-    def __init__(self, param, bottom_shapes, phase, connection=None):
+    def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.gaterecurrent2dnoind_param
         self.horizontal, self.reverse = p.horizontal, p.reverse
         n = len(bottom_shapes)
-        self.connection = connection or ("one" if n == 2 else "three")
-        expected = {"three": 4, "one": 2}.get(self.connection)
-        if expected is None:
-            raise ValueError(f"layer {self.name!r}: connection must be 'three' or 'one', got {connection!r}")
+        if p.HasField("connection"):
+            self.connection = pb.GateRecurrent2dnoindParameter.Connection.Name(p.connection).lower()
+        else:
+            self.connection = "one" if n == 2 else "three"
+        expected = {"three": 4, "one": 2}[self.connection]
         if n != expected:
             raise ValueError(f"layer {self.name!r} (GateRecurrent2dnoind): the {self.connection}-way "
                              f"connection takes {expected} bottoms "

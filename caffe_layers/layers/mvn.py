@@ -7,8 +7,8 @@ Caffe's quirks (mvn_layer.cpp), kept:
   (N, C, 1, 1) top, and more than 4 axes is an error.
 - with normalize_variance the backward is (dy - mean(dy) - mean(dy * y) * y) / (sqrt(var) + eps),
   which drops the factor (sqrt(var) + eps) / sqrt(var) of the true gradient's last term (it
-  differs when eps is not negligible, and stays finite for a constant slice). Set
-  `exact_grad = True` on the layer for the true gradient.
+  differs when eps is not negligible, and stays finite for a constant slice).
+  mvn_param { exact_grad: true } (ours) gives the true gradient.
 """
 import torch
 
@@ -44,7 +44,7 @@ class MVN(Layer):
         self.normalize_variance = p.normalize_variance
         self.across_channels = p.across_channels
         self.eps = p.eps
-        self.exact_grad = False
+        self.exact_grad = p.exact_grad
 
     def forward(self, x):
         if x.dim() > 4:

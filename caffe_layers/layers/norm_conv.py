@@ -14,10 +14,6 @@ from caffe_layers.proto import pb
 
 @register("NormConv")
 class NormConv(Layer):
-    # Quirk of the original: for a 1x1 kernel with stride 1 and pad 0 its backward writes no image
-    # diff (col2im is skipped). True by default; set False for the true gradient.
-    drop_1x1_image_grad = True
-
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         cp, ncp = param.convolution_param, param.norm_conv_param
@@ -46,6 +42,9 @@ class NormConv(Layer):
         if self.scale_term:
             self.add_blob((1,), ncp.scale_filler)
         self.is_1x1 = self.kernel == (1, 1) and self.stride == (1, 1) and self.pad == (0, 0)
+        # Quirk of the original: for a 1x1 kernel with stride 1 and pad 0 its backward writes no image
+        # diff (col2im is skipped). norm_conv_param { drop_1x1_image_grad: false } (ours): the true gradient.
+        self.drop_1x1_image_grad = ncp.drop_1x1_image_grad
 
     def forward(self, img, emb):
         dist = im2dist(emb, self.kernel, self.pad, self.stride, self.dilation, self.norm,

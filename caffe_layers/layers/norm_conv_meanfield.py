@@ -23,11 +23,6 @@ from caffe_layers.proto import pb
 
 @register("NormConvMeanfield")
 class NormConvMeanfield(Layer):
-    # Quirk: the original sets its parameter diffs (zeroes, then sums its iterations) instead of
-    # adding to them, so with iter_size > 1 only the last sub-batch's gradient survives. Kept by
-    # default; set True to accumulate like every other layer.
-    accumulate_param_diffs = False
-
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.norm_conv_meanfield_param
@@ -42,6 +37,10 @@ class NormConvMeanfield(Layer):
         if p.compatibility_mode != pb.NormConvMeanfieldParameter.POTTS:
             raise ValueError(f"{what}: only compatibility_mode POTTS exists")
         self.num_iterations = p.num_iterations
+        # Quirk: the original sets its parameter diffs (zeroes, then sums its iterations) instead of
+        # adding to them, so with iter_size > 1 only the last sub-batch's gradient survives. Kept by
+        # default; norm_conv_meanfield_param { accumulate_param_diffs: true } (ours) accumulates.
+        self.accumulate_param_diffs = p.accumulate_param_diffs
         if self.num_iterations <= 1:
             raise ValueError(f"{what}: num_iterations must be greater than 1, got {self.num_iterations}")
 

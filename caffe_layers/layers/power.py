@@ -2,7 +2,7 @@
 
 Caffe's backward (power_layer.cpp) is the true gradient except where the base is 0: for
 shift == 0 it uses power * y / x and otherwise diff_scale * y / (shift + scale * x), giving
-NaN/inf there (true gradient: 0 for power > 1). Set `exact_grad = True` on the layer for the
+NaN/inf there (true gradient: 0 for power > 1). power_param { exact_grad: true } (ours) gives the
 true gradient.
 """
 import torch
@@ -56,7 +56,7 @@ class Power(Layer):
         super().__init__(param, bottom_shapes, phase)
         p = param.power_param
         self.power, self.scale, self.shift = p.power, p.scale, p.shift
-        self.exact_grad = False
+        self.exact_grad = p.exact_grad
 
     def forward(self, x):
         if self.exact_grad:

@@ -3,9 +3,9 @@
 Output size: resize_param height/width, or with is_pyramid_test int(out_*_scale * input size).
 Sampling: source coordinate = dst * (src_size / dst_size), no half-pixel offset;
 out = w_h0 w_w0 x[y, x] + w_h0 w_w1 x[y, x+1] + w_h1 w_w0 x[y+1, x] + w_h1 w_w1 x[y+1, x+1].
-Quirk, kept by default (border="drop"): a neighbour past the last row/column is dropped together
-with its weight, not renormalised, so with upscaling the last row/column fade (x2: the last one is
-half the input). border="replicate" clamps to the edge instead. Backward is the transpose.
+Quirk, kept by default (resize_param border: DROP): a neighbour past the last row/column is dropped
+together with its weight, not renormalised, so with upscaling the last row/column fade (x2: the last
+one is half the input). border: REPLICATE (ours) clamps to the edge instead. Backward is the transpose.
 """
 import numpy as np
 import torch
@@ -66,10 +66,8 @@ def bilinear_resize(x, out_h, out_w, border="drop"):
 
 @register("Resize")
 class Resize(Layer):
-    def __init__(self, param, bottom_shapes, phase, border="drop"):
+    def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
-        if border not in ("drop", "replicate"):
-            raise ValueError(f"layer {self.name!r} (Resize): border must be 'drop' or 'replicate', got {border!r}")
         if len(bottom_shapes) != 1 or len(bottom_shapes[0]) != 4:
             raise ValueError(f"layer {self.name!r} (Resize): takes one (N, C, H, W) bottom, got "
                              f"{[list(s) for s in bottom_shapes]}")
@@ -77,7 +75,7 @@ class Resize(Layer):
         if self.p.type != pb.ResizeParameter.BILINEAR:
             raise ValueError(f"layer {self.name!r} (Resize): only type BILINEAR exists in the original layer")
         resize_output_size(bottom_shapes[0][2], bottom_shapes[0][3], self.p, self.name)  # validates
-        self.border = border
+        self.border = pb.ResizeParameter.Border.Name(self.p.border).lower()  # "drop" or "replicate"
 
     def forward(self, x):
         out_h, out_w = resize_output_size(x.shape[2], x.shape[3], self.p, self.name)
