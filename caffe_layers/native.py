@@ -181,7 +181,7 @@ def gate_recurrent(x, g1, g2=None, g3=None, horizontal=True, reverse=False, conn
 
 
 # ---- segmentation-aware convolution ----------------------------------------------------------------
-_CHUNK_ELEMENTS = 1 << 21  # column-buffer elements per chunk of output rows (8 MiB in float32)
+_CHUNK_ELEMENTS = 1 << 23  # column-buffer elements per chunk of output rows (32 MiB in float32)
 
 
 def _row_chunks(geom):
@@ -190,28 +190,40 @@ def _row_chunks(geom):
     return [(r, min(Ho, r + rows)) for r in range(0, Ho, rows)]
 
 
+def _buffer(x, geom, chunks, rows):
+    """One flat buffer for the largest chunk's rows x P matrix (each chunk views a contiguous prefix)."""
+    return x.new_empty(rows * max(r1 - r0 for r0, r1 in chunks) * geom[13])
+
+
 class _SegConv(torch.autograd.Function):
-    """y = W (im2col(x) * tile(mask)) + b, one chunk of output rows at a time (no C*K*H*W buffer)."""
+    """y = W (im2col(x) * tile(mask)) + b, a few large chunks of output rows at a time (no C*K*H*W buffer).
+
+    Chunks are few and large on purpose: each chunk switches between the kernel's and BLAS's threads,
+    which costs a scheduler time slice on a loaded machine. One column buffer serves every chunk.
+    """
 
     @staticmethod
     def forward(ctx, x, mask, weight, bias, geom):
         x, mask = x.contiguous(), mask.contiguous()
         w = weight.reshape(weight.shape[0], -1)
         N, Ho, Wo = geom[0], geom[12], geom[13]
-        y = x.new_empty((N, w.shape[0], Ho * Wo))
+        O, CK = w.shape
+        y = x.new_empty((N, O, Ho * Wo))
+        chunks = _row_chunks(geom)
+        cols_buf, y_buf = _buffer(x, geom, chunks, CK), _buffer(x, geom, chunks, O)
         for n in range(N):
-            for r0, r1 in _row_chunks(geom):
-                cols = x.new_empty((w.shape[1], (r1 - r0) * Wo))
+            for r0, r1 in chunks:
+                P = (r1 - r0) * Wo
+                cols, out = cols_buf[:CK * P].view(CK, P), y_buf[:O * P].view(O, P)
                 _call(x, "masked_im2col", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), geom, n, r0, r1)
-                out = y[n, :, r0 * Wo:r1 * Wo]
                 if bias is not None:
-                    torch.addmm(bias[:, None], w, cols, out=out) if out.is_contiguous() else out.copy_(
-                        torch.addmm(bias[:, None], w, cols))
+                    torch.addmm(bias[:, None], w, cols, out=out)
                 else:
-                    torch.mm(w, cols, out=out) if out.is_contiguous() else out.copy_(w @ cols)
+                    torch.mm(w, cols, out=out)
+                y[n, :, r0 * Wo:r1 * Wo] = out
         ctx.save_for_backward(x, mask, weight)
         ctx.geom, ctx.has_bias = geom, bias is not None
-        return y.reshape(N, w.shape[0], Ho, Wo)
+        return y.reshape(N, O, Ho, Wo)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -219,23 +231,27 @@ class _SegConv(torch.autograd.Function):
         x, mask, weight = ctx.saved_tensors
         geom = ctx.geom
         w = weight.reshape(weight.shape[0], -1)
+        O, CK = w.shape
         N, Ho, Wo = geom[0], geom[12], geom[13]
-        gy = gy.contiguous().reshape(N, w.shape[0], Ho * Wo)
+        gy = gy.contiguous().reshape(N, O, Ho * Wo)
         need_x, need_mask, need_w, need_b = ctx.needs_input_grad[:4]
         gx = torch.zeros_like(x) if need_x else None
         gmask = torch.empty_like(mask) if need_mask else None
         gw = torch.zeros_like(w) if need_w else None
         gb = gy.sum((0, 2)) if (need_b and ctx.has_bias) else None
+        chunks = _row_chunks(geom)
+        buf = _buffer(x, geom, chunks, CK)
+        wt = w.t().contiguous()
         for n in range(N):
-            for r0, r1 in _row_chunks(geom):
-                g = gy[n, :, r0 * Wo:r1 * Wo]
+            for r0, r1 in chunks:
+                P = (r1 - r0) * Wo
+                g, cols = gy[n, :, r0 * Wo:r1 * Wo], buf[:CK * P].view(CK, P)
                 if need_w:
-                    cols = x.new_empty((w.shape[1], (r1 - r0) * Wo))
                     _call(x, "masked_im2col", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), geom, n, r0, r1)
                     gw.addmm_(g, cols.t())
-                if need_x or need_mask:
-                    dcols = (w.t() @ g).contiguous()
-                    _call(x, "masked_col2im", x.data_ptr(), mask.data_ptr(), dcols.data_ptr(), _ptr(gx), _ptr(gmask),
+                if need_x or need_mask:  # the buffer now takes d(cols) = W^T dy
+                    torch.mm(wt, g, out=cols)
+                    _call(x, "masked_col2im", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), _ptr(gx), _ptr(gmask),
                           geom, n, r0, r1)
         return gx, gmask, None if gw is None else gw.reshape(weight.shape), gb, None
 

@@ -270,52 +270,69 @@ void masked_im2col(const T* x, const T* mask, T* cols, const Geom& g, int64_t n,
       const T* m = mask + ((n * K + k) * g.Ho + oh) * g.Wo;
       const T* xr = xc + hh * g.W + j * g.dw - g.pw;
       for (int64_t o = 0; o < lo; ++o) d[o] = 0;
-      for (int64_t o = lo; o < hi; ++o) d[o] = xr[o * g.sw] * m[o];
+      if (g.sw == 1) {  // contiguous: lets the compiler vectorise
+        for (int64_t o = lo; o < hi; ++o) d[o] = xr[o] * m[o];
+      } else {
+        for (int64_t o = lo; o < hi; ++o) d[o] = xr[o * g.sw] * m[o];
+      }
       for (int64_t o = hi; o < g.Wo; ++o) d[o] = 0;
     }
   }
 }
 
 // Backward of masked_im2col for a chunk: gx[n] += col2im(dcols * mask); gmask[n, :, r0:r1] = sum_c dcols * col.
+// One parallel region (two work-shared loops writing different arrays, no barrier between them): under load
+// every extra region costs a thread hand-over.
 template <typename T>
 void masked_col2im(const T* x, const T* mask, const T* dcols, T* gx, T* gmask, const Geom& g, int64_t n,
                    int64_t r0, int64_t r1) {
   const int64_t K = g.K(), P = (r1 - r0) * g.Wo;
-  if (gx) {
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < g.C; ++c) {
-      T* gc = gx + (n * g.C + c) * g.H * g.W;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t i = k / g.kw, j = k % g.kw;
-        int64_t lo, hi;
-        valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
-        const T* src = dcols + (c * K + k) * P;
-        for (int64_t oh = r0; oh < r1; ++oh) {
-          const int64_t hh = oh * g.sh - g.ph + i * g.dh;
-          if (!in(hh, g.H)) continue;
-          const T* m = mask + ((n * K + k) * g.Ho + oh) * g.Wo;
-          const T* s = src + (oh - r0) * g.Wo;
-          T* gr = gc + hh * g.W + j * g.dw - g.pw;
-          for (int64_t o = lo; o < hi; ++o) gr[o * g.sw] += s[o] * m[o];
+#pragma omp parallel
+  {
+    if (gx) {
+#pragma omp for schedule(static) nowait
+      for (int64_t c = 0; c < g.C; ++c) {
+        T* gc = gx + (n * g.C + c) * g.H * g.W;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t i = k / g.kw, j = k % g.kw;
+          int64_t lo, hi;
+          valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
+          const T* src = dcols + (c * K + k) * P;
+          for (int64_t oh = r0; oh < r1; ++oh) {
+            const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+            if (!in(hh, g.H)) continue;
+            const T* m = mask + ((n * K + k) * g.Ho + oh) * g.Wo;
+            const T* s = src + (oh - r0) * g.Wo;
+            T* gr = gc + hh * g.W + j * g.dw - g.pw;
+            if (g.sw == 1) {
+              for (int64_t o = lo; o < hi; ++o) gr[o] += s[o] * m[o];
+            } else {
+              for (int64_t o = lo; o < hi; ++o) gr[o * g.sw] += s[o] * m[o];
+            }
+          }
         }
       }
     }
-  }
-  if (gmask) {
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t oh = r0; oh < r1; ++oh) {
-        const int64_t i = k / g.kw, j = k % g.kw;
-        const int64_t hh = oh * g.sh - g.ph + i * g.dh;
-        T* gm = gmask + ((n * K + k) * g.Ho + oh) * g.Wo;
-        std::fill(gm, gm + g.Wo, T(0));
-        if (!in(hh, g.H)) continue;
-        int64_t lo, hi;
-        valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
-        for (int64_t c = 0; c < g.C; ++c) {
-          const T* s = dcols + (c * K + k) * P + (oh - r0) * g.Wo;
-          const T* xr = x + ((n * g.C + c) * g.H + hh) * g.W + j * g.dw - g.pw;
-          for (int64_t o = lo; o < hi; ++o) gm[o] += s[o] * xr[o * g.sw];
+    if (gmask) {
+#pragma omp for collapse(2) schedule(static) nowait
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t oh = r0; oh < r1; ++oh) {
+          const int64_t i = k / g.kw, j = k % g.kw;
+          const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+          T* gm = gmask + ((n * K + k) * g.Ho + oh) * g.Wo;
+          std::fill(gm, gm + g.Wo, T(0));
+          if (!in(hh, g.H)) continue;
+          int64_t lo, hi;
+          valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
+          for (int64_t c = 0; c < g.C; ++c) {
+            const T* s = dcols + (c * K + k) * P + (oh - r0) * g.Wo;
+            const T* xr = x + ((n * g.C + c) * g.H + hh) * g.W + j * g.dw - g.pw;
+            if (g.sw == 1) {
+              for (int64_t o = lo; o < hi; ++o) gm[o] += s[o] * xr[o];
+            } else {
+              for (int64_t o = lo; o < hi; ++o) gm[o] += s[o] * xr[o * g.sw];
+            }
+          }
         }
       }
     }
