@@ -4,7 +4,7 @@ import torch
 from caffe_layers.layers import register
 from caffe_layers.layers.accuracy import labels_as_int
 from caffe_layers.layers.base import Layer
-from caffe_layers.layers.softmax_loss import NORM, normalizer
+from caffe_layers.layers.softmax_loss import NORM, loss_normalization, normalizer
 
 
 class _SigmoidCE(torch.autograd.Function):
@@ -38,12 +38,7 @@ class SigmoidCrossEntropyLoss(Layer):
         self.ignore_label = lp.ignore_label if lp.HasField("ignore_label") else None
         # BVLC's rule; the segaware fork has no options and always divides by the batch size,
         # which is also the default here.
-        if lp.HasField("normalization"):
-            self.mode = lp.normalization
-        elif lp.HasField("normalize"):
-            self.mode = NORM.VALID if lp.normalize else NORM.BATCH_SIZE
-        else:
-            self.mode = NORM.BATCH_SIZE
+        self.mode = loss_normalization(lp, default=NORM.BATCH_SIZE)
         if len(bottom_shapes) != 2:
             raise ValueError(f"layer {self.name!r}: SigmoidCrossEntropyLoss takes 2 bottoms (scores, targets)")
 

@@ -10,10 +10,14 @@ NORM = pb.LossParameter
 FLT_MIN = 1.1754943508222875e-38
 
 
-def loss_normalization(loss_param):
-    """Caffe's rule: the legacy `normalize` applies only when `normalization` is not set."""
-    if not loss_param.HasField("normalization") and loss_param.HasField("normalize"):
-        return NORM.VALID if loss_param.normalize else NORM.BATCH_SIZE
+def loss_normalization(loss_param, default=None):
+    """Caffe's rule: the legacy `normalize` applies only when `normalization` is not set; with neither
+    set, `default` if given, else the proto default (VALID)."""
+    if not loss_param.HasField("normalization"):
+        if loss_param.HasField("normalize"):
+            return NORM.VALID if loss_param.normalize else NORM.BATCH_SIZE
+        if default is not None:
+            return default
     return loss_param.normalization
 
 
