@@ -2,7 +2,7 @@
 import torch
 
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer, canonical_axis, count
+from caffe_layers.layers.base import Layer, canonical_axis, count, optional
 
 
 def labels_as_int(label):
@@ -16,7 +16,7 @@ class Accuracy(Layer):
         super().__init__(param, bottom_shapes, phase)
         p = param.accuracy_param
         self.top_k, self.axis = p.top_k, p.axis
-        self.ignore_label = p.ignore_label if p.HasField("ignore_label") else None
+        self.ignore_label = optional(p, "ignore_label")
         self.num_tops = len(param.top)
         if len(bottom_shapes) != 2:
             raise ValueError(f"layer {self.name!r}: Accuracy takes 2 bottoms (scores, labels)")

@@ -4,7 +4,7 @@ import math
 import torch
 
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer, canonical_axis
+from caffe_layers.layers.base import Layer, canonical_axis, optional
 
 
 def top_k_desc(x, k, dim):
@@ -25,7 +25,7 @@ class ArgMax(Layer):
         super().__init__(param, bottom_shapes, phase)
         p = param.argmax_param
         self.out_max_val, self.top_k = p.out_max_val, p.top_k
-        self.axis = p.axis if p.HasField("axis") else None
+        self.axis = optional(p, "axis")
         if self.top_k < 1:
             raise ValueError(f"layer {self.name!r}: top_k must be at least 1, got {self.top_k}")
 

@@ -54,6 +54,14 @@ def count(shape, start=0, end=None):
     return math.prod(shape[start:end])
 
 
+def optional(msg, field, convert=None):
+    """A proto field's value when it is set, else None (optionally passed through `convert`)."""
+    if not msg.HasField(field):
+        return None
+    value = getattr(msg, field)
+    return convert(value) if convert else value
+
+
 def canonical_axis(axis, num_axes, layer_name="?"):
     if not -num_axes <= axis < num_axes:
         raise ValueError(f"layer {layer_name!r}: axis {axis} out of range for a {num_axes}-axis blob")

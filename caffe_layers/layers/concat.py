@@ -2,7 +2,7 @@
 import torch
 
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer, canonical_axis
+from caffe_layers.layers.base import Layer, canonical_axis, optional
 
 
 @register("Concat")
@@ -14,7 +14,7 @@ class Concat(Layer):
             raise ValueError(f"layer {self.name!r}: give either axis or concat_dim, not both")
         if not bottom_shapes:
             raise ValueError(f"layer {self.name!r}: Concat needs at least one bottom")
-        self.param_axis, self.concat_dim = p.axis, p.concat_dim if p.HasField("concat_dim") else None
+        self.param_axis, self.concat_dim = p.axis, optional(p, "concat_dim")
 
     def _axis(self, num_axes):
         if self.concat_dim is not None:

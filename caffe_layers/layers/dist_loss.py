@@ -8,7 +8,7 @@ the gradient of the forward loss instead.
 import torch
 
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer
+from caffe_layers.layers.base import Layer, optional
 from caffe_layers.layers.patch_geometry import patch_geometry
 from caffe_layers.ops.dist_loss import dist_loss, dist_loss_diff
 
@@ -32,7 +32,7 @@ class DistLoss(Layer):
         if not 0 < p.alpha < p.beta:
             raise ValueError(f"layer {self.name!r} (DistLoss): need 0 < alpha < beta, got alpha {p.alpha}, beta {p.beta}")
         self.alpha, self.beta = p.alpha, p.beta
-        self.ignore_label = int(p.ignore_label) if p.HasField("ignore_label") else None
+        self.ignore_label = optional(p, "ignore_label", int)
         self.true_gradient = p.true_gradient
         self._stale = None  # the original's diff_ buffer (flat), kept between forwards
 

@@ -4,7 +4,7 @@ Quirks (out-of-bounds neighbours read label 0, out-of-image centres give the ign
 channel wins) are documented in caffe_layers/ops/im2parity.py.
 """
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer
+from caffe_layers.layers.base import Layer, optional
 from caffe_layers.layers.patch_geometry import from_nchw, patch_geometry, to_nchw
 from caffe_layers.ops.im2parity import im2parity
 
@@ -16,7 +16,7 @@ class Im2parity(Layer):
         self.axis, self.kernel, self.pad, self.stride, self.dilation = patch_geometry(param, bottom_shapes[0])
         p = param.im2parity_param
         # uint32 in the proto, compared as a C++ int
-        self.ignore_label = int(p.ignore_label) if p.HasField("ignore_label") else None
+        self.ignore_label = optional(p, "ignore_label", int)
 
     def forward(self, labels):
         y = im2parity(to_nchw(labels, self.axis), self.kernel, self.pad, self.stride, self.dilation,

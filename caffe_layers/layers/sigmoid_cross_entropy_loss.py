@@ -3,7 +3,7 @@ import torch
 
 from caffe_layers.layers import register
 from caffe_layers.layers.accuracy import labels_as_int
-from caffe_layers.layers.base import Layer
+from caffe_layers.layers.base import Layer, optional
 from caffe_layers.layers.softmax_loss import NORM, loss_normalization, normalizer
 
 
@@ -35,7 +35,7 @@ class SigmoidCrossEntropyLoss(Layer):
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         lp = param.loss_param
-        self.ignore_label = lp.ignore_label if lp.HasField("ignore_label") else None
+        self.ignore_label = optional(lp, "ignore_label")
         # BVLC's rule; the segaware fork has no options and always divides by the batch size,
         # which is also the default here.
         self.mode = loss_normalization(lp, default=NORM.BATCH_SIZE)

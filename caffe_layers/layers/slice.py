@@ -1,6 +1,6 @@
 """Slice: split one bottom along an axis at slice_point positions, or into equal parts."""
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer, canonical_axis
+from caffe_layers.layers.base import Layer, canonical_axis, optional
 
 
 @register("Slice")
@@ -10,7 +10,7 @@ class Slice(Layer):
         p = param.slice_param
         if p.HasField("axis") and p.HasField("slice_dim"):
             raise ValueError(f"layer {self.name!r}: give either axis or slice_dim, not both")
-        self.param_axis, self.slice_dim = p.axis, p.slice_dim if p.HasField("slice_dim") else None
+        self.param_axis, self.slice_dim = p.axis, optional(p, "slice_dim")
         self.slice_point = list(p.slice_point)
         self.num_tops = len(param.top)
         if self.num_tops < 1:

@@ -3,7 +3,7 @@ import torch
 
 from caffe_layers.layers import register
 from caffe_layers.layers.accuracy import labels_as_int
-from caffe_layers.layers.base import Layer, canonical_axis, count
+from caffe_layers.layers.base import Layer, canonical_axis, count, optional
 from caffe_layers.proto import pb
 
 NORM = pb.LossParameter
@@ -68,7 +68,7 @@ class SoftmaxWithLoss(Layer):
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         lp = param.loss_param
-        self.ignore_label = lp.ignore_label if lp.HasField("ignore_label") else None
+        self.ignore_label = optional(lp, "ignore_label")
         self.mode = loss_normalization(lp)
         self.axis = param.softmax_param.axis
         self.num_tops = len(param.top)

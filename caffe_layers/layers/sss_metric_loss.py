@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer
+from caffe_layers.layers.base import Layer, optional
 from caffe_layers.proto import pb
 
 _TINY = 1e-12  # below this squared distance the L2 distance's gradient is taken as 0
@@ -34,7 +34,7 @@ class SSSMetricLoss(Layer):
         self.released = p.form == pb.SSSMetricLossParameter.RELEASED
         self.k, self.s = p.num_instances, p.samples_per_instance
         self.scale = p.distance_scale
-        self.ignore = p.ignore_label if p.HasField("ignore_label") else None
+        self.ignore = optional(p, "ignore_label")
         if self.k < 2 or self.s < 1:
             raise ValueError(f"layer {self.name!r} (SSSMetricLoss): need num_instances >= 2 and "
                              f"samples_per_instance >= 1, got {self.k} and {self.s}")
