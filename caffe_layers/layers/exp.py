@@ -22,13 +22,18 @@ def c_pow(base, exponent):
         return math.inf
 
 
+def check_base(layer_name, kind, base):
+    """Exp and Log take a strictly positive base, or -1 for e."""
+    if base != -1 and not base > 0:
+        raise ValueError(f"layer {layer_name!r} ({kind}): base must be strictly positive or -1 (e), got {base}")
+
+
 @register("Exp")
 class Exp(Layer):
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.exp_param
-        if p.base != -1 and not p.base > 0:
-            raise ValueError(f"layer {self.name!r} (Exp): base must be strictly positive or -1 (e), got {p.base}")
+        check_base(self.name, "Exp", p.base)
         self.base, self.scale, self.shift = p.base, p.scale, p.shift
         self.fix_e_shift = p.fix_e_shift
 

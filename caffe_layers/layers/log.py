@@ -5,6 +5,7 @@ import torch
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
+from caffe_layers.layers.exp import check_base
 
 
 @register("Log")
@@ -12,8 +13,7 @@ class Log(Layer):
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.log_param
-        if p.base != -1 and not p.base > 0:
-            raise ValueError(f"layer {self.name!r} (Log): base must be strictly positive or -1 (e), got {p.base}")
+        check_base(self.name, "Log", p.base)
         if p.base == 1:
             raise ValueError(f"layer {self.name!r} (Log): base 1 gives log(base) = 0")
         self.base_scale = 1.0 if p.base == -1 else 1.0 / math.log(p.base)
