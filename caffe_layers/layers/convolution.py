@@ -2,6 +2,8 @@
 
 `conv_setup` reads the settings shared with Deconvolution.
 """
+import math
+
 import torch.nn.functional as F
 
 from caffe_layers.layers import register
@@ -72,11 +74,23 @@ def conv_setup(layer, param, bottom_shapes, kind):
     return p, channels
 
 
-def check_bottoms(layer, bottoms):
+def kernel_extents(layer):
+    """The dilated kernel size along each spatial axis."""
+    return [d * (k - 1) + 1 for d, k in zip(layer.dilation, layer.kernel)]
+
+
+def each_bottom(layer, bottoms, conv):
+    """Check every bottom, apply `conv` to it with the axes before the channel axis folded into one
+    batch axis, and unfold them again; one top per bottom."""
+    tops = []
     for x in bottoms:
         if x.dim() != layer.axis + 1 + layer.nsp or x.shape[layer.axis] != layer.channels:
             raise ValueError(f"{layer.what}: bottom shape {list(x.shape)} does not fit the layer "
                              f"({layer.channels} channels on axis {layer.axis}, {layer.nsp} spatial axes)")
+        lead = x.shape[:layer.axis]
+        y = conv(x.reshape((-1,) + tuple(x.shape[layer.axis:])))
+        tops.append(y.reshape(tuple(lead) + tuple(y.shape[1:])))
+    return tops[0] if len(tops) == 1 else tuple(tops)
 
 
 @register("Convolution")
@@ -86,9 +100,7 @@ class Convolution(Layer):
         p, channels = conv_setup(self, param, bottom_shapes, "Convolution")
         self.bottom_is_im2col = p.bottom_is_im2col
         per_group = channels // self.group
-        kernel_count = 1
-        for k in self.kernel:
-            kernel_count *= k
+        kernel_count = math.prod(self.kernel)
         if self.bottom_is_im2col:
             # segaware: the bottom is an im2col buffer, C = channels * prod(kernel); Caffe divides the
             # per-group channels by the kernel sizes (integer division) to get the weight shape.
@@ -100,27 +112,19 @@ class Convolution(Layer):
         if self.bias_term:
             self.add_blob([self.num_output], p.bias_filler)
         if not self.bottom_is_im2col:
-            for i in range(self.nsp):
-                extent = self.dilation[i] * (self.kernel[i] - 1) + 1
+            for i, extent in enumerate(kernel_extents(self)):
                 size = bottom_shapes[0][self.axis + 1 + i]
                 if size + 2 * self.pad[i] < extent:
                     raise ValueError(f"{self.what}: spatial size {size} with pad {self.pad[i]} is smaller "
                                      f"than the kernel extent {extent}")
 
     def forward(self, *bottoms):
-        check_bottoms(self, bottoms)
         weight = self.blobs[0]
         bias = self.blobs[1] if self.bias_term else None
-        tops = []
-        for x in bottoms:
-            lead = x.shape[:self.axis]
-            x = x.reshape((-1,) + tuple(x.shape[self.axis:]))
-            if self.bottom_is_im2col:
-                # segaware: the column buffer is used as is: a 1x1 (grouped) convolution, output size =
-                # input size; stride, pad and dilation are ignored.
-                w = weight.reshape(weight.shape[0], -1, *([1] * self.nsp))
-                y = _CONV[self.nsp](x, w, bias, 1, 0, 1, self.group)
-            else:
-                y = _CONV[self.nsp](x, weight, bias, self.stride, self.pad, self.dilation, self.group)
-            tops.append(y.reshape(tuple(lead) + tuple(y.shape[1:])))
-        return tops[0] if len(tops) == 1 else tuple(tops)
+        if self.bottom_is_im2col:
+            # segaware: the column buffer is used as is: a 1x1 (grouped) convolution, output size =
+            # input size; stride, pad and dilation are ignored.
+            w = weight.reshape(weight.shape[0], -1, *([1] * self.nsp))
+            return each_bottom(self, bottoms, lambda x: _CONV[self.nsp](x, w, bias, 1, 0, 1, self.group))
+        return each_bottom(self, bottoms, lambda x: _CONV[self.nsp](
+            x, weight, bias, self.stride, self.pad, self.dilation, self.group))

@@ -1,7 +1,7 @@
 """Deconvolution: the transpose of Convolution (Caffe's DeconvolutionLayer)."""
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.layers.convolution import _DECONV, check_bottoms, conv_setup
+from caffe_layers.layers.convolution import _DECONV, conv_setup, each_bottom, kernel_extents
 
 
 @register("Deconvolution")
@@ -15,22 +15,15 @@ class Deconvolution(Layer):
         self.add_blob([channels, self.num_output // self.group] + self.kernel, p.weight_filler)
         if self.bias_term:
             self.add_blob([self.num_output], p.bias_filler)
-        for i in range(self.nsp):
-            extent = self.dilation[i] * (self.kernel[i] - 1) + 1
+        for i, extent in enumerate(kernel_extents(self)):
             size = bottom_shapes[0][self.axis + 1 + i]
             if self.stride[i] * (size - 1) + extent - 2 * self.pad[i] <= 0:
                 raise ValueError(f"{self.what}: output size along spatial axis {i} would be non-positive "
                                  f"(input {size}, kernel extent {extent}, pad {self.pad[i]})")
 
     def forward(self, *bottoms):
-        check_bottoms(self, bottoms)
         weight = self.blobs[0]
         bias = self.blobs[1] if self.bias_term else None
-        tops = []
-        for x in bottoms:
-            lead = x.shape[:self.axis]
-            x = x.reshape((-1,) + tuple(x.shape[self.axis:]))
-            # output size stride * (in - 1) + dilation * (k - 1) + 1 - 2 * pad, as Caffe
-            y = _DECONV[self.nsp](x, weight, bias, self.stride, self.pad, 0, self.group, self.dilation)
-            tops.append(y.reshape(tuple(lead) + tuple(y.shape[1:])))
-        return tops[0] if len(tops) == 1 else tuple(tops)
+        # output size stride * (in - 1) + dilation * (k - 1) + 1 - 2 * pad, as Caffe
+        return each_bottom(self, bottoms, lambda x: _DECONV[self.nsp](
+            x, weight, bias, self.stride, self.pad, 0, self.group, self.dilation))
