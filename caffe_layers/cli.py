@@ -17,7 +17,7 @@ COMMANDS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="caffe-layers", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="caffe-layers", description="Caffe nets, weights and tools in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         try:
