@@ -7,32 +7,11 @@ import pytest
 import torch
 
 from caffe_layers import Net
+from caffe_layers.reference import hashfill_values, sample_positions
 from golden import FLT_MAX_100, assert_matches, load_case
 
 RTOL = 1e-3  # golden README: whole-net stats and sampled values
 ATOL = 1e-5
-
-
-def hashfill(shape, seed, scale):
-    """The golden README's deterministic fill: v = (i * 2654435761 + seed * 97531) mod 2^31."""
-    i = np.arange(math.prod(shape), dtype=np.uint64)
-    v = (i * np.uint64(2654435761) + np.uint64(seed * 97531)) % np.uint64(2 ** 31)
-    return ((v.astype(np.float64) / 2 ** 31 * 2 - 1) * scale).astype(np.float32).reshape(shape)
-
-
-def rule_fill(layer_type, index, shape, k, current):
-    """Parameter blob `index` of a layer, the k-th blob of the net, by the README's rule."""
-    if layer_type in ("Convolution", "InnerProduct", "Deconvolution"):
-        if index == 0:
-            return hashfill(shape, k, math.sqrt(3.0 / math.prod(shape[1:])))
-        return hashfill(shape, k, 0.1)
-    if layer_type == "BatchNorm":
-        return [hashfill(shape, k, 0.1), np.abs(hashfill(shape, k, 1)) + 0.5, np.ones(shape, np.float32)][index]
-    if layer_type == "Scale":
-        if index == 0:
-            return 1 + hashfill(shape, k, 0.1) if math.prod(shape) > 1 else current
-        return hashfill(shape, k, 0.1)
-    return current
 
 
 def load_params(net, case):
@@ -41,10 +20,11 @@ def load_params(net, case):
     for layer in net.layer_modules:
         for i, blob in enumerate(layer.blobs):
             key = f"{layer.name}:{i}"
-            current = blob.detach().cpu().numpy()
             value = case.get(f"param:{key}")
             if value is None:
-                value = rule_fill(layer.param.type, i, tuple(blob.shape), k, current)
+                value = hashfill_values(layer.param.type, i, blob.shape, k)
+                if value is None:  # the rule keeps the layer's own initialisation
+                    value = blob.detach().cpu().numpy()
                 ref = case[f"paramsum:{key}"]
                 ours = [float(np.sum(value, dtype=np.float64)), float(np.sum(np.square(value, dtype=np.float64)))]
                 np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6, err_msg=f"regenerated param {key}")
@@ -66,8 +46,7 @@ def compare(what, value, case, key):
     x = value.detach().double().cpu().numpy()
     assert tuple(x.shape) == tuple(case[f"shape:{key}"]), f"{what}: shape {x.shape}, expected {case[f'shape:{key}']}"
     flat = x.reshape(-1)
-    idx = (np.arange(64, dtype=np.uint64) * np.uint64(2654435761)) % np.uint64(flat.size)
-    assert_matches(flat[idx.astype(np.int64)], case[f"vals:{key}"], RTOL, ATOL, f"{what} sampled values")
+    assert_matches(flat[sample_positions(flat.size).astype(np.int64)], case[f"vals:{key}"], RTOL, ATOL, f"{what} sampled values")
     ref = case[f"stats:{key}"]
     special = np.abs(flat) >= FLT_MAX_100 * 0.999
     if not special.any():
