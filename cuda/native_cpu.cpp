@@ -172,78 +172,234 @@ void im2parity_forward(const T* labels, T* y, const Geom& g, bool has_ignore, T 
 }
 
 // ---- SPN scan ----------------------------------------------------------------------------------
-// Plane index of step t, line s: the scan runs along columns (horizontal) or rows; g1/g2/g3 are the
-// neighbours at line s-1, s, s+1 of the previous step. Null g1/g3: one-way connection (g2 only).
-struct Scan {
-  int64_t H, W, T, S;
-  bool horizontal, reverse;
-  Scan(int64_t H_, int64_t W_, bool hz, bool rv) : H(H_), W(W_), T(hz ? W_ : H_), S(hz ? H_ : W_), horizontal(hz), reverse(rv) {}
-  int64_t at(int64_t t, int64_t s) const {
-    const int64_t tt = reverse ? T - 1 - t : t;
-    return horizontal ? s * W + tt : tt * W + s;
+// A plane is scanned line by line: line t (the scan step) holds S values s = 0..S-1 that are contiguous in
+// the kernels below, so the inner loops run along the non-scan axis and vectorise. Vertical scans read the
+// plane's rows in place; horizontal ones gather strips of kStrip columns into line buffers (strided reads
+// of whole planes thrash the cache: rows W apart alias) and scatter the results back.
+// g1/g2/g3 (a/b/c) weight the neighbours at s-1, s, s+1 of the previous step; THREE = false is the
+// one-way connection (g2 only). The boundary values s = 0 and s = S-1 (missing neighbours) are done apart,
+// so the inner loops have no branch.
+constexpr int64_t kStrip = 16;
+
+template <typename T, bool THREE>
+inline void forward_line(const T* __restrict__ xs, const T* __restrict__ a, const T* __restrict__ b,
+                         const T* __restrict__ c, const T* __restrict__ hp, T* __restrict__ hc, int64_t S) {
+  if (!hp) {  // first step: h = x
+    std::copy(xs, xs + S, hc);
+    return;
   }
+  if (!THREE || S == 1) {
+    for (int64_t s = 0; s < S; ++s) hc[s] = (T(1) - b[s]) * xs[s] + b[s] * hp[s];
+    return;
+  }
+  const int64_t e = S - 1;
+  hc[0] = (T(1) - b[0] - c[0]) * xs[0] + (b[0] * hp[0] + c[0] * hp[1]);
+  for (int64_t s = 1; s < e; ++s)
+    hc[s] = (T(1) - a[s] - b[s] - c[s]) * xs[s] + (a[s] * hp[s - 1] + b[s] * hp[s] + c[s] * hp[s + 1]);
+  hc[e] = (T(1) - a[e] - b[e]) * xs[e] + (a[e] * hp[e - 1] + b[e] * hp[e]);
+}
+
+// The reverse scan's state: n1/n2/n3 (padded by one zero on each side) hold dH(q) * g_k(q) of the step
+// after, so dH(p) = top(p) + n3[s-1] + n2[s] + n1[s+1] needs no bounds checks; c1/c2/c3 are being written.
+template <typename T>
+struct ScanState {
+  std::vector<T> buf;
+  T *n1, *n2, *n3, *c1, *c2, *c3;
+  explicit ScanState(int64_t S) : buf(6 * (S + 2), T(0)) {
+    T* p = buf.data() + 1;
+    n1 = p, n2 = p + (S + 2), n3 = p + 2 * (S + 2), c1 = p + 3 * (S + 2), c2 = p + 4 * (S + 2), c3 = p + 5 * (S + 2);
+  }
+  void reset() { std::fill(buf.begin(), buf.end(), T(0)); }
 };
 
+template <typename T, bool THREE>
+inline void backward_line(const T* __restrict__ top, const T* __restrict__ xs, const T* __restrict__ a,
+                          const T* __restrict__ b, const T* __restrict__ c, const T* __restrict__ hp,
+                          T* __restrict__ gx, T* __restrict__ ga, T* __restrict__ gb, T* __restrict__ gc,
+                          ScanState<T>& st, int64_t S) {
+  T* __restrict__ d = st.c2;  // dH of this step, then dH * g2
+  const T *n1 = st.n1, *n2 = st.n2, *n3 = st.n3;
+  if (THREE) {
+    for (int64_t s = 0; s < S; ++s) d[s] = top[s] + (n3[s - 1] + n2[s] + n1[s + 1]);
+  } else {
+    for (int64_t s = 0; s < S; ++s) d[s] = top[s] + n2[s];
+  }
+  if (!hp) {  // first step: h = x, gates unused
+    std::copy(d, d + S, gx);
+    std::fill(gb, gb + S, T(0));
+    if (THREE) {
+      std::fill(ga, ga + S, T(0));
+      std::fill(gc, gc + S, T(0));
+    }
+    return;
+  }
+  if (!THREE) {
+    for (int64_t s = 0; s < S; ++s) {
+      gx[s] = (T(1) - b[s]) * d[s];
+      gb[s] = d[s] * (hp[s] - xs[s]);
+      d[s] *= b[s];
+    }
+  } else {
+    T* __restrict__ c1 = st.c1;
+    T* __restrict__ c3 = st.c3;
+    const int64_t e = S - 1;
+    ga[0] = 0;  // no neighbour at s - 1 for s = 0, none at s + 1 for s = S - 1: their gates get zero
+    gc[e] = 0;
+    for (int64_t s = 1; s < S; ++s) ga[s] = d[s] * (hp[s - 1] - xs[s]);
+    for (int64_t s = 0; s < e; ++s) gc[s] = d[s] * (hp[s + 1] - xs[s]);
+    if (S == 1) {
+      gx[0] = (T(1) - b[0]) * d[0];
+    } else {
+      gx[0] = (T(1) - b[0] - c[0]) * d[0];
+      for (int64_t s = 1; s < e; ++s) gx[s] = (T(1) - a[s] - b[s] - c[s]) * d[s];
+      gx[e] = (T(1) - a[e] - b[e]) * d[e];
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      gb[s] = d[s] * (hp[s] - xs[s]);
+      c1[s] = d[s] * a[s];
+      c3[s] = d[s] * c[s];
+      d[s] *= b[s];
+    }
+  }
+  std::swap(st.n1, st.c1);
+  std::swap(st.n2, st.c2);
+  std::swap(st.n3, st.c3);
+}
+
+// Horizontal scans: steps [t0, t0 + cnt) of a row-major H x W plane <-> cnt lines of S = H values, in
+// 16 x 16 tiles (the tile's rows stay in L1; cnt <= kStrip).
 template <typename T>
-void spn_forward(const T* x, const T* g1, const T* g2, const T* g3, T* h, int64_t planes, const Scan& sc) {
-  const int64_t area = sc.H * sc.W;
-#pragma omp parallel for schedule(static)
-  for (int64_t pl = 0; pl < planes; ++pl) {
-    const int64_t b = pl * area;
-    for (int64_t s = 0; s < sc.S; ++s) h[b + sc.at(0, s)] = x[b + sc.at(0, s)];
-    for (int64_t t = 1; t < sc.T; ++t) {
-      for (int64_t s = 0; s < sc.S; ++s) {
-        const int64_t p = b + sc.at(t, s);
-        T gsum = g2[p], hsum = g2[p] * h[b + sc.at(t - 1, s)];
-        if (g1 && s > 0) { gsum += g1[p]; hsum += g1[p] * h[b + sc.at(t - 1, s - 1)]; }
-        if (g3 && s + 1 < sc.S) { gsum += g3[p]; hsum += g3[p] * h[b + sc.at(t - 1, s + 1)]; }
-        h[p] = (T(1) - gsum) * x[p] + hsum;
-      }
+void gather(const T* plane, T* lines, int64_t W, int64_t S, int64_t t0, int64_t cnt, bool rev) {
+  const int64_t first = rev ? W - 1 - t0 : t0, step = rev ? -1 : 1;
+  for (int64_t s0 = 0; s0 < S; s0 += 16) {
+    const int64_t s1 = std::min(S, s0 + 16);
+    for (int64_t j = 0; j < cnt; ++j) {
+      const T* src = plane + first + j * step;
+      T* dst = lines + j * S;
+      for (int64_t s = s0; s < s1; ++s) dst[s] = src[s * W];
+    }
+  }
+}
+
+template <typename T>
+void scatter(const T* lines, T* plane, int64_t W, int64_t S, int64_t t0, int64_t cnt, bool rev) {
+  const int64_t first = rev ? W - 1 - t0 : t0, step = rev ? -1 : 1;
+  for (int64_t s0 = 0; s0 < S; s0 += 16) {
+    const int64_t s1 = std::min(S, s0 + 16);
+    for (int64_t j = 0; j < cnt; ++j) {
+      const T* src = lines + j * S;
+      T* dst = plane + first + j * step;
+      for (int64_t s = s0; s < s1; ++s) dst[s * W] = src[s];
+    }
+  }
+}
+
+template <typename T, bool THREE>
+void scan_forward_plane(const T* x, const T* g1, const T* g2, const T* g3, T* h, int64_t H, int64_t W, bool hz,
+                        bool rev, std::vector<T>& buf) {
+  if (!hz) {  // lines = rows, in place
+    auto L = [&](int64_t t) { return (rev ? H - 1 - t : t) * W; };
+    for (int64_t t = 0; t < H; ++t)
+      forward_line<T, THREE>(x + L(t), THREE ? g1 + L(t) : nullptr, g2 + L(t), THREE ? g3 + L(t) : nullptr,
+                             t ? h + L(t - 1) : nullptr, h + L(t), W);
+    return;
+  }
+  const int64_t S = H, n = kStrip * S;
+  T *bx = buf.data(), *ba = bx + n, *bb = ba + n, *bc = bb + n, *bh = bc + n, *prev = bh + n;
+  for (int64_t t0 = 0; t0 < W; t0 += kStrip) {
+    const int64_t cnt = std::min(kStrip, W - t0);
+    gather(x, bx, W, S, t0, cnt, rev);
+    gather(g2, bb, W, S, t0, cnt, rev);
+    if (THREE) {
+      gather(g1, ba, W, S, t0, cnt, rev);
+      gather(g3, bc, W, S, t0, cnt, rev);
+    }
+    for (int64_t j = 0; j < cnt; ++j) {
+      const T* hp = t0 + j == 0 ? nullptr : (j ? bh + (j - 1) * S : prev);
+      forward_line<T, THREE>(bx + j * S, ba + j * S, bb + j * S, bc + j * S, hp, bh + j * S, S);
+    }
+    std::copy(bh + (cnt - 1) * S, bh + cnt * S, prev);
+    scatter(bh, h, W, S, t0, cnt, rev);
+  }
+}
+
+template <typename T, bool THREE>
+void scan_backward_plane(const T* x, const T* g1, const T* g2, const T* g3, const T* h, const T* dtop, T* dx, T* dg1,
+                         T* dg2, T* dg3, int64_t H, int64_t W, bool hz, bool rev, ScanState<T>& st,
+                         std::vector<T>& buf) {
+  st.reset();
+  if (!hz) {  // lines = rows, in place
+    auto L = [&](int64_t t) { return (rev ? H - 1 - t : t) * W; };
+    for (int64_t t = H - 1; t >= 0; --t) {
+      const int64_t o = L(t);
+      backward_line<T, THREE>(dtop + o, x + o, THREE ? g1 + o : nullptr, g2 + o, THREE ? g3 + o : nullptr,
+                              t ? h + L(t - 1) : nullptr, dx + o, THREE ? dg1 + o : nullptr, dg2 + o,
+                              THREE ? dg3 + o : nullptr, st, W);
+    }
+    return;
+  }
+  const int64_t S = H, n = kStrip * S;
+  T *bt = buf.data(), *bx = bt + n, *ba = bx + n, *bb = ba + n, *bc = bb + n, *bh = bc + n;  // bh: kStrip+1 lines
+  T *ox = bh + n + S, *oa = ox + n, *ob = oa + n, *oc = ob + n;
+  for (int64_t t1 = W; t1 > 0; t1 -= kStrip) {
+    const int64_t t0 = std::max<int64_t>(0, t1 - kStrip), cnt = t1 - t0, hs = std::max<int64_t>(0, t0 - 1);
+    gather(dtop, bt, W, S, t0, cnt, rev);
+    gather(x, bx, W, S, t0, cnt, rev);
+    gather(g2, bb, W, S, t0, cnt, rev);
+    gather(h, bh, W, S, hs, t1 - 1 - hs, rev);  // h of steps hs .. t1-2: the previous steps' values
+    if (THREE) {
+      gather(g1, ba, W, S, t0, cnt, rev);
+      gather(g3, bc, W, S, t0, cnt, rev);
+    }
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const int64_t j = (t - t0) * S;
+      backward_line<T, THREE>(bt + j, bx + j, ba + j, bb + j, bc + j, t ? bh + (t - 1 - hs) * S : nullptr, ox + j,
+                              oa + j, ob + j, oc + j, st, S);
+    }
+    scatter(ox, dx, W, S, t0, cnt, rev);
+    scatter(ob, dg2, W, S, t0, cnt, rev);
+    if (THREE) {
+      scatter(oa, dg1, W, S, t0, cnt, rev);
+      scatter(oc, dg3, W, S, t0, cnt, rev);
+    }
+  }
+}
+
+// x, g*, h: planes x H x W (g1 = g3 = null: one-way). One (n, c) plane per task; dynamic schedule: on a
+// loaded machine a thread that gets less CPU time takes fewer planes.
+template <typename T>
+void spn_forward(const T* x, const T* g1, const T* g2, const T* g3, T* h, int64_t planes, int64_t H, int64_t W,
+                 bool hz, bool rev) {
+  const bool three = g1 != nullptr;
+#pragma omp parallel
+  {
+    std::vector<T> buf(hz ? 6 * kStrip * H : 0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t pl = 0; pl < planes; ++pl) {
+      const int64_t b = pl * H * W;
+      if (three) scan_forward_plane<T, true>(x + b, g1 + b, g2 + b, g3 + b, h + b, H, W, hz, rev, buf);
+      else scan_forward_plane<T, false>(x + b, nullptr, g2 + b, nullptr, h + b, H, W, hz, rev, buf);
     }
   }
 }
 
 template <typename T>
 void spn_backward(const T* x, const T* g1, const T* g2, const T* g3, const T* h, const T* dtop, T* dx, T* dg1,
-                  T* dg2, T* dg3, int64_t planes, const Scan& sc) {
-  const int64_t area = sc.H * sc.W;
-#pragma omp parallel for schedule(static)
-  for (int64_t pl = 0; pl < planes; ++pl) {
-    const int64_t b = pl * area;
-    std::vector<T> cur(sc.S), nxt(sc.S);  // dH of steps t and t + 1
-    for (int64_t t = sc.T - 1; t >= 0; --t) {
-      for (int64_t s = 0; s < sc.S; ++s) {
-        const int64_t p = b + sc.at(t, s);
-        T d = dtop[p];
-        if (t + 1 < sc.T) {  // successors at step t + 1: lines s+1 (through g1), s (g2), s-1 (g3)
-          if (g3 && s > 0) d += nxt[s - 1] * g3[b + sc.at(t + 1, s - 1)];
-          d += nxt[s] * g2[b + sc.at(t + 1, s)];
-          if (g1 && s + 1 < sc.S) d += nxt[s + 1] * g1[b + sc.at(t + 1, s + 1)];
-        }
-        cur[s] = d;
-        T gsum = 0;
-        if (t > 0) {
-          const T xv = x[p];
-          gsum = g2[p];
-          dg2[p] = d * (h[b + sc.at(t - 1, s)] - xv);
-          if (g1) {
-            const bool ok = s > 0;
-            if (ok) gsum += g1[p];
-            dg1[p] = ok ? d * (h[b + sc.at(t - 1, s - 1)] - xv) : T(0);
-          }
-          if (g3) {
-            const bool ok = s + 1 < sc.S;
-            if (ok) gsum += g3[p];
-            dg3[p] = ok ? d * (h[b + sc.at(t - 1, s + 1)] - xv) : T(0);
-          }
-        } else {  // first step: no neighbours, gates unused
-          dg2[p] = 0;
-          if (g1) dg1[p] = 0;
-          if (g3) dg3[p] = 0;
-        }
-        dx[p] = (T(1) - gsum) * d;
-      }
-      std::swap(cur, nxt);
+                  T* dg2, T* dg3, int64_t planes, int64_t H, int64_t W, bool hz, bool rev) {
+  const bool three = g1 != nullptr;
+#pragma omp parallel
+  {
+    ScanState<T> st(hz ? H : W);
+    std::vector<T> buf(hz ? 10 * kStrip * H + H : 0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t pl = 0; pl < planes; ++pl) {
+      const int64_t b = pl * H * W;
+      if (three)
+        scan_backward_plane<T, true>(x + b, g1 + b, g2 + b, g3 + b, h + b, dtop + b, dx + b, dg1 + b, dg2 + b,
+                                     dg3 + b, H, W, hz, rev, st, buf);
+      else
+        scan_backward_plane<T, false>(x + b, nullptr, g2 + b, nullptr, h + b, dtop + b, dx + b, nullptr, dg2 + b,
+                                      nullptr, H, W, hz, rev, st, buf);
     }
   }
 }
@@ -374,15 +530,14 @@ PYBIND11_MODULE(_native_cpu, m) {
   }, nogil);
   m.def("spn_forward", [](bool dbl, uintptr_t x, uintptr_t g1, uintptr_t g2, uintptr_t g3, uintptr_t h,
                           int64_t planes, int64_t H, int64_t W, bool horizontal, bool reverse) {
-    const Scan sc(H, W, horizontal, reverse);
-    DISPATCH(dbl, spn_forward<T>(ptr<T>(x), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3), ptr<T>(h), planes, sc));
+    DISPATCH(dbl, spn_forward<T>(ptr<T>(x), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3), ptr<T>(h), planes, H, W, horizontal,
+                                 reverse));
   }, nogil);
   m.def("spn_backward", [](bool dbl, uintptr_t x, uintptr_t g1, uintptr_t g2, uintptr_t g3, uintptr_t h,
                            uintptr_t dtop, uintptr_t dx, uintptr_t dg1, uintptr_t dg2, uintptr_t dg3, int64_t planes,
                            int64_t H, int64_t W, bool horizontal, bool reverse) {
-    const Scan sc(H, W, horizontal, reverse);
     DISPATCH(dbl, spn_backward<T>(ptr<T>(x), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3), ptr<T>(h), ptr<T>(dtop),
-                                  ptr<T>(dx), ptr<T>(dg1), ptr<T>(dg2), ptr<T>(dg3), planes, sc));
+                                  ptr<T>(dx), ptr<T>(dg1), ptr<T>(dg2), ptr<T>(dg3), planes, H, W, horizontal, reverse));
   }, nogil);
   m.def("masked_im2col", [](bool dbl, uintptr_t x, uintptr_t mask, uintptr_t cols, std::vector<int64_t> geom,
                             int64_t n, int64_t r0, int64_t r1) {
