@@ -74,6 +74,22 @@ def check_golden(name, rtol=1e-4, atol=1e-5, exact=(), net=None):
     return net
 
 
+def assert_same_net(ours, orig, what, same_layer=None):
+    """Two NetParameters equal layer for layer, field for field (then the net-level fields).
+
+    `same_layer(a, b)`, where given, may check a pair of layers itself and return True to skip the
+    field-for-field comparison of that pair.
+    """
+    assert [lp.name for lp in ours.layer] == [lp.name for lp in orig.layer], what
+    for a, b in zip(ours.layer, orig.layer):
+        if same_layer is None or not same_layer(a, b):
+            assert a == b, f"{what} layer {b.name!r}:\n{a}\nvs original\n{b}"
+    a, b = pb.NetParameter(), pb.NetParameter()
+    a.CopyFrom(ours), b.CopyFrom(orig)
+    a.ClearField("layer"), b.ClearField("layer")
+    assert a == b, what
+
+
 def make_layer(layer_text, bottom_shapes, phase=TEST, dtype=torch.float64):
     """A layer module from one `layer { ... }` body (prototxt text), in float64 by default."""
     lp = text_format.Parse(layer_text, pb.LayerParameter())

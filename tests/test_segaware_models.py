@@ -1,13 +1,21 @@
-"""models/segaware/variables.json fills every placeholder of the original segaware templates."""
+"""The segaware model configs: variables.json fills the original templates, and make_segaware.py
+generates configs equal to the originals that build and run."""
 import json
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from google.protobuf import text_format
 
+from caffe_layers import Net, synthetic
 from caffe_layers.prototxt import read_net, read_solver
-from golden import REFERENCE
+from golden import REFERENCE, assert_same_net
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "models" / "segaware"))
+import make_segaware  # noqa: E402
 
 
 def variables(net):
@@ -38,18 +46,6 @@ def test_mask_pads_follow_coverage():
 
 
 # ---- generated configs (models/segaware/make_segaware.py) ----------------------------------------
-import sys  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from google.protobuf import text_format  # noqa: E402
-
-from caffe_layers import Net, synthetic  # noqa: E402
-from caffe_layers.proto import pb  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "models" / "segaware"))
-import make_segaware  # noqa: E402
-
 GENERATED = ["embs", "vgg", "res"]
 KINDS = ["train", "test", "deploy"]
 
@@ -73,17 +69,6 @@ def distinct_variables(net):
     return out
 
 
-def assert_same_net(ours, orig, what):
-    """Two NetParameters equal layer for layer, field for field (then the net-level fields)."""
-    assert [lp.name for lp in ours.layer] == [lp.name for lp in orig.layer], what
-    for a, b in zip(ours.layer, orig.layer):
-        assert a == b, f"{what} layer {b.name!r}:\n{a}\nvs original\n{b}"
-    a, b = pb.NetParameter(), pb.NetParameter()
-    a.CopyFrom(ours), b.CopyFrom(orig)
-    a.ClearField("layer"), b.ClearField("layer")
-    assert a == b, what
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("net", GENERATED)
 def test_generated_net_equals_original(net, kind):
@@ -95,7 +80,7 @@ def test_generated_net_equals_original(net, kind):
 
 @pytest.mark.parametrize("net", GENERATED)
 def test_generated_solver_equals_original(net):
-    text = make_segaware.configs()[f"{net}/solver.prototxt"]
+    text = _configs()[f"{net}/solver.prototxt"]
     for v in (variables(net), distinct_variables(net)):
         assert read_solver(text, v) == read_solver(REFERENCE / "segaware" / net / "solver.prototxt", v)
 
