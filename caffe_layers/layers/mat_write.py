@@ -8,7 +8,6 @@ never overwritten: it is skipped (with a log message) and left as it is.
 import logging
 from pathlib import Path
 
-import torch
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
