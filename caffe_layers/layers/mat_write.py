@@ -8,7 +8,6 @@ never overwritten: it is skipped (with a log message) and left as it is.
 import logging
 from pathlib import Path
 
-
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
 from caffe_layers.layers.mat_read import read_name_list
