@@ -151,7 +151,8 @@ def to_png(array01, path, scale=1):
 
 
 def mask_figure(image, emb, pixels, lam, radius=24, scale=3):
-    """One row per pixel: the image window with the pixel marked, the mask, the mask on the image."""
+    """One row per pixel: the image window with the pixel marked, the mask (scaled so that its largest
+    weight off the centre shows white), the mask on the image."""
     rows = []
     h, w = image.shape[:2]
     padded = np.zeros((h + 2 * radius, w + 2 * radius, 3))
@@ -159,7 +160,10 @@ def mask_figure(image, emb, pixels, lam, radius=24, scale=3):
     for y, x in pixels:
         crop = padded[y:y + 2 * radius + 1, x:x + 2 * radius + 1].copy()
         crop[radius - 1:radius + 2, radius - 1:radius + 2] = (1.0, 0.0, 0.0)
-        m = mask_at(emb, y, x, lam, radius)[..., None]
+        m = mask_at(emb, y, x, lam, radius)
+        off = m.copy()
+        off[radius, radius] = 0
+        m = np.minimum(m / max(off.max(), 1e-12), 1.0)[..., None]  # shown scaled to its largest off-centre weight
         rows.append(np.concatenate([crop, np.repeat(m, 3, 2), crop * m], 1))
         rows.append(np.ones((2, rows[-1].shape[1], 3)))
     fig = np.concatenate(rows[:-1], 0)
