@@ -5,24 +5,31 @@ from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, canonical_axis, optional
 
 
+class LegacyAxis:
+    """`axis`, or the legacy field `legacy` (concat_dim, slice_dim: non-negative, no wrap-around)."""
+
+    def __init__(self, layer_name, p, legacy):
+        if p.HasField("axis") and p.HasField(legacy):
+            raise ValueError(f"layer {layer_name!r}: give either axis or {legacy}, not both")
+        self.layer_name, self.legacy = layer_name, legacy
+        self.axis, self.legacy_value = p.axis, optional(p, legacy)
+
+    def __call__(self, num_axes):
+        if self.legacy_value is None:
+            return canonical_axis(self.axis, num_axes, self.layer_name)
+        if self.legacy_value >= num_axes:
+            raise ValueError(f"layer {self.layer_name!r}: {self.legacy} {self.legacy_value} out of range "
+                             f"for {num_axes}-axis bottoms")
+        return self.legacy_value
+
+
 @register("Concat")
 class Concat(Layer):
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
-        p = param.concat_param
-        if p.HasField("axis") and p.HasField("concat_dim"):
-            raise ValueError(f"layer {self.name!r}: give either axis or concat_dim, not both")
+        self._axis = LegacyAxis(self.name, param.concat_param, "concat_dim")
         if not bottom_shapes:
             raise ValueError(f"layer {self.name!r}: Concat needs at least one bottom")
-        self.param_axis, self.concat_dim = p.axis, optional(p, "concat_dim")
-
-    def _axis(self, num_axes):
-        if self.concat_dim is not None:
-            if self.concat_dim >= num_axes:
-                raise ValueError(f"layer {self.name!r}: concat_dim {self.concat_dim} out of range "
-                                 f"for {num_axes}-axis bottoms")
-            return self.concat_dim
-        return canonical_axis(self.param_axis, num_axes, self.name)
 
     def forward(self, *bottoms):
         if len(bottoms) == 1:  # Caffe shares the bottom (the axis is not even checked)

@@ -1,6 +1,7 @@
 """Slice: split one bottom along an axis at slice_point positions, or into equal parts."""
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer, canonical_axis, optional
+from caffe_layers.layers.base import Layer
+from caffe_layers.layers.concat import LegacyAxis
 
 
 @register("Slice")
@@ -8,9 +9,7 @@ class Slice(Layer):
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.slice_param
-        if p.HasField("axis") and p.HasField("slice_dim"):
-            raise ValueError(f"layer {self.name!r}: give either axis or slice_dim, not both")
-        self.param_axis, self.slice_dim = p.axis, optional(p, "slice_dim")
+        self._axis = LegacyAxis(self.name, p, "slice_dim")
         self.slice_point = list(p.slice_point)
         self.num_tops = len(param.top)
         if self.num_tops < 1:
@@ -18,13 +17,7 @@ class Slice(Layer):
 
     def sizes(self, shape):
         """(axis, size of each top along it) for a bottom of `shape`."""
-        if self.slice_dim is not None:
-            if self.slice_dim >= len(shape):
-                raise ValueError(f"layer {self.name!r}: slice_dim {self.slice_dim} out of range "
-                                 f"for a {len(shape)}-axis bottom")
-            axis = self.slice_dim
-        else:
-            axis = canonical_axis(self.param_axis, len(shape), self.name)
+        axis = self._axis(len(shape))
         dim = shape[axis]
         if self.slice_point:
             if len(self.slice_point) != self.num_tops - 1:
