@@ -149,6 +149,22 @@ def tile(bottom, axis, tiles, name=None):
     return L(name or f"{bottom}_{tiles}chan", "Tile", bottom, tile_param={"axis": axis, "tiles": tiles})
 
 
+def conv_plan(plan, bottom, prefix, **conv_args):
+    """3x3 conv + ReLU for each (name, width, stride) of `plan`, a max pool for each name; the ReLU of
+    <prefix><n> is relu<n>."""
+    layers = []
+    for step in plan:
+        if isinstance(step, str):
+            layers.append(pool(step, bottom))
+            bottom = step
+            continue
+        name, width, stride = step
+        layers += [conv(name, bottom, width, 3, pad=1, stride=stride, **conv_args),
+                   relu("relu" + name[len(prefix):], name)]
+        bottom = name
+    return layers
+
+
 # ---- embs: the embedding net alone, trained with DistLoss ---------------------------------------
 def embs_net(kind):
     """kind: train / test / deploy (deploy: position-aware single loss at kernel 5 dilation 3)."""
@@ -168,17 +184,9 @@ def embs_net(kind):
                    L("rgb_emb", "Power", "data", power_param={"scale": 0.0039215})]
         first = "data"
     size = 321 if deploy else V("CROP_SIZE")
-    bottom = first
     plan = [("conv1_1", 64, 1), ("conv1_2", 64, None), "pool1", ("conv2_1", 128, None), ("conv2_2", 128, None),
             "pool2", ("conv3_1", 256, None)]
-    for step in plan:
-        if isinstance(step, str):
-            layers.append(pool(step, bottom))
-            bottom = step
-            continue
-        name, width, stride = step
-        layers += [conv(name, bottom, width, 3, pad=1, stride=stride), relu(f"relu{name[4:]}", name)]
-        bottom = name
+    layers += conv_plan(plan, first, "conv")
     for blob in ("conv2_1", "conv2_2", "conv3_1"):
         layers.append(interp(f"{blob.replace('_', '')}_resized", blob, height=size, width=size))
     layers.append(L("fused", "Concat", ["rgb_emb", "conv1_1", "conv1_2", "conv21_resized", "conv22_resized",
@@ -222,16 +230,7 @@ IM2COL_OUT = {"conv3_1": 128}
 
 def embedding_layers(lr):
     """The 64-channel embedding (VGG conv1-conv3 hypercolumn) shared by vgg and res."""
-    layers, bottom = [L("rgb_emb", "Power", "data", power_param={"scale": 0.0039215})], "data"
-    for step in EMB_PLAN:
-        if isinstance(step, str):
-            layers.append(pool(step, bottom))
-            bottom = step
-            continue
-        name, width, stride = step
-        layers += [conv(name, bottom, width, 3, pad=1, stride=stride, lr=lr), relu(f"relu{name[3:]}", name)]
-        bottom = name
-    return layers
+    return [L("rgb_emb", "Power", "data", power_param={"scale": 0.0039215})] + conv_plan(EMB_PLAN, "data", "emb", lr=lr)
 
 
 def seg_conv(name, bottom, out, window_, affinity_blob, bottom_is_im2col_quirk=False, lr=(1, 2)):
