@@ -20,6 +20,7 @@ GEOMETRIES = [
     ((1, 3, 6, 7), 5, 10, 1, 5),        # pad past the image: centres outside
     ((3, 2, 8, 5), 2, 1, 3, 1),         # even kernel, stride 3
     ((1, 4, 11, 6), (5, 3), (4, 1), (2, 2), (2, 3)),
+    ((2, 2, 7, 4), 3, 1, (2, 3), (1, 3)),  # dilated extent 7 > padded width 6: Caffe's width is still 1
 ]
 
 
@@ -78,6 +79,45 @@ def test_im2dist_l1_default_is_caffe_backward():
     x.grad = None
     native.im2dist(x, 3, 1, 1, 1, "L1", true_gradient=True).sum().backward()
     assert torch.all(x.grad == 0)
+
+
+def _im2dist_loop(x, k, p, s, d, rc, rb):
+    """im2dist L2 by the definition, pixel by pixel (Caffe's output size, truncating toward zero)."""
+    N, C, H, W = x.shape
+    Ho, Wo = int((H + 2 * p - d * (k - 1) - 1) / s) + 1, int((W + 2 * p - d * (k - 1) - 1) / s) + 1
+    y = torch.zeros((N, k * k, Ho, Wo), dtype=x.dtype)
+    big = float(torch.tensor(3.4028234663852886e38, dtype=torch.float32) / 100)  # FLT_MAX / 100 in float
+    for oh in range(Ho):
+        for ow in range(Wo):
+            ch, cw = oh * s - p + (k // 2) * d, ow * s - p + (k // 2) * d
+            if not (0 <= ch < H and 0 <= cw < W):
+                continue
+            for i in range(k):
+                for j in range(k):
+                    hh, ww = oh * s - p + i * d, ow * s - p + j * d
+                    if rc and (i, j) == (k // 2, k // 2):
+                        y[:, i * k + j, oh, ow] = big
+                    elif 0 <= hh < H and 0 <= ww < W:
+                        y[:, i * k + j, oh, ow] = ((x[:, :, ch, cw] - x[:, :, hh, ww]) ** 2).sum(1) / 2
+                    elif rb:
+                        y[:, i * k + j, oh, ow] = big
+    return y
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("rc,rb", [(False, False), (True, True)])
+def test_im2dist_extent_past_padded_input(use_native, rc, rb):
+    """Regression: a dilated kernel wider than the padded input (W 4 + 2 pad < extent 7, stride 2 > the
+    overrun) gives Caffe's output width 1; the reference used to crash there."""
+    x = _rand((2, 3, 9, 4), 11)
+    if use_native:
+        y = im2dist(x, 3, 1, 2, 3, "L2", rc, rb)
+    else:
+        with native.disabled():
+            y = im2dist(x, 3, 1, 2, 3, "L2", rc, rb)
+    assert y.shape == (2, 9, 3, 1)
+    _close(y, _im2dist_loop(x, 3, 1, 2, 3, rc, rb), "im2dist")
+    assert torch.autograd.gradcheck(lambda t: im2dist(t, 3, 1, 2, 3, "L2"), (x[:1, :2].clone().requires_grad_(),))
 
 
 # ---- im2parity ---------------------------------------------------------------------------------

@@ -40,6 +40,20 @@ def check_geometry(x, kernel, pad, stride, dilation, what):
     return kernel, pad, stride, dilation, out
 
 
+def pad_windows(x, pad, kernel, stride, dilation, out):
+    """x zero-padded by `pad`, plus on the bottom/right what the last window still needs.
+
+    Caffe's output size truncates toward zero, so it is 1 (not 0) when the dilated kernel overruns the
+    padded input by less than a stride; that window reads past the padding, where Caffe's bounds checks
+    see "outside the image" (zeros). The extra zeros give `window` those positions.
+    """
+    import torch.nn.functional as F
+
+    extra = [max(0, (out[a] - 1) * stride[a] + dilation[a] * (kernel[a] - 1) + 1 - (x.shape[2 + a] + 2 * pad[a]))
+             for a in range(2)]
+    return F.pad(x, (pad[1], pad[1] + extra[1], pad[0], pad[0] + extra[0]))
+
+
 def window(xp, i, j, stride, dilation, out):
     """The values of padded input `xp` at kernel offset (i, j) for every output position."""
     h0, w0 = i * dilation[0], j * dilation[1]

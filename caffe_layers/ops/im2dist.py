@@ -18,16 +18,15 @@ Reproduces caffe/src/caffe/util/im2dist.cpp (the CPU code; the goldens come from
 - L2 backward is the true gradient.
 """
 import torch
-import torch.nn.functional as F
 
-from caffe_layers.ops.geometry import FLT_MAX_100, check_geometry, inside, window
+from caffe_layers.ops.geometry import FLT_MAX_100, check_geometry, inside, pad_windows, window
 
 NORMS = ("L1", "L2")
 
 
 def _setup(x, kernel, pad, stride, dilation):
     kernel, pad, stride, dilation, out = check_geometry(x, kernel, pad, stride, dilation, "im2dist")
-    xp = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+    xp = pad_windows(x, pad, kernel, stride, dilation, out)  # extent past the padded input: see pad_windows
     centre = (kernel[0] // 2, kernel[1] // 2)
     rows = [inside(x.shape[2], pad[0], stride[0], i * dilation[0], out[0], x.device) for i in range(kernel[0])]
     cols = [inside(x.shape[3], pad[1], stride[1], j * dilation[1], out[1], x.device) for j in range(kernel[1])]

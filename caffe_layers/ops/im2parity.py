@@ -11,9 +11,8 @@ Reproduces caffe/src/caffe/util/im2parity.cpp:
 - Every channel writes the same kh*kw output rows, so with C > 1 the last channel wins.
 """
 import torch
-import torch.nn.functional as F
 
-from caffe_layers.ops.geometry import check_geometry, inside, window
+from caffe_layers.ops.geometry import check_geometry, inside, pad_windows, window
 
 
 def im2parity(labels, kernel, pad=0, stride=1, dilation=1, ignore_label=None, missing_value=0):
@@ -24,7 +23,7 @@ def im2parity(labels, kernel, pad=0, stride=1, dilation=1, ignore_label=None, mi
         return native.im2parity(labels, kernel, pad, stride, dilation, ignore_label, missing_value)
     kernel, pad, stride, dilation, out = check_geometry(labels, kernel, pad, stride, dilation, "im2parity")
     lab = labels[:, -1:].detach().trunc()  # C > 1: the last channel overwrites the others
-    lp = F.pad(lab, (pad[1], pad[1], pad[0], pad[0]))  # out-of-bounds neighbours read 0
+    lp = pad_windows(lab, pad, kernel, stride, dilation, out)  # out-of-bounds neighbours read 0
     centre = (kernel[0] // 2, kernel[1] // 2)
     c_val = window(lp, *centre, stride, dilation, out)[:, 0]
     c_in = (inside(labels.shape[2], pad[0], stride[0], centre[0] * dilation[0], out[0], labels.device)[:, None]
