@@ -319,11 +319,6 @@ def upgrade_net_batch_norm(net):
     return net
 
 
-def net_needs_upgrade(net):
-    return (any(c.HasField("layer") for c in net.layers) or len(net.layers) > 0 or len(net.input) > 0
-            or any(l.type == "BatchNorm" and len(l.param) == 3 for l in net.layer))
-
-
 def upgrade_net(net, source="<net>"):
     """Bring a parsed NetParameter to the V2 format in place and return it (UpgradeNetAsNeeded).
 
@@ -367,15 +362,3 @@ def upgrade_solver(solver, source="<solver>"):
     log.info("%s: upgraded deprecated solver_type to type %r", source, solver.type)
     return solver
 
-
-def upgrade_snapshot_prefix(solver, source):
-    """BVLC's UpgradeSnapshotPrefixProperty (not in the segaware fork): an unset snapshot_prefix
-    becomes the solver file path without extension; a directory gets the file's stem appended."""
-    import os
-
-    stem = os.path.splitext(source)[0]
-    if not solver.HasField("snapshot_prefix"):
-        solver.snapshot_prefix = stem
-    elif os.path.isdir(solver.snapshot_prefix):
-        solver.snapshot_prefix = os.path.join(solver.snapshot_prefix, os.path.basename(stem))
-    return solver
