@@ -25,7 +25,12 @@ def images(tmp_path):
 
 
 def run(layer, n=1):
-    return [tuple(t.numpy() for t in (layer() if isinstance(layer(), tuple) else (layer(),))) for _ in range(n)]
+    """The next n batches of a data layer, each a tuple of numpy tops."""
+    batches = []
+    for _ in range(n):
+        tops = layer()
+        batches.append(tuple(t.numpy() for t in (tops if isinstance(tops, tuple) else (tops,))))
+    return batches
 
 
 def test_image_data_bgr_mean_scale_center_crop(images):
