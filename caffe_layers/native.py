@@ -266,3 +266,57 @@ def segaware_conv(x, mask, weight, bias, kernel, pad=0, stride=1, dilation=1):
     geom, out = _geom(x, kernel, pad, stride, dilation, "segaware_conv")
     ref.check_shapes(x, mask, weight, bias, geom[4] * geom[5], out)
     return _SegConv.apply(x, mask, weight, bias, geom)
+
+
+# ---- normalised convolution filtering --------------------------------------------------------------
+class _NormFilter(torch.autograd.Function):
+    """y = grouped conv of x whose taps are weighted by soft (N x K x Ho x Wo) per output position."""
+
+    @staticmethod
+    def forward(ctx, x, soft, weight, bias, geom, group):
+        x, soft, weight = x.contiguous(), soft.contiguous(), weight.contiguous()
+        O = weight.shape[0]
+        y = x.new_empty((geom[0], O, geom[12], geom[13]))
+        _call(x, "normfilter_forward", x.data_ptr(), soft.data_ptr(), weight.data_ptr(),
+              _ptr(None if bias is None else bias.contiguous()), y.data_ptr(), geom, O, group)
+        ctx.save_for_backward(x, soft, weight)
+        ctx.geom, ctx.group, ctx.has_bias = geom, group, bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, soft, weight = ctx.saved_tensors
+        gy = gy.contiguous()
+        need_x, need_soft, need_w, need_b = ctx.needs_input_grad[:4]
+        gx = torch.empty_like(x) if need_x else None
+        gsoft = torch.empty_like(soft) if need_soft else None
+        gw = torch.empty_like(weight) if need_w else None
+        if need_x or need_soft or need_w:
+            _call(x, "normfilter_backward", x.data_ptr(), soft.data_ptr(), weight.data_ptr(), gy.data_ptr(), _ptr(gx),
+                  _ptr(gsoft), _ptr(gw), ctx.geom, weight.shape[0], ctx.group)
+        gb = gy.sum((0, 2, 3)) if (need_b and ctx.has_bias) else None
+        return gx, gsoft, gw, gb, None, None
+
+
+def norm_conv_filter(img, dist, weight, bias=None, scale=None, pad=0, stride=1, dilation=1, group=1):
+    """caffe_layers.ops.norm_conv.norm_conv_filter on the native kernels (same arguments and semantics): the
+    softmax of the distances by torch (autograd gives the dist and scale gradients), the filtering native."""
+    from caffe_layers.ops import norm_conv as ref
+
+    if not use_native(img, dist, weight, bias, scale):
+        with disabled():
+            return ref.norm_conv_filter(img, dist, weight, bias, scale, pad, stride, dilation, group)
+    o, cg, kh, kw = weight.shape
+    geom, out = _geom(img, (kh, kw), pad, stride, dilation, "norm_conv")
+    c = img.shape[1]
+    if c % group or o % group or cg != c // group:
+        raise ValueError(f"norm_conv: channels {c} and num_output {o} must be multiples of group {group}, and the "
+                         f"weight must be num_output x channels/group x kh x kw, got {list(weight.shape)}")
+    if tuple(dist.shape) != (img.shape[0], kh * kw, *out):
+        raise ValueError(f"norm_conv: distances of shape {list(dist.shape)} do not fit {kh}x{kw} patches "
+                         f"of output size {list(out)}")
+    logits = dist if scale is None else -scale.reshape(()) * dist  # no scale: +dist (the reference's quirk)
+    soft = torch.softmax(logits, dim=1)
+    return _NormFilter.apply(img, soft, weight, bias, geom, group)
+

@@ -37,4 +37,14 @@ PYBIND11_MODULE(_native_cuda, m) {
                             int64_t n, int64_t r0, int64_t r1, uintptr_t s) {
     cl_cuda::masked_col2im(d, x, mask, dcols, gx, gmask, make_geom(g), n, r0, r1, s);
   }, nogil);
+  m.def("normfilter_forward", [](bool d, uintptr_t x, uintptr_t soft, uintptr_t w, uintptr_t b, uintptr_t y, G g,
+                                 int64_t O, int64_t group, uintptr_t s) {
+    const Geom geom = make_geom(g);
+    cl_cuda::normfilter_forward(d, x, soft, w, b, y, geom, make_groups(geom, O, group), s);
+  }, nogil);
+  m.def("normfilter_backward", [](bool d, uintptr_t x, uintptr_t soft, uintptr_t w, uintptr_t gy, uintptr_t gx,
+                                  uintptr_t gsoft, uintptr_t gw, G g, int64_t O, int64_t group, uintptr_t s) {
+    const Geom geom = make_geom(g);
+    cl_cuda::normfilter_backward(d, x, soft, w, gy, gx, gsoft, gw, geom, make_groups(geom, O, group), s);
+  }, nogil);
 }

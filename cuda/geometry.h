@@ -20,5 +20,17 @@ inline Geom make_geom(const std::vector<int64_t>& v) {
   return Geom{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13]};
 }
 
+// Groups of the normalised-convolution filtering: O outputs, C / group inputs per output (Cg), O / group
+// outputs per group (Og).
+struct Groups {
+  int64_t O, group, Cg, Og;
+};
+
+inline Groups make_groups(const Geom& g, int64_t O, int64_t group) {
+  if (group <= 0 || g.C % group || O % group)
+    throw std::invalid_argument("normfilter: channels and num_output must be multiples of group");
+  return Groups{O, group, g.C / group, O / group};
+}
+
 // Modes of the im2dist backward.
 enum DistMode { L1_CAFFE = 0, L1_TRUE = 1, L2 = 2 };

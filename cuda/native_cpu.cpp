@@ -495,6 +495,123 @@ void masked_col2im(const T* x, const T* mask, const T* dcols, T* gx, T* gmask, c
   }
 }
 
+// ---- normalised convolution filtering (NormConv, NormConvMeanfield) -------------------------------
+// y[n, o, p] = b[o] + sum_{c in group(o), k} w[o, c, k] * x[n, c, p + offset_k] * soft[n, k, p]: a grouped
+// convolution whose taps are weighted per output position by soft (the softmax of the embedding
+// distances, N x K x Ho x Wo, computed by the caller). Out-of-image taps read 0.
+template <typename T>
+void normfilter_forward(const T* x, const T* soft, const T* w, const T* b, T* y, const Geom& g, const Groups& q) {
+  const int64_t K = g.K(), P = g.Ho * g.Wo;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t o = 0; o < q.O; ++o) {
+      T* yo = y + (n * q.O + o) * P;
+      std::fill(yo, yo + P, b ? b[o] : T(0));
+      for (int64_t cc = 0; cc < q.Cg; ++cc) {
+        const T* xc = x + (n * g.C + (o / q.Og) * q.Cg + cc) * g.H * g.W;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t i = k / g.kw, j = k % g.kw;
+          const T wv = w[(o * q.Cg + cc) * K + k];
+          int64_t lo, hi;
+          valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
+          for (int64_t oh = 0; oh < g.Ho; ++oh) {
+            const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+            if (!in(hh, g.H)) continue;
+            const T* xr = xc + hh * g.W + j * g.dw - g.pw;
+            const T* sr = soft + ((n * K + k) * g.Ho + oh) * g.Wo;
+            T* yr = yo + oh * g.Wo;
+            for (int64_t ow = lo; ow < hi; ++ow) yr[ow] += wv * (xr[ow * g.sw] * sr[ow]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Gradients wrt x, soft and w (any may be null), each gathered by its own owner: no write conflicts.
+template <typename T>
+void normfilter_backward(const T* x, const T* soft, const T* w, const T* gy, T* gx, T* gsoft, T* gw, const Geom& g,
+                         const Groups& q) {
+  const int64_t K = g.K(), P = g.Ho * g.Wo, HW = g.H * g.W;
+  if (gx) {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t c = 0; c < g.C; ++c) {
+        T* gc = gx + (n * g.C + c) * HW;
+        std::fill(gc, gc + HW, T(0));
+        const int64_t grp = c / q.Cg, cc = c % q.Cg;
+        for (int64_t o = grp * q.Og; o < (grp + 1) * q.Og; ++o) {
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t i = k / g.kw, j = k % g.kw;
+            const T wv = w[(o * q.Cg + cc) * K + k];
+            int64_t lo, hi;
+            valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
+            for (int64_t oh = 0; oh < g.Ho; ++oh) {
+              const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+              if (!in(hh, g.H)) continue;
+              const T* gr = gy + ((n * q.O + o) * g.Ho + oh) * g.Wo;
+              const T* sr = soft + ((n * K + k) * g.Ho + oh) * g.Wo;
+              T* xr = gc + hh * g.W + j * g.dw - g.pw;
+              for (int64_t ow = lo; ow < hi; ++ow) xr[ow * g.sw] += wv * (gr[ow] * sr[ow]);
+            }
+          }
+        }
+      }
+    }
+  }
+  if (gsoft) {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t k = 0; k < K; ++k) {
+        T* gs = gsoft + (n * K + k) * P;
+        std::fill(gs, gs + P, T(0));
+        const int64_t i = k / g.kw, j = k % g.kw;
+        int64_t lo, hi;
+        valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
+        for (int64_t o = 0; o < q.O; ++o) {
+          for (int64_t cc = 0; cc < q.Cg; ++cc) {
+            const T wv = w[(o * q.Cg + cc) * K + k];
+            const T* xc = x + (n * g.C + (o / q.Og) * q.Cg + cc) * HW;
+            for (int64_t oh = 0; oh < g.Ho; ++oh) {
+              const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+              if (!in(hh, g.H)) continue;
+              const T* xr = xc + hh * g.W + j * g.dw - g.pw;
+              const T* gr = gy + ((n * q.O + o) * g.Ho + oh) * g.Wo;
+              T* sr = gs + oh * g.Wo;
+              for (int64_t ow = lo; ow < hi; ++ow) sr[ow] += wv * (gr[ow] * xr[ow * g.sw]);
+            }
+          }
+        }
+      }
+    }
+  }
+  if (gw) {
+#pragma omp parallel for collapse(3) schedule(static)
+    for (int64_t o = 0; o < q.O; ++o) {
+      for (int64_t cc = 0; cc < q.Cg; ++cc) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t i = k / g.kw, j = k % g.kw;
+          int64_t lo, hi;
+          valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
+          T acc = 0;
+          for (int64_t n = 0; n < g.N; ++n) {
+            const T* xc = x + (n * g.C + (o / q.Og) * q.Cg + cc) * HW;
+            for (int64_t oh = 0; oh < g.Ho; ++oh) {
+              const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+              if (!in(hh, g.H)) continue;
+              const T* xr = xc + hh * g.W + j * g.dw - g.pw;
+              const T* gr = gy + ((n * q.O + o) * g.Ho + oh) * g.Wo;
+              const T* sr = soft + ((n * K + k) * g.Ho + oh) * g.Wo;
+              for (int64_t ow = lo; ow < hi; ++ow) acc += gr[ow] * (xr[ow * g.sw] * sr[ow]);
+            }
+          }
+          gw[(o * q.Cg + cc) * K + k] = acc;
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
@@ -548,5 +665,18 @@ PYBIND11_MODULE(_native_cpu, m) {
                             std::vector<int64_t> geom, int64_t n, int64_t r0, int64_t r1) {
     const Geom g = make_geom(geom);
     DISPATCH(dbl, masked_col2im<T>(ptr<T>(x), ptr<T>(mask), ptr<T>(dcols), ptr<T>(gx), ptr<T>(gmask), g, n, r0, r1));
+  }, nogil);
+  m.def("normfilter_forward", [](bool dbl, uintptr_t x, uintptr_t soft, uintptr_t w, uintptr_t b, uintptr_t y,
+                                 std::vector<int64_t> geom, int64_t O, int64_t group) {
+    const Geom g = make_geom(geom);
+    const Groups q = make_groups(g, O, group);
+    DISPATCH(dbl, normfilter_forward<T>(ptr<T>(x), ptr<T>(soft), ptr<T>(w), ptr<T>(b), ptr<T>(y), g, q));
+  }, nogil);
+  m.def("normfilter_backward", [](bool dbl, uintptr_t x, uintptr_t soft, uintptr_t w, uintptr_t gy, uintptr_t gx,
+                                  uintptr_t gsoft, uintptr_t gw, std::vector<int64_t> geom, int64_t O, int64_t group) {
+    const Geom g = make_geom(geom);
+    const Groups q = make_groups(g, O, group);
+    DISPATCH(dbl, normfilter_backward<T>(ptr<T>(x), ptr<T>(soft), ptr<T>(w), ptr<T>(gy), ptr<T>(gx), ptr<T>(gsoft),
+                                         ptr<T>(gw), g, q));
   }, nogil);
 }

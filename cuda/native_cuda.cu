@@ -232,6 +232,80 @@ __global__ void masked_col2im_mask(const T* x, const T* dcols, T* gmask, Geom g,
   }
 }
 
+// ---- normalised convolution filtering: one thread per value it writes (gathers, no atomics) ------------
+#define CL_GRID_LOOP(idx, total) \
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < (total); idx += (int64_t)gridDim.x * blockDim.x)
+
+template <typename T>
+__global__ void normfilter_fwd(const T* x, const T* soft, const T* w, const T* b, T* y, Geom g, Groups q) {
+  const int64_t K = g.K(), P = g.Ho * g.Wo;
+  CL_GRID_LOOP(idx, g.N * q.O * P) {
+    const int64_t p = idx % P, o = (idx / P) % q.O, n = idx / (P * q.O), oh = p / g.Wo, ow = p % g.Wo;
+    T acc = b ? b[o] : T(0);
+    for (int64_t cc = 0; cc < q.Cg; ++cc) {
+      const T* xc = x + (n * g.C + (o / q.Og) * q.Cg + cc) * g.H * g.W;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t hh = oh * g.sh - g.ph + (k / g.kw) * g.dh, ww = ow * g.sw - g.pw + (k % g.kw) * g.dw;
+        if (in(hh, g.H) && in(ww, g.W)) acc += w[(o * q.Cg + cc) * K + k] * (xc[hh * g.W + ww] * soft[(n * K + k) * P + p]);
+      }
+    }
+    y[idx] = acc;
+  }
+}
+
+template <typename T>
+__global__ void normfilter_gx(const T* soft, const T* w, const T* gy, T* gx, Geom g, Groups q) {
+  const int64_t K = g.K(), P = g.Ho * g.Wo;
+  CL_GRID_LOOP(idx, g.N * g.C * g.H * g.W) {
+    const int64_t xw = idx % g.W, h = (idx / g.W) % g.H, c = (idx / (g.W * g.H)) % g.C, n = idx / (g.W * g.H * g.C);
+    const int64_t grp = c / q.Cg, cc = c % q.Cg;
+    T acc = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t oh = source(h, g.ph, g.sh, (k / g.kw) * g.dh, g.Ho), ow = source(xw, g.pw, g.sw, (k % g.kw) * g.dw, g.Wo);
+      if (oh < 0 || ow < 0) continue;
+      const int64_t p = oh * g.Wo + ow;
+      const T sv = soft[(n * K + k) * P + p];
+      for (int64_t o = grp * q.Og; o < (grp + 1) * q.Og; ++o) acc += w[(o * q.Cg + cc) * K + k] * (gy[(n * q.O + o) * P + p] * sv);
+    }
+    gx[idx] = acc;
+  }
+}
+
+template <typename T>
+__global__ void normfilter_gsoft(const T* x, const T* w, const T* gy, T* gsoft, Geom g, Groups q) {
+  const int64_t K = g.K(), P = g.Ho * g.Wo;
+  CL_GRID_LOOP(idx, g.N * K * P) {
+    const int64_t p = idx % P, k = (idx / P) % K, n = idx / (P * K), oh = p / g.Wo, ow = p % g.Wo;
+    const int64_t hh = oh * g.sh - g.ph + (k / g.kw) * g.dh, ww = ow * g.sw - g.pw + (k % g.kw) * g.dw;
+    T acc = 0;
+    if (in(hh, g.H) && in(ww, g.W))
+      for (int64_t o = 0; o < q.O; ++o)
+        for (int64_t cc = 0; cc < q.Cg; ++cc)
+          acc += w[(o * q.Cg + cc) * K + k] *
+                 (gy[(n * q.O + o) * P + p] * x[((n * g.C + (o / q.Og) * q.Cg + cc) * g.H + hh) * g.W + ww]);
+    gsoft[idx] = acc;
+  }
+}
+
+template <typename T>
+__global__ void normfilter_gw(const T* x, const T* soft, const T* gy, T* gw, Geom g, Groups q) {
+  const int64_t K = g.K(), P = g.Ho * g.Wo;
+  CL_GRID_LOOP(idx, q.O * q.Cg * K) {
+    const int64_t k = idx % K, cc = (idx / K) % q.Cg, o = idx / (K * q.Cg);
+    T acc = 0;
+    for (int64_t n = 0; n < g.N; ++n) {
+      const T* xc = x + (n * g.C + (o / q.Og) * q.Cg + cc) * g.H * g.W;
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t oh = p / g.Wo, ow = p % g.Wo;
+        const int64_t hh = oh * g.sh - g.ph + (k / g.kw) * g.dh, ww = ow * g.sw - g.pw + (k % g.kw) * g.dw;
+        if (in(hh, g.H) && in(ww, g.W)) acc += gy[(n * q.O + o) * P + p] * (xc[hh * g.W + ww] * soft[(n * K + k) * P + p]);
+      }
+    }
+    gw[idx] = acc;
+  }
+}
+#undef CL_GRID_LOOP
+
 template <typename T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
@@ -301,6 +375,28 @@ void masked_col2im_t(uintptr_t x, uintptr_t mask, uintptr_t dcols, uintptr_t gx,
   check("masked_col2im");
 }
 
+template <typename T>
+void normfilter_forward_t(uintptr_t x, uintptr_t soft, uintptr_t w, uintptr_t b, uintptr_t y, const Geom& g, const Groups& q,
+                          uintptr_t s) {
+  normfilter_fwd<T><<<grid(g.N * q.O * g.Ho * g.Wo), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(soft), ptr<T>(w), ptr<T>(b),
+                                                                              ptr<T>(y), g, q);
+  check("normfilter_forward");
+}
+
+template <typename T>
+void normfilter_backward_t(uintptr_t x, uintptr_t soft, uintptr_t w, uintptr_t gy, uintptr_t gx, uintptr_t gsoft, uintptr_t gw,
+                           const Geom& g, const Groups& q, uintptr_t s) {
+  if (gx)
+    normfilter_gx<T><<<grid(g.N * g.C * g.H * g.W), kThreads, 0, stream(s)>>>(ptr<T>(soft), ptr<T>(w), ptr<T>(gy), ptr<T>(gx),
+                                                                              g, q);
+  if (gsoft)
+    normfilter_gsoft<T><<<grid(g.N * g.K() * g.Ho * g.Wo), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(w), ptr<T>(gy),
+                                                                                    ptr<T>(gsoft), g, q);
+  if (gw)
+    normfilter_gw<T><<<grid(q.O * q.Cg * g.K()), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(soft), ptr<T>(gy), ptr<T>(gw), g, q);
+  check("normfilter_backward");
+}
+
 }  // namespace
 
 // ---- the plain C++ interface (native_cuda.h) -------------------------------------------------------
@@ -333,5 +429,13 @@ void masked_im2col(bool dbl, uintptr_t x, uintptr_t mask, uintptr_t cols, const 
 void masked_col2im(bool dbl, uintptr_t x, uintptr_t mask, uintptr_t dcols, uintptr_t gx, uintptr_t gmask, const Geom& g,
                    int64_t n, int64_t r0, int64_t r1, uintptr_t s) {
   DISPATCH(dbl, masked_col2im_t, x, mask, dcols, gx, gmask, g, n, r0, r1, s);
+}
+void normfilter_forward(bool dbl, uintptr_t x, uintptr_t soft, uintptr_t w, uintptr_t b, uintptr_t y, const Geom& g,
+                        const Groups& q, uintptr_t s) {
+  DISPATCH(dbl, normfilter_forward_t, x, soft, w, b, y, g, q, s);
+}
+void normfilter_backward(bool dbl, uintptr_t x, uintptr_t soft, uintptr_t w, uintptr_t gy, uintptr_t gx, uintptr_t gsoft,
+                         uintptr_t gw, const Geom& g, const Groups& q, uintptr_t s) {
+  DISPATCH(dbl, normfilter_backward_t, x, soft, w, gy, gx, gsoft, gw, g, q, s);
 }
 }  // namespace cl_cuda

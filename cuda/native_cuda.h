@@ -19,4 +19,8 @@ void masked_im2col(bool dbl, uintptr_t x, uintptr_t mask, uintptr_t cols, const 
                    uintptr_t s);
 void masked_col2im(bool dbl, uintptr_t x, uintptr_t mask, uintptr_t dcols, uintptr_t gx, uintptr_t gmask, const Geom& g,
                    int64_t n, int64_t r0, int64_t r1, uintptr_t s);
+void normfilter_forward(bool dbl, uintptr_t x, uintptr_t soft, uintptr_t w, uintptr_t b, uintptr_t y, const Geom& g,
+                        const Groups& q, uintptr_t s);
+void normfilter_backward(bool dbl, uintptr_t x, uintptr_t soft, uintptr_t w, uintptr_t gy, uintptr_t gx, uintptr_t gsoft,
+                         uintptr_t gw, const Geom& g, const Groups& q, uintptr_t s);
 }  // namespace cl_cuda

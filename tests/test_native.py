@@ -263,3 +263,59 @@ def test_native_modules_are_built():
     importlib.import_module("caffe_layers._native_cpu")
     if shutil.which("nvcc") and not os.environ.get("CAFFE_LAYERS_NO_CUDA"):
         importlib.import_module("caffe_layers._native_cuda")
+
+
+# ---- normalised convolution filtering (NormConv, NormConvMeanfield) ----------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("geom", GEOMETRIES)
+@pytest.mark.parametrize("group,out_mult,with_bias,with_scale", [(1, 2, True, True), ("C", 1, False, True),
+                                                                  ("C", 2, True, False)])
+def test_norm_conv_filter_matches_reference(device, geom, group, out_mult, with_bias, with_scale):
+    from caffe_layers.ops.norm_conv import norm_conv_filter
+
+    shape, k, p, s, d = geom
+    kh, kw = (k, k) if isinstance(k, int) else k
+    C = shape[1]
+    group = C if group == "C" else group
+    O = (C // group) * group * out_mult if group > 1 else 3 * out_mult
+    img = _rand(shape, 21, device=device)
+    dist = im2dist(_rand((shape[0], 2, *shape[2:]), 22, device=device), k, p, s, d, "L2").detach().abs()
+    w = _rand((O, C // group, kh, kw), 23, device=device)
+    extra = ([_rand((O,), 24, device=device)] if with_bias else []) + (
+        [torch.tensor(0.7, dtype=torch.float64, device=device)] if with_scale else [])
+
+    def fn(x, dd, ww, *rest):
+        b = rest[0] if with_bias else None
+        sc = rest[-1] if with_scale else None
+        return norm_conv_filter(x, dd, ww, b, sc, p, s, d, group)
+
+    (y, grads), (ry, rgrads) = _both(fn, img, dist, w, *extra)
+    _close(y, ry, "forward")
+    for i, (a, b) in enumerate(zip(grads, rgrads)):
+        _close(a, b, f"grad {i}")
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_norm_conv_filter_gradcheck(group):
+    img = _rand((2, 4, 5, 6), 31).requires_grad_(True)
+    dist = _rand((2, 9, 3, 3), 32).abs().requires_grad_(True)
+    w = _rand((4, 4 // group, 3, 3), 33).requires_grad_(True)
+    b = _rand((4,), 34).requires_grad_(True)
+    scale = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    fn = lambda *t: native.norm_conv_filter(*t, pad=1, stride=2, dilation=1, group=group)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (img, dist, w, b, scale))
+
+
+def test_norm_conv_filter_native_is_used_and_checks_shapes():
+    img, w = _rand((1, 2, 5, 5), 1), _rand((2, 2, 3, 3), 2)
+    calls = []
+    real = native._NormFilter.apply
+    native._NormFilter.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        from caffe_layers.ops.norm_conv import norm_conv_filter
+        norm_conv_filter(img, _rand((1, 9, 5, 5), 3), w, None, None, 1)
+    finally:
+        native._NormFilter.apply = real
+    assert calls == [1]
+    with pytest.raises(ValueError, match="distances of shape"):
+        native.norm_conv_filter(img, _rand((1, 4, 5, 5), 3), w, None, None, 1)

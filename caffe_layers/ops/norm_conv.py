@@ -18,6 +18,10 @@ def norm_conv_filter(img, dist, weight, bias=None, scale=None, pad=0, stride=1, 
     o, _, kh, kw = weight.shape
     if c % group or o % group:
         raise ValueError(f"norm_conv: channels {c} and num_output {o} must be multiples of group {group}")
+    from caffe_layers import native  # the native filtering kernels (cuda/) when built; this is their reference
+
+    if native.use_native(img, dist, weight, bias, scale):
+        return native.norm_conv_filter(img, dist, weight, bias, scale, pad, stride, dilation, group)
     cols = im2col(img, (kh, kw), pad, stride, dilation)
     if dist.shape[0] != n or dist.shape[1] != kh * kw or dist.shape[2:] != cols.shape[2:]:
         raise ValueError(f"norm_conv: distances of shape {list(dist.shape)} do not fit {kh}x{kw} patches "
