@@ -23,6 +23,7 @@ import torch
 from caffe_layers import native
 from caffe_layers.ops.im2dist import im2dist
 from caffe_layers.ops.im2parity import im2parity
+from caffe_layers.ops.norm_conv import norm_conv_filter
 from caffe_layers.ops.segaware_conv import segaware_conv
 from caffe_layers.ops.spn import gate_recurrent
 
@@ -107,6 +108,16 @@ def bench_ops(repeat):
             fwd_bwd(op, x, mask, w, b), fwd_bwd(op, x, mask, w, b), repeat, "target >= 2x, memory <= 0.33")
     compare("Seg-aware conv fwd      64->64 3x3 161x161 (fused vs chain)",
             fwd(op, x, mask, w, b), fwd(op, x, mask, w, b), repeat)
+    probs = torch.rand(1, 21, 161, 161, generator=g)
+    dist = torch.rand(1, 81, 161, 161, generator=g)
+    ones, scale = torch.ones(21, 1, 9, 9), torch.tensor(0.5)
+    op = lambda p, dd: norm_conv_filter(p, dd, ones, None, scale, 4, 1, 1, 21)  # noqa: E731
+    compare("NormConvMeanfield filtering fwd+bwd 21 ch 9x9 161x161", fwd_bwd(op, probs, dist),
+            fwd_bwd(op, probs, dist), repeat)
+    wn = torch.randn(64, 64, 3, 3, generator=g) * 0.05
+    op = lambda t, dd: norm_conv_filter(t, dd, wn, b, scale, 1, 1, 1, 1)  # noqa: E731
+    compare("NormConv filtering fwd+bwd 64->64 3x3 161x161", fwd_bwd(op, x, dist[:, :9].contiguous()),
+            fwd_bwd(op, x, dist[:, :9].contiguous()), repeat)
     xs = torch.randn(1, 32, 128, 128, generator=g)
     gates = [0.3 * torch.rand(1, 32, 128, 128, generator=g) for _ in range(3)]
     for direction, name in (((True, False), "left->right"), ((False, True), "bottom->top")):

@@ -318,5 +318,7 @@ def norm_conv_filter(img, dist, weight, bias=None, scale=None, pad=0, stride=1, 
                          f"of output size {list(out)}")
     logits = dist if scale is None else -scale.reshape(()) * dist  # no scale: +dist (the reference's quirk)
     soft = torch.softmax(logits, dim=1)
+    if group == 1:  # the seg-aware convolution with mask = soft: column chunks and a GEMM beat the direct loops
+        return _SegConv.apply(img, soft, weight, bias, geom)
     return _NormFilter.apply(img, soft, weight, bias, geom, group)
 

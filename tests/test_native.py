@@ -306,16 +306,17 @@ def test_norm_conv_filter_gradcheck(group):
     assert torch.autograd.gradcheck(fn, (img, dist, w, b, scale))
 
 
-def test_norm_conv_filter_native_is_used_and_checks_shapes():
-    img, w = _rand((1, 2, 5, 5), 1), _rand((2, 2, 3, 3), 2)
+def test_norm_conv_filter_native_is_used_and_checks_shapes(monkeypatch):
+    """The ops function runs the native kernels: grouped filtering, or the seg-aware column GEMM for group 1."""
+    from caffe_layers.ops.norm_conv import norm_conv_filter
+
+    img, dist = _rand((1, 2, 5, 5), 1), _rand((1, 9, 5, 5), 3)
     calls = []
-    real = native._NormFilter.apply
-    native._NormFilter.apply = lambda *a: calls.append(1) or real(*a)
-    try:
-        from caffe_layers.ops.norm_conv import norm_conv_filter
-        norm_conv_filter(img, _rand((1, 9, 5, 5), 3), w, None, None, 1)
-    finally:
-        native._NormFilter.apply = real
-    assert calls == [1]
+    for cls in (native._NormFilter, native._SegConv):
+        real = cls.apply
+        monkeypatch.setattr(cls, "apply", lambda *a, real=real, name=cls.__name__: calls.append(name) or real(*a))
+    norm_conv_filter(img, dist, _rand((2, 1, 3, 3), 2), None, None, 1, group=2)
+    norm_conv_filter(img, dist, _rand((3, 2, 3, 3), 2), None, None, 1, group=1)
+    assert calls == ["_NormFilter", "_SegConv"]
     with pytest.raises(ValueError, match="distances of shape"):
-        native.norm_conv_filter(img, _rand((1, 4, 5, 5), 3), w, None, None, 1)
+        native.norm_conv_filter(img, _rand((1, 4, 5, 5), 3), _rand((2, 2, 3, 3), 2), None, None, 1)
