@@ -170,6 +170,17 @@ def test_scan_gradcheck(direction):
     assert torch.autograd.gradcheck(lambda a, b: native.gate_recurrent(a, b, None, None, *direction, "one"), one)
 
 
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("shape", [(1, 2, 9, 10), (2, 1, 37, 35)])
+def test_scan_float32_all_directions(direction, shape):
+    """float32 horizontal scans go through SSE 4x4 transposes of 32-column strips: sizes with remainders."""
+    x, gates = _rand(shape, 1, torch.float32), [0.3 * _rand(shape, 2 + i, torch.float32) for i in range(3)]
+    (y, grads), (ry, rgrads) = _both(lambda *t: gate_recurrent(t[0], *t[1:], *direction), x, *gates)
+    torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, rgrads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_scan_float32():
     x, gates = _rand((2, 3, 9, 10), 1, torch.float32), [0.3 * _rand((2, 3, 9, 10), i, torch.float32) for i in range(3)]
     with native.disabled():
