@@ -29,13 +29,17 @@ inline void valid_range(int64_t size, int64_t p, int64_t s, int64_t off, int64_t
 
 inline bool in(int64_t v, int64_t size) { return v >= 0 && v < size; }
 
+// Threads only for enough work (multiply-adds): waking the team costs more than a small kernel, much more
+// on a loaded machine.
+inline bool parallel_worth(int64_t work) { return work >= (int64_t(1) << 16); }
+
 // ---- im2dist -----------------------------------------------------------------------------------
 template <typename T>
 void im2dist_forward(const T* x, T* y, const Geom& g, bool l1, bool remove_center, bool remove_bounds, T big) {
   const int64_t K = g.K(), ci = g.kh / 2, cj = g.kw / 2;
   int64_t clo, chi;
   valid_range(g.W, g.pw, g.sw, cj * g.dw, g.Wo, clo, chi);
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(g.N * g.Ho * g.K() * g.Wo * g.C))
   for (int64_t n = 0; n < g.N; ++n) {
     for (int64_t oh = 0; oh < g.Ho; ++oh) {
       const int64_t ch = oh * g.sh - g.ph + ci * g.dh;
@@ -92,7 +96,7 @@ void im2dist_backward_mode(const T* x, const T* gy, T* gx, const Geom& g) {
   int64_t clo, chi;
   valid_range(g.W, g.pw, g.sw, cj * g.dw, g.Wo, clo, chi);
   // each thread owns whole (n, c) planes of gx: no write conflicts
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(g.N * g.C * g.Ho * g.K() * g.Wo))
   for (int64_t n = 0; n < g.N; ++n) {
     for (int64_t c = 0; c < g.C; ++c) {
       const T* xp = x + (n * g.C + c) * g.H * g.W;
@@ -148,7 +152,7 @@ void im2dist_backward(const T* x, const T* gy, T* gx, const Geom& g, int mode) {
 template <typename T>
 void im2parity_forward(const T* labels, T* y, const Geom& g, bool has_ignore, T ignore, T outside) {
   const int64_t K = g.K(), ci = g.kh / 2, cj = g.kw / 2;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(g.N * g.Ho * g.K() * g.Wo))
   for (int64_t n = 0; n < g.N; ++n) {
     for (int64_t oh = 0; oh < g.Ho; ++oh) {
       // C > 1: every channel writes the same outputs, the last one wins
@@ -424,7 +428,7 @@ template <typename T>
 void spn_forward(const T* x, const T* g1, const T* g2, const T* g3, T* h, int64_t planes, int64_t H, int64_t W,
                  bool hz, bool rev) {
   const bool three = g1 != nullptr;
-#pragma omp parallel
+#pragma omp parallel if (parallel_worth(planes * H * W))
   {
     std::vector<T> buf(hz ? 6 * kStrip * H : 0);
 #pragma omp for schedule(dynamic, 1)
@@ -440,7 +444,7 @@ template <typename T>
 void spn_backward(const T* x, const T* g1, const T* g2, const T* g3, const T* h, const T* dtop, T* dx, T* dg1,
                   T* dg2, T* dg3, int64_t planes, int64_t H, int64_t W, bool hz, bool rev) {
   const bool three = g1 != nullptr;
-#pragma omp parallel
+#pragma omp parallel if (parallel_worth(planes * H * W))
   {
     ScanState<T> st(hz ? H : W);
     std::vector<T> buf(hz ? 10 * kStrip * H + H : 0);
@@ -462,7 +466,7 @@ void spn_backward(const T* x, const T* g1, const T* g2, const T* g3, const T* h,
 template <typename T>
 void masked_im2col(const T* x, const T* mask, T* cols, const Geom& g, int64_t n, int64_t r0, int64_t r1) {
   const int64_t K = g.K(), P = (r1 - r0) * g.Wo;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(g.C * g.K() * (r1 - r0) * g.Wo))
   for (int64_t ck = 0; ck < g.C * K; ++ck) {
     const int64_t c = ck / K, k = ck % K, i = k / g.kw, j = k % g.kw;
     const T* xc = x + (n * g.C + c) * g.H * g.W;
@@ -496,7 +500,7 @@ template <typename T>
 void masked_col2im(const T* x, const T* mask, const T* dcols, T* gx, T* gmask, const Geom& g, int64_t n,
                    int64_t r0, int64_t r1) {
   const int64_t K = g.K(), P = (r1 - r0) * g.Wo;
-#pragma omp parallel
+#pragma omp parallel if (parallel_worth(g.C * g.K() * (r1 - r0) * g.Wo))
   {
     if (gx) {
 #pragma omp for schedule(static) nowait
@@ -555,7 +559,7 @@ void masked_col2im(const T* x, const T* mask, const T* dcols, T* gx, T* gmask, c
 template <typename T>
 void normfilter_forward(const T* x, const T* soft, const T* w, const T* b, T* y, const Geom& g, const Groups& q) {
   const int64_t K = g.K(), P = g.Ho * g.Wo;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(g.N * q.O * q.Cg * g.K() * g.Ho * g.Wo))
   for (int64_t n = 0; n < g.N; ++n) {
     for (int64_t o = 0; o < q.O; ++o) {
       T* yo = y + (n * q.O + o) * P;
@@ -587,7 +591,7 @@ void normfilter_backward(const T* x, const T* soft, const T* w, const T* gy, T* 
                          const Groups& q) {
   const int64_t K = g.K(), P = g.Ho * g.Wo, HW = g.H * g.W;
   if (gx) {
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(g.N * q.O * q.Cg * g.K() * g.Ho * g.Wo))
     for (int64_t n = 0; n < g.N; ++n) {
       for (int64_t c = 0; c < g.C; ++c) {
         T* gc = gx + (n * g.C + c) * HW;
@@ -613,7 +617,7 @@ void normfilter_backward(const T* x, const T* soft, const T* w, const T* gy, T* 
     }
   }
   if (gsoft) {
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(g.N * q.O * q.Cg * g.K() * g.Ho * g.Wo))
     for (int64_t n = 0; n < g.N; ++n) {
       for (int64_t k = 0; k < K; ++k) {
         T* gs = gsoft + (n * K + k) * P;
@@ -639,7 +643,7 @@ void normfilter_backward(const T* x, const T* soft, const T* w, const T* gy, T* 
     }
   }
   if (gw) {
-#pragma omp parallel for collapse(3) schedule(static)
+#pragma omp parallel for collapse(3) schedule(static) if (parallel_worth(g.N * q.O * q.Cg * g.K() * g.Ho * g.Wo))
     for (int64_t o = 0; o < q.O; ++o) {
       for (int64_t cc = 0; cc < q.Cg; ++cc) {
         for (int64_t k = 0; k < K; ++k) {
