@@ -7,7 +7,10 @@ Peak memory is the growth of the process's peak resident set (VmHWM, reset throu
 --repeat runs (forward + backward where the op has a backward).
 Targets (issue 5): Im2dist fwd+bwd >= 5x at C=64, 9x9, 161x161; fused seg-aware convolution >= 2x faster
 with <= 1/3 of the unfused chain's peak memory at C=64 -> 64, 3x3, 161x161; SPN scan >= 10x at
-32 x 128 x 128 against the per-column Python-loop scan.
+32 x 128 x 128 against the per-column Python-loop scan. The seg-aware reference is the chain as a Net runs it
+(im2col, Tile = repeat, Eltwise PROD, 1x1 convolution over the columns). NormConv lines: the filtering of
+NormConvMeanfield (depthwise, 9x9) and of NormConv (group 1, seg-aware column kernels).
+On a shared machine the figures move with its load: check `uptime`, repeat, take the best.
 """
 import argparse
 import gc
