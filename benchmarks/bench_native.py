@@ -1,6 +1,6 @@
 """Native kernels vs their pure-PyTorch references: time, peak memory, ratios; whole-net forward times.
 
-    python benchmarks/bench_native.py [--repeat 3] [--net-size 0] [--skip-nets]
+    python benchmarks/bench_native.py [--repeat 3] [--net-size 0] [--skip-nets] [--only PATTERN]
 
 Peak memory is the growth of the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs) over the resident set before the op, CPU only. Times are the best of
@@ -80,7 +80,12 @@ def fwd(op, *inputs):
     return run
 
 
+_ONLY = [None]  # --only: a regular expression over the op lines' titles
+
+
 def compare(title, run_native, run_ref, repeat, target=None):
+    if _ONLY[0] and not re.search(_ONLY[0], title):
+        return None
     t_n, m_n = measure(run_native, repeat)
     with native.disabled():
         t_r, m_r = measure(run_ref, repeat)
@@ -184,10 +189,12 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--net-size", type=int, default=0, help="vgg input size; res: the 513 input (0: the configs' own sizes)")
     ap.add_argument("--skip-nets", action="store_true")
+    ap.add_argument("--only", metavar="PATTERN", help="run only the op lines whose title matches (regex); skips the nets")
     args = ap.parse_args()
+    _ONLY[0] = args.only
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; native cpu module: {native.available('cpu')}")
     bench_ops(args.repeat)
-    if not args.skip_nets:
+    if not (args.skip_nets or args.only):
         bench_nets(max(1, args.repeat - 2), args.net_size)
 
 

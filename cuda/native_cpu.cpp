@@ -189,6 +189,15 @@ void im2parity_forward(const T* labels, T* y, const Geom& g, bool has_ignore, T 
 // so the inner loops have no branch.
 constexpr int64_t kStrip = 32;
 
+// Per-thread scratch kept between calls: a fresh vector each call is a fresh mmap (and page faults) once
+// allocations this size are mmapped, as under MALLOC_MMAP_THRESHOLD_.
+template <typename T>
+T* scratch(size_t n) {
+  thread_local std::vector<T> v;
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
 template <typename T, bool THREE>
 inline void forward_line(const T* __restrict__ xs, const T* __restrict__ a, const T* __restrict__ b,
                          const T* __restrict__ c, const T* __restrict__ hp, T* __restrict__ hc, int64_t S) {
@@ -327,9 +336,16 @@ void gather(const T* plane, T* lines, int64_t W, int64_t S, int64_t t0, int64_t 
 #if defined(__SSE2__)
   if (std::is_same<T, float>::value) {
     s4 = S / 4 * 4, j4 = cnt / 4 * 4;
-    for (int64_t s0 = 0; s0 < s4; s0 += 4)
+    constexpr int64_t pf = 8;
+    for (int64_t s0 = 0; s0 < s4; s0 += 4) {
+      if (s0 + pf + 4 <= S)  // rows come from memory with a stride: the prefetcher does not follow
+        for (int64_t q = 0; q < 4; ++q) {
+          const T* row = plane + (s0 + pf + q) * W;
+          for (int64_t j = 0; j < cnt; j += 16) _mm_prefetch(reinterpret_cast<const char*>(row + (rev ? W - 1 - t0 - j : t0 + j)), _MM_HINT_T0);
+        }
       for (int64_t j0 = 0; j0 < j4; j0 += 4)
         gather_tile4(reinterpret_cast<const float*>(plane), reinterpret_cast<float*>(lines), W, S, t0, s0, j0, rev);
+    }
     gather_tile(plane, lines, W, S, t0, 0, s4, j4, cnt, rev);  // right-hand remainder
   }
 #endif
@@ -353,7 +369,7 @@ void scatter(const T* lines, T* plane, int64_t W, int64_t S, int64_t t0, int64_t
 
 template <typename T, bool THREE>
 void scan_forward_plane(const T* x, const T* g1, const T* g2, const T* g3, T* h, int64_t H, int64_t W, bool hz,
-                        bool rev, std::vector<T>& buf) {
+                        bool rev, T* buf) {
   if (!hz) {  // lines = rows, in place
     auto L = [&](int64_t t) { return (rev ? H - 1 - t : t) * W; };
     for (int64_t t = 0; t < H; ++t)
@@ -362,7 +378,7 @@ void scan_forward_plane(const T* x, const T* g1, const T* g2, const T* g3, T* h,
     return;
   }
   const int64_t S = H, n = kStrip * S;
-  T *bx = buf.data(), *ba = bx + n, *bb = ba + n, *bc = bb + n, *bh = bc + n, *prev = bh + n;
+  T *bx = buf, *ba = bx + n, *bb = ba + n, *bc = bb + n, *bh = bc + n, *prev = bh + n;
   for (int64_t t0 = 0; t0 < W; t0 += kStrip) {
     const int64_t cnt = std::min(kStrip, W - t0);
     gather(x, bx, W, S, t0, cnt, rev);
@@ -380,10 +396,94 @@ void scan_forward_plane(const T* x, const T* g1, const T* g2, const T* g3, T* h,
   }
 }
 
+// Reverse scan of dH alone along one line (horizontal scans): d = dH of this step, into the state for the next.
+template <typename T, bool THREE>
+inline void dh_line(const T* __restrict__ top, const T* __restrict__ a, const T* __restrict__ b,
+                    const T* __restrict__ c, T* __restrict__ d, ScanState<T>& st, int64_t S) {
+  const T *n1 = st.n1, *n2 = st.n2, *n3 = st.n3;
+  T *__restrict__ c1 = st.c1, *__restrict__ c2 = st.c2, *__restrict__ c3 = st.c3;
+  if (THREE) {
+    #pragma GCC ivdep
+    for (int64_t s = 0; s < S; ++s) {
+      const T v = top[s] + (n3[s - 1] + n2[s] + n1[s + 1]);
+      d[s] = v;
+      c1[s] = v * a[s];
+      c2[s] = v * b[s];
+      c3[s] = v * c[s];
+    }
+  } else {
+    #pragma GCC ivdep
+    for (int64_t s = 0; s < S; ++s) {
+      const T v = top[s] + n2[s];
+      d[s] = v;
+      c2[s] = v * b[s];
+    }
+  }
+  std::swap(st.n1, st.c1);
+  std::swap(st.n2, st.c2);
+  std::swap(st.n3, st.c3);
+}
+
+// Row r of a horizontally scanned plane: dx holds dH on entry, the gradients of backward_line on exit.
+// Step order runs along the row (reversed for right->left): the previous step's column is q = col -/+ 1.
+template <typename T, bool THREE>
+inline void grad_row(const T* x, const T* g1, const T* g2, const T* g3, const T* h, T* dx, T* dg1, T* dg2, T* dg3,
+                     int64_t r, int64_t H, int64_t W, bool rev) {
+  const int64_t o = r * W, first = rev ? W - 1 : 0;  // the first step's column: h = x, gates unused
+  const int64_t lo = rev ? 0 : 1, hi = rev ? W - 1 : W, q = rev ? 1 : -1;  // columns with a previous step
+  const T *__restrict__ xs = x + o, *__restrict__ b = g2 + o, *__restrict__ hp = h + o + q;
+  T *__restrict__ gx = dx + o, *__restrict__ gb = dg2 + o;
+  gb[first] = 0;
+  if (THREE) dg1[o + first] = 0, dg3[o + first] = 0;
+  if (!THREE || H == 1) {
+    #pragma GCC ivdep
+    for (int64_t k = lo; k < hi; ++k) {
+      const T d = gx[k];
+      gx[k] = (T(1) - b[k]) * d;
+      gb[k] = d * (hp[k] - xs[k]);
+    }
+    if (THREE)
+      #pragma GCC ivdep
+      for (int64_t k = lo; k < hi; ++k) dg1[o + k] = 0, dg3[o + k] = 0;
+    return;
+  }
+  const T *__restrict__ a = g1 + o, *__restrict__ c = g3 + o;
+  T *__restrict__ ga = dg1 + o, *__restrict__ gc = dg3 + o;
+  const T* up = r > 0 ? hp - W : nullptr;      // h of the row above, previous step
+  const T* dn = r < H - 1 ? hp + W : nullptr;  // h of the row below
+  if (up && dn) {
+    #pragma GCC ivdep
+    for (int64_t k = lo; k < hi; ++k) {
+      const T d = gx[k];
+      gx[k] = (T(1) - a[k] - b[k] - c[k]) * d;
+      ga[k] = d * (up[k] - xs[k]);
+      gb[k] = d * (hp[k] - xs[k]);
+      gc[k] = d * (dn[k] - xs[k]);
+    }
+  } else if (dn) {  // top row: no neighbour above, its gate gets zero
+    #pragma GCC ivdep
+    for (int64_t k = lo; k < hi; ++k) {
+      const T d = gx[k];
+      gx[k] = (T(1) - b[k] - c[k]) * d;
+      ga[k] = 0;
+      gb[k] = d * (hp[k] - xs[k]);
+      gc[k] = d * (dn[k] - xs[k]);
+    }
+  } else {  // bottom row
+    #pragma GCC ivdep
+    for (int64_t k = lo; k < hi; ++k) {
+      const T d = gx[k];
+      gx[k] = (T(1) - a[k] - b[k]) * d;
+      ga[k] = d * (up[k] - xs[k]);
+      gb[k] = d * (hp[k] - xs[k]);
+      gc[k] = 0;
+    }
+  }
+}
+
 template <typename T, bool THREE>
 void scan_backward_plane(const T* x, const T* g1, const T* g2, const T* g3, const T* h, const T* dtop, T* dx, T* dg1,
-                         T* dg2, T* dg3, int64_t H, int64_t W, bool hz, bool rev, ScanState<T>& st,
-                         std::vector<T>& buf) {
+                         T* dg2, T* dg3, int64_t H, int64_t W, bool hz, bool rev, ScanState<T>& st, T* buf) {
   st.reset();
   if (!hz) {  // lines = rows, in place
     auto L = [&](int64_t t) { return (rev ? H - 1 - t : t) * W; };
@@ -395,31 +495,26 @@ void scan_backward_plane(const T* x, const T* g1, const T* g2, const T* g3, cons
     }
     return;
   }
+  // Horizontal: only dH needs the reverse scan, which reads top and the gates; the strips carry those in
+  // and dH out (into dx), and the gradients follow in one row-major pass (half the transposes).
   const int64_t S = H, n = kStrip * S;
-  T *bt = buf.data(), *bx = bt + n, *ba = bx + n, *bb = ba + n, *bc = bb + n, *bh = bc + n;  // bh: kStrip+1 lines
-  T *ox = bh + n + S, *oa = ox + n, *ob = oa + n, *oc = ob + n;
+  T *bt = buf, *ba = bt + n, *bb = ba + n, *bc = bb + n, *bd = bc + n;
   for (int64_t t1 = W; t1 > 0; t1 -= kStrip) {
-    const int64_t t0 = std::max<int64_t>(0, t1 - kStrip), cnt = t1 - t0, hs = std::max<int64_t>(0, t0 - 1);
+    const int64_t t0 = std::max<int64_t>(0, t1 - kStrip), cnt = t1 - t0;
     gather(dtop, bt, W, S, t0, cnt, rev);
-    gather(x, bx, W, S, t0, cnt, rev);
     gather(g2, bb, W, S, t0, cnt, rev);
-    gather(h, bh, W, S, hs, t1 - 1 - hs, rev);  // h of steps hs .. t1-2: the previous steps' values
     if (THREE) {
       gather(g1, ba, W, S, t0, cnt, rev);
       gather(g3, bc, W, S, t0, cnt, rev);
     }
     for (int64_t t = t1 - 1; t >= t0; --t) {
       const int64_t j = (t - t0) * S;
-      backward_line<T, THREE>(bt + j, bx + j, ba + j, bb + j, bc + j, t ? bh + (t - 1 - hs) * S : nullptr, ox + j,
-                              oa + j, ob + j, oc + j, st, S);
+      dh_line<T, THREE>(bt + j, ba + j, bb + j, bc + j, bd + j, st, S);
     }
-    scatter(ox, dx, W, S, t0, cnt, rev);
-    scatter(ob, dg2, W, S, t0, cnt, rev);
-    if (THREE) {
-      scatter(oa, dg1, W, S, t0, cnt, rev);
-      scatter(oc, dg3, W, S, t0, cnt, rev);
-    }
+    scatter(bd, dx, W, S, t0, cnt, rev);
   }
+  for (int64_t r = 0; r < H; ++r)
+    grad_row<T, THREE>(x, g1, g2, g3, h, dx, dg1, dg2, dg3, r, H, W, rev);
 }
 
 // x, g*, h: planes x H x W (g1 = g3 = null: one-way). One (n, c) plane per task; dynamic schedule: on a
@@ -430,7 +525,7 @@ void spn_forward(const T* x, const T* g1, const T* g2, const T* g3, T* h, int64_
   const bool three = g1 != nullptr;
 #pragma omp parallel if (parallel_worth(planes * H * W))
   {
-    std::vector<T> buf(hz ? 6 * kStrip * H : 0);
+    T* buf = hz ? scratch<T>(6 * kStrip * H) : nullptr;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t pl = 0; pl < planes; ++pl) {
       const int64_t b = pl * H * W;
@@ -447,7 +542,7 @@ void spn_backward(const T* x, const T* g1, const T* g2, const T* g3, const T* h,
 #pragma omp parallel if (parallel_worth(planes * H * W))
   {
     ScanState<T> st(hz ? H : W);
-    std::vector<T> buf(hz ? 10 * kStrip * H + H : 0);
+    T* buf = hz ? scratch<T>(5 * kStrip * H) : nullptr;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t pl = 0; pl < planes; ++pl) {
       const int64_t b = pl * H * W;
