@@ -8,6 +8,7 @@ after a one-line warning. `disabled()` forces the references (tests, benchmarks)
 """
 import contextlib
 import importlib
+import math
 import warnings
 
 import torch
@@ -140,12 +141,30 @@ def im2parity(labels, kernel, pad=0, stride=1, dilation=1, ignore_label=None, mi
 
 
 # ---- SPN scan ------------------------------------------------------------------------------------
+_HUGE = 1 << 21
+
+
+def _fresh(shape, like):
+    """torch.empty(shape) like `like`; on CPU, from 2 MiB on, placed on a 2 MiB boundary and advised onto
+    transparent huge pages: most of a fresh output's cost is its page faults when first written (one per
+    4 KiB page otherwise; each large allocation is a fresh mmap once past the mmap threshold). The pad
+    beyond the tensor is never touched, so it takes address space, not memory."""
+    numel, size = math.prod(shape), like.element_size()
+    if like.device.type != "cpu" or numel * size < _HUGE:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    buf = torch.empty(numel + _HUGE // size, dtype=like.dtype)
+    start = (-buf.data_ptr() % _HUGE) // size
+    t = buf[start:start + numel].view(shape)
+    _modules["cpu"].advise_hugepages(t.data_ptr(), numel * size)
+    return t
+
+
 class _GateRecurrent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g1, g2, g3, horizontal, reverse):
         x, g1, g2, g3 = (None if t is None else t.contiguous() for t in (x, g1, g2, g3))
         N, C, H, W = x.shape
-        h = torch.empty_like(x)
+        h = _fresh(x.shape, x)
         _call(x, "spn_forward", x.data_ptr(), _ptr(g1), g2.data_ptr(), _ptr(g3), h.data_ptr(), N * C, H, W,
               horizontal, reverse)
         ctx.save_for_backward(x, g1, g2, g3, h)
@@ -158,9 +177,9 @@ class _GateRecurrent(torch.autograd.Function):
         x, g1, g2, g3, h = ctx.saved_tensors
         dtop = dtop.contiguous()
         N, C, H, W = x.shape
-        dx, dg2 = torch.empty_like(x), torch.empty_like(x)
-        dg1 = None if g1 is None else torch.empty_like(x)
-        dg3 = None if g3 is None else torch.empty_like(x)
+        grads = _fresh((2 if g1 is None else 4,) + x.shape, x)  # one buffer for all the gradients
+        dx, dg2 = grads[0], grads[1]
+        dg1, dg3 = (None, None) if g1 is None else (grads[2], grads[3])
         _call(x, "spn_backward", x.data_ptr(), _ptr(g1), g2.data_ptr(), _ptr(g3), h.data_ptr(), dtop.data_ptr(),
               dx.data_ptr(), _ptr(dg1), dg2.data_ptr(), _ptr(dg3), N * C, H, W, *ctx.direction)
         return dx, dg1, dg2, dg3, None, None
