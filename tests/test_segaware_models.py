@@ -120,10 +120,11 @@ def _image(size):
     return bgr.transpose(2, 0, 1)[None], labels.astype(np.float32)[None, None]
 
 
-def _random_weights(model):
+def _random_weights(model, every_conv=False):
+    """He-scaled conv weights (the originals leave them to a .caffemodel); by default only convs with a bias."""
     rng = np.random.RandomState(0)
     for blobs in model.params.values():
-        if len(blobs) == 2 and len(blobs[0].shape) == 4:
+        if (len(blobs) == 2 or every_conv) and len(blobs[0].shape) == 4:
             w = blobs[0]
             w.data[...] = rng.randn(*w.shape) * np.sqrt(2.0 / np.prod(w.shape[1:]))
 
@@ -231,18 +232,40 @@ def test_res_deploy_runs_on_an_image():
     assert np.abs(crf).max() > 0
 
 
-def test_res_train_builds(tmp_path):
-    """Build + shapes only: a forward/backward of three ResNet-101 trunks takes well over 15 s on 2 cores."""
-    root = tmp_path / "VOC"
+@pytest.fixture(scope="module")
+def res_train(tmp_path_factory):
+    """The res train net at crop 33 on a one-image synthetic VOC folder."""
+    root = tmp_path_factory.mktemp("res") / "VOC"
     synthetic.write_voc(root, 1, 41, 41, list_name="train")
     v = {**variables("res"), "EXP": str(root), "TRAIN_SET": "train", "DATA_ROOT": f"{root}/", "CROP_SIZE": 33,
          "HALF_SIZE": 17}
     param = read_net(ROOT / "models" / "segaware" / "res" / "train.prototxt", v)
     torch.manual_seed(0)
-    model = Net(param, phase="train")
+    return Net(param, phase="train")
+
+
+def test_res_train_builds(res_train):
+    model = res_train
     assert model.blobs["data"].shape == (1, 3, 33, 33)
     assert model.blobs["data_res075"].shape == (1, 3, 25, 25)
     assert model.blobs["fc1_voc12_res075_interp"].shape == model.blobs["fc_fusion"].shape == (1, 21, 5, 5)
     assert model.blobs["fc1_voc12_res05"].shape == model.blobs["label_shrink16"].shape[:1] + (21, 3, 3)
     assert model.blobs["crf"].shape == (1, 21, 17, 17) and model.blobs["label_shrink2"].shape == (1, 1, 17, 17)
     assert np.shares_memory(model.params["res5c_branch2c_res075"][0].data, model.params["res5c_branch2c"][0].data)
+
+
+def test_res_train_runs_forward_backward(res_train):
+    """Three ResNet-101 trunks, the CRF and the losses at three label sizes, end to end (about 15 s)."""
+    model = res_train
+    _random_weights(model, every_conv=True)
+    for layer in model.layers:
+        if layer.param.type == "BatchNorm":  # unit variance and scale factor instead of the unset zeros
+            layer.blobs[1].data.fill_(1.0)
+            layer.blobs[2].data.fill_(1.0)
+    out = model.forward()
+    losses = [k for k in out if k.startswith("loss")]
+    # two layers are named "loss" in the original (on crf and on fc_fusion), plus one per scale
+    assert len(losses) == 5 and all(np.isfinite(out[k]) and out[k] > 0 for k in losses)
+    model.backward()
+    grad = model.params["conv1"][0].diff
+    assert np.isfinite(grad).all() and np.abs(grad).sum() > 0
