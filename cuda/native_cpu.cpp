@@ -11,10 +11,10 @@
 #if defined(__SSE2__)
 #include <xmmintrin.h>
 #endif
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #include <vector>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include "geometry.h"
 
@@ -31,6 +31,14 @@ inline void valid_range(int64_t size, int64_t p, int64_t s, int64_t off, int64_t
 }
 
 inline bool in(int64_t v, int64_t size) { return v >= 0 && v < size; }
+
+inline int64_t threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
 
 // Threads only for enough work (multiply-adds): waking the team costs more than a small kernel, much more
 // on a loaded machine.
@@ -95,22 +103,24 @@ inline T dist_sign(T d) {
 
 template <typename T, int MODE>
 void im2dist_backward_mode(const T* x, const T* gy, T* gx, const Geom& g) {
-  const int64_t K = g.K(), ci = g.kh / 2, cj = g.kw / 2, coff = cj * g.dw - g.pw;
+  const int64_t K = g.K(), ci = g.kh / 2, cj = g.kw / 2, coff = cj * g.dw - g.pw, HW = g.H * g.W;
   int64_t clo, chi;
   valid_range(g.W, g.pw, g.sw, cj * g.dw, g.Wo, clo, chi);
-  // each thread owns whole (n, c) planes of gx: no write conflicts
+  // Each task owns a block of channels of gx (no write conflicts); the channels of a block are the
+  // innermost loop, so each row of gy is read from memory once per block rather than once per channel.
+  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(16, g.N * g.C / (4 * threads())));
+  const int64_t blocks = (g.C + block - 1) / block;
 #pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(g.N * g.C * g.Ho * g.K() * g.Wo))
   for (int64_t n = 0; n < g.N; ++n) {
-    for (int64_t c = 0; c < g.C; ++c) {
-      const T* xp = x + (n * g.C + c) * g.H * g.W;
-      T* gp = gx + (n * g.C + c) * g.H * g.W;
-      std::fill(gp, gp + g.H * g.W, T(0));
+    for (int64_t cb = 0; cb < blocks; ++cb) {
+      const int64_t c0 = cb * block, c1 = std::min(g.C, c0 + block);
+      const T* xb = x + (n * g.C + c0) * HW;
+      T* gb = gx + (n * g.C + c0) * HW;
+      std::fill(gb, gb + (c1 - c0) * HW, T(0));
       std::vector<T> tmp(g.Wo);
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
         const int64_t ch = oh * g.sh - g.ph + ci * g.dh;
         if (!in(ch, g.H)) continue;  // no gradient from taps of an out-of-image centre
-        const T* xc = xp + ch * g.W + coff;
-        T* gc = gp + ch * g.W + coff;
         for (int64_t i = 0; i < g.kh; ++i) {
           const int64_t hh = oh * g.sh - g.ph + i * g.dh;
           const bool row_in = in(hh, g.H);
@@ -124,19 +134,23 @@ void im2dist_backward_mode(const T* x, const T* gy, T* gx, const Geom& g) {
               lo = std::max(clo, nlo);
               hi = std::max(lo, std::min(chi, nhi));
             }
-            if (MODE == L1_CAFFE) {
-              // quirk: an out-of-bounds neighbour (distance stored as 0) still sends -top_diff
-              for (int64_t o = clo; o < std::min(lo, chi); ++o) gc[o * g.sw] -= gyr[o];
-              for (int64_t o = hi; o < chi; ++o) gc[o * g.sw] -= gyr[o];
-            }
-            if (lo >= hi) continue;
             const int64_t noff = j * g.dw - g.pw;
-            const T* xn = xp + hh * g.W + noff;
-            T* gn = gp + hh * g.W + noff;
-            // two passes: gc and gn may share a row, a separate buffer lets each loop vectorise
-            for (int64_t o = lo; o < hi; ++o) tmp[o] = dist_sign<T, MODE>(xc[o * g.sw] - xn[o * g.sw]) * gyr[o];
-            for (int64_t o = lo; o < hi; ++o) gc[o * g.sw] += tmp[o];
-            for (int64_t o = lo; o < hi; ++o) gn[o * g.sw] -= tmp[o];
+            for (int64_t c = 0; c < c1 - c0; ++c) {
+              const T* xc = xb + c * HW + ch * g.W + coff;
+              T* gc = gb + c * HW + ch * g.W + coff;
+              if (MODE == L1_CAFFE) {
+                // quirk: an out-of-bounds neighbour (distance stored as 0) still sends -top_diff
+                for (int64_t o = clo; o < std::min(lo, chi); ++o) gc[o * g.sw] -= gyr[o];
+                for (int64_t o = hi; o < chi; ++o) gc[o * g.sw] -= gyr[o];
+              }
+              if (lo >= hi) continue;
+              const T* xn = xb + c * HW + hh * g.W + noff;
+              T* gn = gb + c * HW + hh * g.W + noff;
+              // two passes: gc and gn may share a row, a separate buffer lets each loop vectorise
+              for (int64_t o = lo; o < hi; ++o) tmp[o] = dist_sign<T, MODE>(xc[o * g.sw] - xn[o * g.sw]) * gyr[o];
+              for (int64_t o = lo; o < hi; ++o) gc[o * g.sw] += tmp[o];
+              for (int64_t o = lo; o < hi; ++o) gn[o * g.sw] -= tmp[o];
+            }
           }
         }
       }
@@ -778,14 +792,6 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 }  // namespace
 
 PYBIND11_MODULE(_native_cpu, m) {
-  // Ask for transparent huge pages on the 2 MiB-aligned part of a fresh buffer: one fault per 2 MiB instead
-  // of 512 when it is first written (a hint; no-op where unsupported).
-  m.def("advise_hugepages", [](uintptr_t p, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    const uintptr_t huge = uintptr_t(1) << 21, lo = (p + huge - 1) & ~(huge - 1), hi = (p + bytes) & ~(huge - 1);
-    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
-  });
   m.doc() = "caffe_layers CPU kernels (raw pointers; see caffe_layers/native.py)";
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("im2dist_forward", [](bool dbl, uintptr_t x, uintptr_t y, std::vector<int64_t> geom, bool l1, bool rc,
