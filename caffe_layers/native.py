@@ -8,7 +8,6 @@ after a one-line warning. `disabled()` forces the references (tests, benchmarks)
 """
 import contextlib
 import importlib
-import math
 import warnings
 
 import torch
@@ -141,30 +140,12 @@ def im2parity(labels, kernel, pad=0, stride=1, dilation=1, ignore_label=None, mi
 
 
 # ---- SPN scan ------------------------------------------------------------------------------------
-_HUGE = 1 << 21
-
-
-def _fresh(shape, like):
-    """torch.empty(shape) like `like`; on CPU, from 2 MiB on, placed on a 2 MiB boundary and advised onto
-    transparent huge pages: most of a fresh output's cost is its page faults when first written (one per
-    4 KiB page otherwise; each large allocation is a fresh mmap once past the mmap threshold). The pad
-    beyond the tensor is never touched, so it takes address space, not memory."""
-    numel, size = math.prod(shape), like.element_size()
-    if like.device.type != "cpu" or numel * size < _HUGE:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    buf = torch.empty(numel + _HUGE // size, dtype=like.dtype)
-    start = (-buf.data_ptr() % _HUGE) // size
-    t = buf[start:start + numel].view(shape)
-    _modules["cpu"].advise_hugepages(t.data_ptr(), numel * size)
-    return t
-
-
 class _GateRecurrent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g1, g2, g3, horizontal, reverse):
         x, g1, g2, g3 = (None if t is None else t.contiguous() for t in (x, g1, g2, g3))
         N, C, H, W = x.shape
-        h = _fresh(x.shape, x)
+        h = torch.empty_like(x)
         _call(x, "spn_forward", x.data_ptr(), _ptr(g1), g2.data_ptr(), _ptr(g3), h.data_ptr(), N * C, H, W,
               horizontal, reverse)
         ctx.save_for_backward(x, g1, g2, g3, h)
@@ -177,7 +158,7 @@ class _GateRecurrent(torch.autograd.Function):
         x, g1, g2, g3, h = ctx.saved_tensors
         dtop = dtop.contiguous()
         N, C, H, W = x.shape
-        grads = _fresh((2 if g1 is None else 4,) + x.shape, x)  # one buffer for all the gradients
+        grads = x.new_empty((2 if g1 is None else 4,) + x.shape)  # one buffer for all the gradients
         dx, dg2 = grads[0], grads[1]
         dg1, dg3 = (None, None) if g1 is None else (grads[2], grads[3])
         _call(x, "spn_backward", x.data_ptr(), _ptr(g1), g2.data_ptr(), _ptr(g3), h.data_ptr(), dtop.data_ptr(),
@@ -200,7 +181,7 @@ def gate_recurrent(x, g1, g2=None, g3=None, horizontal=True, reverse=False, conn
 
 
 # ---- segmentation-aware convolution ----------------------------------------------------------------
-_CHUNK_ELEMENTS = 1 << 23  # column-buffer elements per chunk of output rows (32 MiB in float32)
+_CHUNK_ELEMENTS = 1 << 20  # column-buffer elements per chunk of output rows (4 MiB in float32)
 
 
 def _row_chunks(geom):
