@@ -63,6 +63,17 @@ def test_im2dist_matches_reference(device, geom, norm, rc, rb, true_gradient):
     _close(gx, rgx, "backward")
 
 
+@pytest.mark.parametrize("mode", [("L1", False), ("L1", True), ("L2", False)])
+def test_im2dist_backward_over_channel_blocks(mode):
+    """The CPU backward takes channels in blocks (N * C / (4 * threads), at most 16): many channels, a
+    remainder block, a stride and the L1 quirk must still give the reference's gradient."""
+    x = _rand((2, 37, 9, 8), 3)
+    x[:, :, 2, :] = x[:, :, 3, :]
+    (y, (gx,)), (ry, (rgx,)) = _both(lambda t: im2dist(t, 3, 2, (1, 2), 2, mode[0], true_gradient=mode[1]), x)
+    _close(y, ry, "forward")
+    _close(gx, rgx, "backward")
+
+
 @pytest.mark.parametrize("norm,true_gradient", [("L1", True), ("L2", False)])
 def test_im2dist_gradcheck(norm, true_gradient):
     x = _rand((2, 2, 5, 6), 2).requires_grad_(True)
