@@ -337,6 +337,7 @@ Scan make_scan(int64_t H, int64_t W, bool hz, bool rv) { return Scan{H, W, hz ? 
 template <typename T>
 void spn_forward_t(uintptr_t x, uintptr_t g1, uintptr_t g2, uintptr_t g3, uintptr_t h, int64_t planes, int64_t H,
                    int64_t W, bool hz, bool rv, uintptr_t s) {
+  if (planes * H * W == 0) return;  // nothing to scan (and a launch of 0 blocks is an invalid configuration)
   const Scan sc = make_scan(H, W, hz, rv);
   for (int64_t t = 0; t < sc.T; ++t)
     spn_fwd_step<T><<<blocks(planes * sc.S), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3),
@@ -348,6 +349,7 @@ template <typename T>
 void spn_backward_t(uintptr_t x, uintptr_t g1, uintptr_t g2, uintptr_t g3, uintptr_t h, uintptr_t dtop, uintptr_t dx,
                     uintptr_t dg1, uintptr_t dg2, uintptr_t dg3, int64_t planes, int64_t H, int64_t W, bool hz, bool rv,
                     uintptr_t s) {
+  if (planes * H * W == 0) return;  // as in spn_forward_t
   const Scan sc = make_scan(H, W, hz, rv);
   for (int64_t t = sc.T - 1; t >= 0; --t)
     spn_bwd_step<T><<<blocks(planes * sc.S), kThreads, 0, stream(s)>>>(
