@@ -17,7 +17,11 @@ inline int blocks(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThr
 
 inline void check(const char* what) {
   cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("caffe_layers CUDA kernel ") + what + ": " + cudaGetErrorString(err));
+  if (err == cudaSuccess) return;
+  std::string msg = std::string("caffe_layers CUDA kernel ") + what + ": " + cudaGetErrorString(err);
+  if (err == cudaErrorNoKernelImageForDevice)  // built for other GPUs (setup.py's default archs are 80 90)
+    msg += " (rebuild for this GPU: CAFFE_LAYERS_CUDA_ARCHS=\"<compute capability, e.g. 75>\" pip install -e .)";
+  throw std::runtime_error(msg);
 }
 
 __device__ inline bool in(int64_t v, int64_t size) { return v >= 0 && v < size; }
