@@ -23,14 +23,18 @@ def _load(kind):
     if kind not in _modules:
         name = {"cpu": "caffe_layers._native_cpu", "cuda": "caffe_layers._native_cuda"}[kind]
         try:
-            _modules[kind] = importlib.import_module(name)
+            module = importlib.import_module(name)
+            # the CUDA module links its own runtime, which may refuse a driver older than its toolkit
+            problem = module.probe() if kind == "cuda" else ""
         except ImportError as err:
-            _modules[kind] = None
+            module, problem = None, f"{err}; reinstall with `pip install -e .` to build them"
+        if problem:
+            module = None
             if kind not in _warned:
                 _warned.add(kind)
-                warnings.warn(f"caffe_layers: native {kind} kernels unavailable ({err}); using the slower "
-                              f"pure-PyTorch references (reinstall with `pip install -e .` to build them)",
-                              RuntimeWarning, stacklevel=3)
+                warnings.warn(f"caffe_layers: native {kind} kernels unavailable ({problem}); using the slower "
+                              f"pure-PyTorch references", RuntimeWarning, stacklevel=3)
+        _modules[kind] = module
     return _modules[kind]
 
 
@@ -275,10 +279,11 @@ class _NormFilter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, soft, weight, bias, geom, group):
         x, soft, weight = x.contiguous(), soft.contiguous(), weight.contiguous()
+        b = None if bias is None else bias.contiguous()  # held until the kernel has read it
         O = weight.shape[0]
         y = x.new_empty((geom[0], O, geom[12], geom[13]))
-        _call(x, "normfilter_forward", x.data_ptr(), soft.data_ptr(), weight.data_ptr(),
-              _ptr(None if bias is None else bias.contiguous()), y.data_ptr(), geom, O, group)
+        _call(x, "normfilter_forward", x.data_ptr(), soft.data_ptr(), weight.data_ptr(), _ptr(b), y.data_ptr(), geom,
+              O, group)
         ctx.save_for_backward(x, soft, weight)
         ctx.geom, ctx.group, ctx.has_bias = geom, group, bias is not None
         return y

@@ -13,6 +13,7 @@ using G = std::vector<int64_t>;
 PYBIND11_MODULE(_native_cuda, m) {
   m.doc() = "caffe_layers CUDA kernels (raw device pointers and stream; see caffe_layers/native.py)";
   auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("probe", &cl_cuda::probe, "'' when the module's CUDA runtime sees a device, else the reason");
   m.def("im2dist_forward", [](bool d, uintptr_t x, uintptr_t y, G g, bool l1, bool rc, bool rb, double big, uintptr_t s) {
     cl_cuda::im2dist_forward(d, x, y, make_geom(g), l1, rc, rb, big, s);
   }, nogil);

@@ -19,7 +19,7 @@ inline void check(const char* what) {
   cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) return;
   std::string msg = std::string("caffe_layers CUDA kernel ") + what + ": " + cudaGetErrorString(err);
-  if (err == cudaErrorNoKernelImageForDevice)  // built for other GPUs (setup.py's default archs are 80 90)
+  if (err == cudaErrorNoKernelImageForDevice)  // built for other GPUs (see setup.py's DEFAULT_CUDA_ARCHS)
     msg += " (rebuild for this GPU: CAFFE_LAYERS_CUDA_ARCHS=\"<compute capability, e.g. 75>\" pip install -e .)";
   throw std::runtime_error(msg);
 }
@@ -409,6 +409,12 @@ void normfilter_backward_t(uintptr_t x, uintptr_t soft, uintptr_t w, uintptr_t g
 #define DISPATCH(dbl, NAME, ...) (dbl ? NAME<double>(__VA_ARGS__) : NAME<float>(__VA_ARGS__))
 
 namespace cl_cuda {
+std::string probe() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  return count ? "" : "no CUDA device";
+}
 void im2dist_forward(bool dbl, uintptr_t x, uintptr_t y, const Geom& g, bool l1, bool rc, bool rb, double big, uintptr_t s) {
   DISPATCH(dbl, im2dist_forward_t, x, y, g, l1, rc, rb, big, s);
 }

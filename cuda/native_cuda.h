@@ -2,10 +2,13 @@
 // CUDA stream as an integer (torch.cuda.current_stream().cuda_stream). No torch, no CUDA headers.
 #pragma once
 #include <cstdint>
+#include <string>
 
 #include "geometry.h"
 
 namespace cl_cuda {
+// "" when this module's CUDA runtime sees a device, else why not (no device, a driver older than the toolkit).
+std::string probe();
 void im2dist_forward(bool dbl, uintptr_t x, uintptr_t y, const Geom& g, bool l1, bool rc, bool rb, double big, uintptr_t s);
 void im2dist_backward(bool dbl, uintptr_t x, uintptr_t gy, uintptr_t gx, const Geom& g, int mode, uintptr_t s);
 void im2parity_forward(bool dbl, uintptr_t lab, uintptr_t y, const Geom& g, bool has_ignore, double ignore, double outside,
