@@ -131,7 +131,7 @@ def test_normconv_forward_matches_loop_reference():
         got = layer(torch.tensor(img), torch.tensor(emb)).detach().numpy()
         w = layer.blobs[0].detach().numpy()
         b = layer.blobs[1].detach().numpy() if bias == "true" else None
-        scale = float(layer.blobs[-1]) if scale_term == "true" else None  # quirk: without one, softmax(+dist)
+        scale = float(layer.blobs[-1].detach()) if scale_term == "true" else None  # quirk: without one, softmax(+dist)
         ref = naive_norm_conv(img, emb, w, b, scale, 3, 2, 2, group, norm, rc == "true", rb == "true")
         np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10)
 
