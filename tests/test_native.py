@@ -342,3 +342,20 @@ def test_norm_conv_filter_native_is_used_and_checks_shapes(monkeypatch):
     assert calls == ["_NormFilter", "_SegConv"]
     with pytest.raises(ValueError, match="distances of shape"):
         native.norm_conv_filter(img, _rand((1, 4, 5, 5), 3), _rand((2, 2, 3, 3), 2), None, None, 1)
+
+
+def test_cuda_module_that_refuses_the_driver_falls_back_with_a_warning(monkeypatch):
+    """A CUDA module whose runtime cannot use the driver counts as unavailable: references, one warning."""
+    import types
+    import warnings
+
+    fake = types.SimpleNamespace(probe=lambda: "CUDA driver version is insufficient for CUDA runtime version")
+    monkeypatch.setattr(native.importlib, "import_module", lambda name: fake)
+    monkeypatch.setattr(native, "_modules", {})
+    monkeypatch.setattr(native, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="native cuda kernels unavailable .*driver version is insufficient"):
+        assert not native.available("cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second warning
+        assert not native.available("cuda")
+    assert native._modules == {"cuda": None}
