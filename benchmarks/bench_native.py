@@ -1,9 +1,10 @@
 """Native kernels vs their pure-PyTorch references: time, peak memory, ratios; whole-net forward times.
 
-    python benchmarks/bench_native.py [--repeat 3] [--net-size 0] [--skip-nets] [--only PATTERN]
+    python benchmarks/bench_native.py [--repeat 3] [--net-size 0] [--skip-nets] [--only PATTERN] [--device cuda]
 
 Peak memory is the growth of the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs) over the resident set before the op, CPU only. Times are best-of (forward +
+/proc/self/clear_refs) over the resident set before the op (--device cuda: torch.cuda's peak allocated
+memory above what was allocated before; steady times only). Times are best-of (forward +
 backward where the op has one) in two allocator regimes (see `measure`): steady, as in a training loop,
 where freed memory is reused, and cold, where each call's large blocks are freshly mapped and their page
 faults are paid (on this virtual machine, about 3 GB/s: it dominates the small ops). Speed-ups are given for
@@ -65,6 +66,7 @@ def _malloc_regime(mmap_threshold):
 
 
 COLD, STEADY = 1 << 16, 32 << 20  # STEADY: where glibc's own threshold ends in a long-running process
+DEVICE = [torch.device("cpu")]  # --device
 
 
 def _best(fn, repeat, min_seconds=0.0):
@@ -83,7 +85,10 @@ def measure(fn, repeat, cold=True):
     peak resident set is this call's own. Cold time: the best of `repeat` calls in that regime, each
     paying the page faults of its fresh memory (a process's first calls). Steady time: glibc in the state
     a long-running process such as a training loop reaches (freed blocks up to 32 MiB are reused); after
-    warm-up, the best of at least `repeat` calls and half a second."""
+    warm-up, the best of at least `repeat` calls and half a second. On CUDA: synchronised times (steady
+    only: torch's caching allocator keeps memory) and the peak of torch.cuda's allocated memory."""
+    if DEVICE[0].type == "cuda":
+        return _measure_cuda(fn, repeat)
     _malloc_regime(COLD)
     gc.collect()
     fn()  # warm-up
@@ -98,6 +103,19 @@ def measure(fn, repeat, cold=True):
     for _ in range(3):
         fn()
     return _best(fn, repeat, 0.5), t_cold, peak
+
+
+def _measure_cuda(fn, repeat):
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+    for _ in range(3):
+        synced()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    synced()
+    peak = torch.cuda.max_memory_allocated() - base
+    return _best(synced, repeat, 0.5), None, peak
 
 
 def fwd_bwd(op, *inputs):
@@ -125,45 +143,48 @@ def compare(title, run_native, run_ref, repeat, target=None):
     with native.disabled():
         t_r, c_r, m_r = measure(run_ref, repeat)
     speed, mem = t_r / t_n, m_n / m_r if m_r > 0 else float("nan")
-    print(f"{title:<58} native {t_n * 1e3:8.1f} ms (cold {c_n * 1e3:8.1f}) {m_n / 2**20:7.1f} MiB | reference "
-          f"{t_r * 1e3:8.1f} ms (cold {c_r * 1e3:8.1f}) {m_r / 2**20:7.1f} MiB | speed-up {speed:5.1f}x "
-          f"(cold {c_r / c_n:5.1f}x), memory ratio {mem:5.2f}" + (f"  [{target}]" if target else ""))
+    cold = lambda c, ms=True: "" if c is None else (f" (cold {c * 1e3:8.1f})" if ms else f" (cold {c:5.1f}x)")  # noqa: E731
+    print(f"{title:<58} native {t_n * 1e3:8.1f} ms{cold(c_n)} {m_n / 2**20:7.1f} MiB | reference "
+          f"{t_r * 1e3:8.1f} ms{cold(c_r)} {m_r / 2**20:7.1f} MiB | speed-up {speed:5.1f}x"
+          f"{cold(None if c_n is None else c_r / c_n, False)}, memory ratio {mem:5.2f}"
+          + (f"  [{target}]" if target else ""))
     return speed, mem
 
 
 def bench_ops(repeat):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 64, 161, 161, generator=g)
+    on = lambda t: t.to(DEVICE[0])  # noqa: E731
+    x = on(torch.randn(1, 64, 161, 161, generator=g))
     compare("Im2dist L1 fwd+bwd  C=64 9x9 pad 4  161x161",
             fwd_bwd(lambda t: im2dist(t, 9, 4, 1, 1, "L1"), x), fwd_bwd(lambda t: im2dist(t, 9, 4, 1, 1, "L1"), x),
             repeat, "target >= 5x")
     compare("Im2dist L2 fwd+bwd  C=64 9x9 pad 4  161x161",
             fwd_bwd(lambda t: im2dist(t, 9, 4, 1, 1, "L2"), x), fwd_bwd(lambda t: im2dist(t, 9, 4, 1, 1, "L2"), x),
             repeat)
-    labels = torch.randint(0, 21, (1, 1, 161, 161), generator=g).float()
+    labels = on(torch.randint(0, 21, (1, 1, 161, 161), generator=g).float())
     compare("Im2parity fwd       9x9 pad 4  161x161 ignore 255",
             fwd(lambda t: im2parity(t, 9, 4, 1, 1, 255), labels), fwd(lambda t: im2parity(t, 9, 4, 1, 1, 255), labels),
             repeat)
-    mask = torch.rand(1, 9, 161, 161, generator=g)
-    w = torch.randn(64, 64, 3, 3, generator=g) * 0.05
-    b = torch.randn(64, generator=g)
+    mask = on(torch.rand(1, 9, 161, 161, generator=g))
+    w = on(torch.randn(64, 64, 3, 3, generator=g) * 0.05)
+    b = on(torch.randn(64, generator=g))
     op = lambda *t: segaware_conv(*t, 3, 1, 1, 1)  # noqa: E731
     compare("Seg-aware conv fwd+bwd  64->64 3x3 161x161 (fused vs chain)",
             fwd_bwd(op, x, mask, w, b), fwd_bwd(op, x, mask, w, b), repeat, "target >= 2x, memory <= 0.33")
     compare("Seg-aware conv fwd      64->64 3x3 161x161 (fused vs chain)",
             fwd(op, x, mask, w, b), fwd(op, x, mask, w, b), repeat)
-    probs = torch.rand(1, 21, 161, 161, generator=g)
-    dist = torch.rand(1, 81, 161, 161, generator=g)
-    ones, scale = torch.ones(21, 1, 9, 9), torch.tensor(0.5)
+    probs = on(torch.rand(1, 21, 161, 161, generator=g))
+    dist = on(torch.rand(1, 81, 161, 161, generator=g))
+    ones, scale = on(torch.ones(21, 1, 9, 9)), on(torch.tensor(0.5))
     op = lambda p, dd: norm_conv_filter(p, dd, ones, None, scale, 4, 1, 1, 21)  # noqa: E731
     compare("NormConvMeanfield filtering fwd+bwd 21 ch 9x9 161x161", fwd_bwd(op, probs, dist),
             fwd_bwd(op, probs, dist), repeat)
-    wn = torch.randn(64, 64, 3, 3, generator=g) * 0.05
+    wn = on(torch.randn(64, 64, 3, 3, generator=g) * 0.05)
     op = lambda t, dd: norm_conv_filter(t, dd, wn, b, scale, 1, 1, 1, 1)  # noqa: E731
     compare("NormConv filtering fwd+bwd 64->64 3x3 161x161", fwd_bwd(op, x, dist[:, :9].contiguous()),
             fwd_bwd(op, x, dist[:, :9].contiguous()), repeat)
-    xs = torch.randn(1, 32, 128, 128, generator=g)
-    gates = [0.3 * torch.rand(1, 32, 128, 128, generator=g) for _ in range(3)]
+    xs = on(torch.randn(1, 32, 128, 128, generator=g))
+    gates = [on(0.3 * torch.rand(1, 32, 128, 128, generator=g)) for _ in range(3)]
     for direction, name in (((True, False), "left->right"), ((False, True), "bottom->top")):
         op = lambda *t, d=direction: gate_recurrent(*t, *d)  # noqa: E731
         compare(f"SPN scan three-way fwd+bwd 32x128x128 {name}", fwd_bwd(op, xs, *gates), fwd_bwd(op, xs, *gates),
@@ -195,8 +216,8 @@ def bench_nets(repeat, size):
                     ("pure PyTorch, unfused", dict(fuse=False), True)]
         times = {}
         for label, kwargs, ref in variants:
-            net = Net(path, **kwargs)
-            inputs = {k: torch.randn(net.blob_shapes[k]) for k in net.inputs}
+            net = Net(path, **kwargs).to(DEVICE[0])
+            inputs = {k: torch.randn(net.blob_shapes[k], device=DEVICE[0]) for k in net.inputs}
             fn = fwd(lambda: net(**inputs))
             if ref:
                 with native.disabled():
@@ -223,9 +244,14 @@ def main():
     ap.add_argument("--net-size", type=int, default=0, help="vgg input size; res: the 513 input (0: the configs' own sizes)")
     ap.add_argument("--skip-nets", action="store_true")
     ap.add_argument("--only", metavar="PATTERN", help="run only the op lines whose title matches (regex); skips the nets")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     _ONLY[0] = args.only
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; native cpu module: {native.available('cpu')}")
+    DEVICE[0] = torch.device(args.device)
+    if args.device == "cuda" and not (torch.cuda.is_available() and native.available("cuda")):
+        raise SystemExit("--device cuda needs a GPU that torch sees and the native CUDA module")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; native cpu module: {native.available('cpu')}"
+          + (f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
     bench_ops(args.repeat)
     if not (args.skip_nets or args.only):
         bench_nets(max(1, args.repeat - 2), args.net_size)
