@@ -76,6 +76,7 @@ DEFAULT_CUDA_ARCHS = ["75", "80", "90"]  # Turing (the lowest CUDA 13 supports),
 openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
 extensions = [
     Extension("caffe_layers._native_cpu", ["cuda/native_cpu.cpp"], include_dirs=["cuda"], language="c++",
+              depends=["cuda/native_cpu_kernels.h", "cuda/geometry.h"],
               extra_compile_args=["-O3", "-std=c++17", *openmp], extra_link_args=openmp),
     Extension(CUDA_NAME, ["cuda/native_cuda.cu", "cuda/bind_cuda.cpp"], include_dirs=["cuda"], optional=True),
 ]

@@ -1,4 +1,6 @@
 """Native kernels (cuda/) against the pure-PyTorch references in caffe_layers/ops, forward and backward."""
+import contextlib
+
 import pytest
 import torch
 
@@ -359,3 +361,67 @@ def test_cuda_module_that_refuses_the_driver_falls_back_with_a_warning(monkeypat
         warnings.simplefilter("error")  # remembered: no second warning
         assert not native.available("cuda")
     assert native._modules == {"cuda": None}
+
+
+# ---- the two CPU builds (baseline and AVX2) ---------------------------------------------------------
+@contextlib.contextmanager
+def _isa(name):
+    """Run the CPU kernels of one instruction set inside the block."""
+    native.available("cpu")
+    module = native._modules["cpu"]
+    old = module.isa()
+    module.set_isa(name)
+    try:
+        yield
+    finally:
+        module.set_isa(old)
+
+
+def _cpu_has_avx2():
+    try:
+        with _isa("avx2"):
+            return True
+    except ValueError:
+        return False
+
+
+def _outputs_and_grads(fn, *inputs):
+    xs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    y = fn(*xs)
+    y.backward(_rand(y.shape, 9, y.dtype))
+    return [y.detach()] + [t.grad for t in xs]
+
+
+@pytest.mark.skipif(not _cpu_has_avx2(), reason="this CPU has no AVX2: only the baseline build can run")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_avx2_build_equals_baseline_bit_for_bit(dtype):
+    """Both builds do the same operations in the same order (AVX2 without FMA): identical numbers."""
+    from caffe_layers.ops.norm_conv import norm_conv_filter
+
+    x = _rand((2, 19, 13, 11), 1, dtype)
+    gates = [0.3 * _rand((2, 19, 13, 11), s, dtype).abs() for s in (2, 3, 4)]
+    mask, w, b = _rand((2, 9, 13, 11), 5, dtype), _rand((7, 19, 3, 3), 6, dtype), _rand((7,), 8, dtype)
+    dist, wg = _rand((2, 9, 7, 6), 10, dtype), _rand((19, 1, 3, 3), 11, dtype)
+    cases = {
+        "im2dist L1": (lambda t: im2dist(t, 3, 2, 1, 2, "L1"), x),
+        "im2dist L2": (lambda t: im2dist(t, 3, 2, (2, 1), 1, "L2"), x),
+        "seg-aware conv": (lambda *t: segaware_conv(*t, 3, 1, 1, 1), x, mask, w, b),
+        "norm conv grouped": (lambda t, dd: norm_conv_filter(t, dd, wg, None, None, 1, 2, 1, 19), x, dist),
+    }
+    for hz in (True, False):
+        for rev in (True, False):
+            cases[f"spn three {hz} {rev}"] = (lambda *t, h=hz, r=rev: gate_recurrent(*t, h, r), x, *gates)
+            cases[f"spn one {hz} {rev}"] = (lambda a, c, h=hz, r=rev: gate_recurrent(a, c, None, None, h, r, "one"),
+                                            x, gates[1])
+    for name, (fn, *inputs) in cases.items():
+        with _isa("baseline"):
+            base = _outputs_and_grads(fn, *inputs)
+        with _isa("avx2"):
+            avx2 = _outputs_and_grads(fn, *inputs)
+        for i, (u, v) in enumerate(zip(base, avx2)):
+            assert torch.equal(u, v), f"{name}: output {i} differs between the builds (max {(u - v).abs().max()})"
+    labels = torch.randint(0, 5, (2, 1, 13, 11), generator=torch.Generator().manual_seed(0)).to(dtype)
+    with _isa("baseline"):
+        base = im2parity(labels, 3, 1, 1, 1, 3)
+    with _isa("avx2"):
+        assert torch.equal(base, im2parity(labels, 3, 1, 1, 1, 3))

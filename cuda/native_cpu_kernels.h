@@ -1,0 +1,757 @@
+// CPU kernels of caffe_layers (OpenMP), over raw pointers, float and double; contiguous NCHW tensors.
+// The semantics (quirks included) are those of the pure-PyTorch references in caffe_layers/ops.
+// No include guard and no includes: native_cpu.cpp includes this file twice, inside two namespaces, after
+// the standard headers: once for the baseline x86-64 (SSE2) and once for AVX2, chosen at run time.
+
+// [lo, hi): the output positions o with o * s - p + off inside [0, size).
+inline void valid_range(int64_t size, int64_t p, int64_t s, int64_t off, int64_t out, int64_t& lo, int64_t& hi) {
+  lo = 0;
+  while (lo < out && lo * s - p + off < 0) ++lo;
+  hi = lo;
+  while (hi < out && hi * s - p + off < size) ++hi;
+}
+
+inline bool in(int64_t v, int64_t size) { return v >= 0 && v < size; }
+
+inline int64_t threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// Threads only for enough work (multiply-adds): waking the team costs more than a small kernel, much more
+// on a loaded machine.
+inline bool parallel_worth(int64_t work) { return work >= (int64_t(1) << 16); }
+
+// ---- im2dist -----------------------------------------------------------------------------------
+template <typename T>
+void im2dist_forward(const T* x, T* y, const Geom& g, bool l1, bool remove_center, bool remove_bounds, T big) {
+  const int64_t K = g.K(), ci = g.kh / 2, cj = g.kw / 2;
+  int64_t clo, chi;
+  valid_range(g.W, g.pw, g.sw, cj * g.dw, g.Wo, clo, chi);
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(g.N * g.Ho * g.K() * g.Wo * g.C))
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      const int64_t ch = oh * g.sh - g.ph + ci * g.dh;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          T* out = y + ((n * K + i * g.kw + j) * g.Ho + oh) * g.Wo;
+          std::fill(out, out + g.Wo, T(0));
+          if (!in(ch, g.H)) continue;  // centre outside the image: all taps 0
+          const bool centre = i == ci && j == cj;
+          int64_t nlo, nhi;
+          valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, nlo, nhi);
+          if (remove_center && centre) {
+            for (int64_t o = clo; o < chi; ++o) out[o] = big;
+            continue;
+          }
+          const T outside = remove_bounds ? big : T(0);
+          if (!in(hh, g.H)) {
+            for (int64_t o = clo; o < chi; ++o) out[o] = outside;
+            continue;
+          }
+          const int64_t lo = std::max(clo, nlo), hi = std::min(chi, nhi);
+          const int64_t coff = cj * g.dw - g.pw, noff = j * g.dw - g.pw;
+          for (int64_t c = 0; c < g.C; ++c) {
+            const T* xc = x + ((n * g.C + c) * g.H + ch) * g.W;
+            const T* xn = x + ((n * g.C + c) * g.H + hh) * g.W;
+            if (l1) {
+              for (int64_t o = lo; o < hi; ++o) out[o] += std::abs(xc[o * g.sw + coff] - xn[o * g.sw + noff]);
+            } else {
+              for (int64_t o = lo; o < hi; ++o) {
+                const T d = xc[o * g.sw + coff] - xn[o * g.sw + noff];
+                out[o] += d * d * T(0.5);
+              }
+            }
+          }
+          for (int64_t o = clo; o < chi; ++o)
+            if (o < nlo || o >= nhi) out[o] = outside;
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int MODE>
+inline T dist_sign(T d) {
+  if (MODE == L2) return d;
+  if (MODE == L1_TRUE) return T(d > 0) - T(d < 0);
+  return d > 0 ? T(1) : T(-1);  // quirk (dist2im_cpu): sign(0) = -1
+}
+
+template <typename T, int MODE>
+void im2dist_backward_mode(const T* x, const T* gy, T* gx, const Geom& g) {
+  const int64_t K = g.K(), ci = g.kh / 2, cj = g.kw / 2, coff = cj * g.dw - g.pw, HW = g.H * g.W;
+  int64_t clo, chi;
+  valid_range(g.W, g.pw, g.sw, cj * g.dw, g.Wo, clo, chi);
+  // Each task owns a block of channels of gx (no write conflicts); the channels of a block are the
+  // innermost loop, so each row of gy is read from memory once per block rather than once per channel.
+  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(16, g.N * g.C / (4 * threads())));
+  const int64_t blocks = (g.C + block - 1) / block;
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(g.N * g.C * g.Ho * g.K() * g.Wo))
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t cb = 0; cb < blocks; ++cb) {
+      const int64_t c0 = cb * block, c1 = std::min(g.C, c0 + block);
+      const T* xb = x + (n * g.C + c0) * HW;
+      T* gb = gx + (n * g.C + c0) * HW;
+      std::fill(gb, gb + (c1 - c0) * HW, T(0));
+      std::vector<T> tmp(g.Wo);
+      for (int64_t oh = 0; oh < g.Ho; ++oh) {
+        const int64_t ch = oh * g.sh - g.ph + ci * g.dh;
+        if (!in(ch, g.H)) continue;  // no gradient from taps of an out-of-image centre
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+          const bool row_in = in(hh, g.H);
+          for (int64_t j = 0; j < g.kw; ++j) {
+            if (i == ci && j == cj) continue;  // the centre's own distance is constant
+            const T* gyr = gy + ((n * K + i * g.kw + j) * g.Ho + oh) * g.Wo;
+            int64_t lo = chi, hi = chi;
+            if (row_in) {
+              int64_t nlo, nhi;
+              valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, nlo, nhi);
+              lo = std::max(clo, nlo);
+              hi = std::max(lo, std::min(chi, nhi));
+            }
+            const int64_t noff = j * g.dw - g.pw;
+            for (int64_t c = 0; c < c1 - c0; ++c) {
+              const T* xc = xb + c * HW + ch * g.W + coff;
+              T* gc = gb + c * HW + ch * g.W + coff;
+              if (MODE == L1_CAFFE) {
+                // quirk: an out-of-bounds neighbour (distance stored as 0) still sends -top_diff
+                for (int64_t o = clo; o < std::min(lo, chi); ++o) gc[o * g.sw] -= gyr[o];
+                for (int64_t o = hi; o < chi; ++o) gc[o * g.sw] -= gyr[o];
+              }
+              if (lo >= hi) continue;
+              const T* xn = xb + c * HW + hh * g.W + noff;
+              T* gn = gb + c * HW + hh * g.W + noff;
+              // two passes: gc and gn may share a row, a separate buffer lets each loop vectorise
+              for (int64_t o = lo; o < hi; ++o) tmp[o] = dist_sign<T, MODE>(xc[o * g.sw] - xn[o * g.sw]) * gyr[o];
+              for (int64_t o = lo; o < hi; ++o) gc[o * g.sw] += tmp[o];
+              for (int64_t o = lo; o < hi; ++o) gn[o * g.sw] -= tmp[o];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void im2dist_backward(const T* x, const T* gy, T* gx, const Geom& g, int mode) {
+  if (mode == L2) im2dist_backward_mode<T, L2>(x, gy, gx, g);
+  else if (mode == L1_TRUE) im2dist_backward_mode<T, L1_TRUE>(x, gy, gx, g);
+  else im2dist_backward_mode<T, L1_CAFFE>(x, gy, gx, g);
+}
+
+// ---- im2parity ---------------------------------------------------------------------------------
+template <typename T>
+void im2parity_forward(const T* labels, T* y, const Geom& g, bool has_ignore, T ignore, T outside) {
+  const int64_t K = g.K(), ci = g.kh / 2, cj = g.kw / 2;
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(g.N * g.Ho * g.K() * g.Wo))
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      // C > 1: every channel writes the same outputs, the last one wins
+      const T* lab = labels + ((n * g.C) + g.C - 1) * g.H * g.W;
+      const int64_t ch = oh * g.sh - g.ph + ci * g.dh;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t i = k / g.kw, j = k % g.kw;
+        const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+        T* out = y + ((n * K + k) * g.Ho + oh) * g.Wo;
+        for (int64_t o = 0; o < g.Wo; ++o) {
+          const int64_t cw = o * g.sw - g.pw + cj * g.dw, nw = o * g.sw - g.pw + j * g.dw;
+          if (!in(ch, g.H) || !in(cw, g.W)) {
+            out[o] = outside;
+            continue;
+          }
+          const T cv = std::trunc(lab[ch * g.W + cw]);
+          const T nv = (in(hh, g.H) && in(nw, g.W)) ? std::trunc(lab[hh * g.W + nw]) : T(0);  // outside reads 0
+          T p = nv == cv ? T(1) : T(0);
+          if (has_ignore && (nv == ignore || cv == ignore)) p = ignore;
+          out[o] = p;
+        }
+      }
+    }
+  }
+}
+
+// ---- SPN scan ----------------------------------------------------------------------------------
+// A plane is scanned line by line: line t (the scan step) holds S values s = 0..S-1 that are contiguous in
+// the kernels below, so the inner loops run along the non-scan axis and vectorise. Vertical scans read the
+// plane's rows in place; horizontal ones gather strips of kStrip columns into line buffers (strided reads
+// of whole planes thrash the cache: rows W apart alias) and scatter the results back.
+// g1/g2/g3 (a/b/c) weight the neighbours at s-1, s, s+1 of the previous step; THREE = false is the
+// one-way connection (g2 only). The boundary values s = 0 and s = S-1 (missing neighbours) are done apart,
+// so the inner loops have no branch.
+constexpr int64_t kStrip = 32;
+
+// Per-thread scratch kept between calls: a fresh vector each call is a fresh mmap (and page faults) once
+// allocations this size are mmapped, as under MALLOC_MMAP_THRESHOLD_.
+template <typename T>
+T* scratch(size_t n) {
+  thread_local std::vector<T> v;
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+template <typename T, bool THREE>
+inline void forward_line(const T* __restrict__ xs, const T* __restrict__ a, const T* __restrict__ b,
+                         const T* __restrict__ c, const T* __restrict__ hp, T* __restrict__ hc, int64_t S) {
+  if (!hp) {  // first step: h = x
+    std::copy(xs, xs + S, hc);
+    return;
+  }
+  if (!THREE || S == 1) {
+    for (int64_t s = 0; s < S; ++s) hc[s] = (T(1) - b[s]) * xs[s] + b[s] * hp[s];
+    return;
+  }
+  const int64_t e = S - 1;
+  hc[0] = (T(1) - b[0] - c[0]) * xs[0] + (b[0] * hp[0] + c[0] * hp[1]);
+  for (int64_t s = 1; s < e; ++s)
+    hc[s] = (T(1) - a[s] - b[s] - c[s]) * xs[s] + (a[s] * hp[s - 1] + b[s] * hp[s] + c[s] * hp[s + 1]);
+  hc[e] = (T(1) - a[e] - b[e]) * xs[e] + (a[e] * hp[e - 1] + b[e] * hp[e]);
+}
+
+// The reverse scan's state: n1/n2/n3 (padded by one zero on each side) hold dH(q) * g_k(q) of the step
+// after, so dH(p) = top(p) + n3[s-1] + n2[s] + n1[s+1] needs no bounds checks; c1/c2/c3 are being written.
+template <typename T>
+struct ScanState {
+  std::vector<T> buf;
+  T *n1, *n2, *n3, *c1, *c2, *c3;
+  explicit ScanState(int64_t S) : buf(6 * (S + 2), T(0)) {
+    T* p = buf.data() + 1;
+    n1 = p, n2 = p + (S + 2), n3 = p + 2 * (S + 2), c1 = p + 3 * (S + 2), c2 = p + 4 * (S + 2), c3 = p + 5 * (S + 2);
+  }
+  void reset() { std::fill(buf.begin(), buf.end(), T(0)); }
+};
+
+template <typename T, bool THREE>
+inline void backward_line(const T* __restrict__ top, const T* __restrict__ xs, const T* __restrict__ a,
+                          const T* __restrict__ b, const T* __restrict__ c, const T* __restrict__ hp,
+                          T* __restrict__ gx, T* __restrict__ ga, T* __restrict__ gb, T* __restrict__ gc,
+                          ScanState<T>& st, int64_t S) {
+  T* __restrict__ d = st.c2;  // dH of this step, then dH * g2
+  const T *n1 = st.n1, *n2 = st.n2, *n3 = st.n3;
+  if (THREE) {
+    for (int64_t s = 0; s < S; ++s) d[s] = top[s] + (n3[s - 1] + n2[s] + n1[s + 1]);
+  } else {
+    for (int64_t s = 0; s < S; ++s) d[s] = top[s] + n2[s];
+  }
+  if (!hp) {  // first step: h = x, gates unused
+    std::copy(d, d + S, gx);
+    std::fill(gb, gb + S, T(0));
+    if (THREE) {
+      std::fill(ga, ga + S, T(0));
+      std::fill(gc, gc + S, T(0));
+    }
+    return;
+  }
+  if (!THREE) {
+    for (int64_t s = 0; s < S; ++s) {
+      gx[s] = (T(1) - b[s]) * d[s];
+      gb[s] = d[s] * (hp[s] - xs[s]);
+      d[s] *= b[s];
+    }
+  } else {
+    T* __restrict__ c1 = st.c1;
+    T* __restrict__ c3 = st.c3;
+    const int64_t e = S - 1;
+    ga[0] = 0;  // no neighbour at s - 1 for s = 0, none at s + 1 for s = S - 1: their gates get zero
+    gc[e] = 0;
+    for (int64_t s = 1; s < S; ++s) ga[s] = d[s] * (hp[s - 1] - xs[s]);
+    for (int64_t s = 0; s < e; ++s) gc[s] = d[s] * (hp[s + 1] - xs[s]);
+    if (S == 1) {
+      gx[0] = (T(1) - b[0]) * d[0];
+    } else {
+      gx[0] = (T(1) - b[0] - c[0]) * d[0];
+      for (int64_t s = 1; s < e; ++s) gx[s] = (T(1) - a[s] - b[s] - c[s]) * d[s];
+      gx[e] = (T(1) - a[e] - b[e]) * d[e];
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      gb[s] = d[s] * (hp[s] - xs[s]);
+      c1[s] = d[s] * a[s];
+      c3[s] = d[s] * c[s];
+      d[s] *= b[s];
+    }
+  }
+  std::swap(st.n1, st.c1);
+  std::swap(st.n2, st.c2);
+  std::swap(st.n3, st.c3);
+}
+
+// Horizontal scans: steps [t0, t0 + cnt) of a row-major H x W plane <-> cnt lines of S = H values. The
+// plane side is walked row by row (sequential, prefetched), the line buffer (cache-resident) is strided;
+// float tiles of 4 x 4 go through SSE transposes (the strided scalar copies were half the horizontal time).
+template <typename T>
+inline void gather_tile(const T* plane, T* lines, int64_t W, int64_t S, int64_t t0, int64_t s0, int64_t s1, int64_t j0,
+                        int64_t j1, bool rev) {
+  for (int64_t s = s0; s < s1; ++s) {
+    const T* row = plane + s * W;
+    for (int64_t j = j0; j < j1; ++j) lines[j * S + s] = row[rev ? W - 1 - t0 - j : t0 + j];
+  }
+}
+
+template <typename T>
+inline void scatter_tile(const T* lines, T* plane, int64_t W, int64_t S, int64_t t0, int64_t s0, int64_t s1, int64_t j0,
+                         int64_t j1, bool rev) {
+  for (int64_t s = s0; s < s1; ++s) {
+    T* row = plane + s * W;
+    for (int64_t j = j0; j < j1; ++j) row[rev ? W - 1 - t0 - j : t0 + j] = lines[j * S + s];
+  }
+}
+
+#if defined(__SSE2__)
+inline __m128 reversed(__m128 v) { return _mm_shuffle_ps(v, v, _MM_SHUFFLE(0, 1, 2, 3)); }
+
+// 4 x 4 float tile: rows s0..s0+3 of the plane, steps j0..j0+3 (columns t0+j, or W-1-t0-j reversed)
+inline void gather_tile4(const float* plane, float* lines, int64_t W, int64_t S, int64_t t0, int64_t s0, int64_t j0,
+                         bool rev) {
+  const int64_t col = rev ? W - 1 - t0 - j0 - 3 : t0 + j0;
+  __m128 r[4];
+  for (int q = 0; q < 4; ++q) {
+    r[q] = _mm_loadu_ps(plane + (s0 + q) * W + col);
+    if (rev) r[q] = reversed(r[q]);
+  }
+  _MM_TRANSPOSE4_PS(r[0], r[1], r[2], r[3]);
+  for (int q = 0; q < 4; ++q) _mm_storeu_ps(lines + (j0 + q) * S + s0, r[q]);
+}
+
+inline void scatter_tile4(const float* lines, float* plane, int64_t W, int64_t S, int64_t t0, int64_t s0, int64_t j0,
+                          bool rev) {
+  const int64_t col = rev ? W - 1 - t0 - j0 - 3 : t0 + j0;
+  __m128 r[4];
+  for (int q = 0; q < 4; ++q) r[q] = _mm_loadu_ps(lines + (j0 + q) * S + s0);
+  _MM_TRANSPOSE4_PS(r[0], r[1], r[2], r[3]);
+  for (int q = 0; q < 4; ++q) _mm_storeu_ps(plane + (s0 + q) * W + col, rev ? reversed(r[q]) : r[q]);
+}
+#endif
+
+template <typename T>
+void gather(const T* plane, T* lines, int64_t W, int64_t S, int64_t t0, int64_t cnt, bool rev) {
+  int64_t s4 = 0, j4 = 0;
+#if defined(__SSE2__)
+  if (std::is_same<T, float>::value) {
+    s4 = S / 4 * 4, j4 = cnt / 4 * 4;
+    for (int64_t s0 = 0; s0 < s4; s0 += 4) {
+      for (int64_t j0 = 0; j0 < j4; j0 += 4)
+        gather_tile4(reinterpret_cast<const float*>(plane), reinterpret_cast<float*>(lines), W, S, t0, s0, j0, rev);
+    }
+    gather_tile(plane, lines, W, S, t0, 0, s4, j4, cnt, rev);  // right-hand remainder
+  }
+#endif
+  gather_tile(plane, lines, W, S, t0, s4, S, 0, cnt, rev);  // bottom remainder (all of it for double)
+}
+
+template <typename T>
+void scatter(const T* lines, T* plane, int64_t W, int64_t S, int64_t t0, int64_t cnt, bool rev) {
+  int64_t s4 = 0, j4 = 0;
+#if defined(__SSE2__)
+  if (std::is_same<T, float>::value) {
+    s4 = S / 4 * 4, j4 = cnt / 4 * 4;
+    for (int64_t s0 = 0; s0 < s4; s0 += 4)
+      for (int64_t j0 = 0; j0 < j4; j0 += 4)
+        scatter_tile4(reinterpret_cast<const float*>(lines), reinterpret_cast<float*>(plane), W, S, t0, s0, j0, rev);
+    scatter_tile(lines, plane, W, S, t0, 0, s4, j4, cnt, rev);
+  }
+#endif
+  scatter_tile(lines, plane, W, S, t0, s4, S, 0, cnt, rev);
+}
+
+template <typename T, bool THREE>
+void scan_forward_plane(const T* x, const T* g1, const T* g2, const T* g3, T* h, int64_t H, int64_t W, bool hz,
+                        bool rev, T* buf) {
+  if (!hz) {  // lines = rows, in place
+    auto L = [&](int64_t t) { return (rev ? H - 1 - t : t) * W; };
+    for (int64_t t = 0; t < H; ++t)
+      forward_line<T, THREE>(x + L(t), THREE ? g1 + L(t) : nullptr, g2 + L(t), THREE ? g3 + L(t) : nullptr,
+                             t ? h + L(t - 1) : nullptr, h + L(t), W);
+    return;
+  }
+  const int64_t S = H, n = kStrip * S;
+  T *bx = buf, *ba = bx + n, *bb = ba + n, *bc = bb + n, *bh = bc + n, *prev = bh + n;
+  for (int64_t t0 = 0; t0 < W; t0 += kStrip) {
+    const int64_t cnt = std::min(kStrip, W - t0);
+    gather(x, bx, W, S, t0, cnt, rev);
+    gather(g2, bb, W, S, t0, cnt, rev);
+    if (THREE) {
+      gather(g1, ba, W, S, t0, cnt, rev);
+      gather(g3, bc, W, S, t0, cnt, rev);
+    }
+    for (int64_t j = 0; j < cnt; ++j) {
+      const T* hp = t0 + j == 0 ? nullptr : (j ? bh + (j - 1) * S : prev);
+      forward_line<T, THREE>(bx + j * S, ba + j * S, bb + j * S, bc + j * S, hp, bh + j * S, S);
+    }
+    std::copy(bh + (cnt - 1) * S, bh + cnt * S, prev);
+    scatter(bh, h, W, S, t0, cnt, rev);
+  }
+}
+
+// Reverse scan of dH alone along one line (horizontal scans): d = dH of this step, into the state for the next.
+template <typename T, bool THREE>
+inline void dh_line(const T* __restrict__ top, const T* __restrict__ a, const T* __restrict__ b,
+                    const T* __restrict__ c, T* __restrict__ d, ScanState<T>& st, int64_t S) {
+  const T *n1 = st.n1, *n2 = st.n2, *n3 = st.n3;
+  T *__restrict__ c1 = st.c1, *__restrict__ c2 = st.c2, *__restrict__ c3 = st.c3;
+  if (THREE) {
+    #pragma GCC ivdep
+    for (int64_t s = 0; s < S; ++s) {
+      const T v = top[s] + (n3[s - 1] + n2[s] + n1[s + 1]);
+      d[s] = v;
+      c1[s] = v * a[s];
+      c2[s] = v * b[s];
+      c3[s] = v * c[s];
+    }
+  } else {
+    #pragma GCC ivdep
+    for (int64_t s = 0; s < S; ++s) {
+      const T v = top[s] + n2[s];
+      d[s] = v;
+      c2[s] = v * b[s];
+    }
+  }
+  std::swap(st.n1, st.c1);
+  std::swap(st.n2, st.c2);
+  std::swap(st.n3, st.c3);
+}
+
+// Row r of a horizontally scanned plane: dx holds dH on entry, the gradients of backward_line on exit.
+// Step order runs along the row (reversed for right->left): the previous step's column is q = col -/+ 1.
+template <typename T, bool THREE>
+inline void grad_row(const T* x, const T* g1, const T* g2, const T* g3, const T* h, T* dx, T* dg1, T* dg2, T* dg3,
+                     int64_t r, int64_t H, int64_t W, bool rev) {
+  const int64_t o = r * W, first = rev ? W - 1 : 0;  // the first step's column: h = x, gates unused
+  const int64_t lo = rev ? 0 : 1, hi = rev ? W - 1 : W, q = rev ? 1 : -1;  // columns with a previous step
+  const T *__restrict__ xs = x + o, *__restrict__ b = g2 + o, *__restrict__ hp = h + o + q;
+  T *__restrict__ gx = dx + o, *__restrict__ gb = dg2 + o;
+  gb[first] = 0;
+  if (THREE) dg1[o + first] = 0, dg3[o + first] = 0;
+  if (!THREE || H == 1) {
+    #pragma GCC ivdep
+    for (int64_t k = lo; k < hi; ++k) {
+      const T d = gx[k];
+      gx[k] = (T(1) - b[k]) * d;
+      gb[k] = d * (hp[k] - xs[k]);
+    }
+    if (THREE)
+      #pragma GCC ivdep
+      for (int64_t k = lo; k < hi; ++k) dg1[o + k] = 0, dg3[o + k] = 0;
+    return;
+  }
+  const T *__restrict__ a = g1 + o, *__restrict__ c = g3 + o;
+  T *__restrict__ ga = dg1 + o, *__restrict__ gc = dg3 + o;
+  const T* up = r > 0 ? hp - W : nullptr;      // h of the row above, previous step
+  const T* dn = r < H - 1 ? hp + W : nullptr;  // h of the row below
+  if (up && dn) {
+    #pragma GCC ivdep
+    for (int64_t k = lo; k < hi; ++k) {
+      const T d = gx[k];
+      gx[k] = (T(1) - a[k] - b[k] - c[k]) * d;
+      ga[k] = d * (up[k] - xs[k]);
+      gb[k] = d * (hp[k] - xs[k]);
+      gc[k] = d * (dn[k] - xs[k]);
+    }
+  } else if (dn) {  // top row: no neighbour above, its gate gets zero
+    #pragma GCC ivdep
+    for (int64_t k = lo; k < hi; ++k) {
+      const T d = gx[k];
+      gx[k] = (T(1) - b[k] - c[k]) * d;
+      ga[k] = 0;
+      gb[k] = d * (hp[k] - xs[k]);
+      gc[k] = d * (dn[k] - xs[k]);
+    }
+  } else {  // bottom row
+    #pragma GCC ivdep
+    for (int64_t k = lo; k < hi; ++k) {
+      const T d = gx[k];
+      gx[k] = (T(1) - a[k] - b[k]) * d;
+      ga[k] = d * (up[k] - xs[k]);
+      gb[k] = d * (hp[k] - xs[k]);
+      gc[k] = 0;
+    }
+  }
+}
+
+template <typename T, bool THREE>
+void scan_backward_plane(const T* x, const T* g1, const T* g2, const T* g3, const T* h, const T* dtop, T* dx, T* dg1,
+                         T* dg2, T* dg3, int64_t H, int64_t W, bool hz, bool rev, ScanState<T>& st, T* buf) {
+  st.reset();
+  if (!hz) {  // lines = rows, in place
+    auto L = [&](int64_t t) { return (rev ? H - 1 - t : t) * W; };
+    for (int64_t t = H - 1; t >= 0; --t) {
+      const int64_t o = L(t);
+      backward_line<T, THREE>(dtop + o, x + o, THREE ? g1 + o : nullptr, g2 + o, THREE ? g3 + o : nullptr,
+                              t ? h + L(t - 1) : nullptr, dx + o, THREE ? dg1 + o : nullptr, dg2 + o,
+                              THREE ? dg3 + o : nullptr, st, W);
+    }
+    return;
+  }
+  // Horizontal: only dH needs the reverse scan, which reads top and the gates; the strips carry those in
+  // and dH out (into dx), and the gradients follow in one row-major pass (half the transposes).
+  const int64_t S = H, n = kStrip * S;
+  T *bt = buf, *ba = bt + n, *bb = ba + n, *bc = bb + n, *bd = bc + n;
+  for (int64_t t1 = W; t1 > 0; t1 -= kStrip) {
+    const int64_t t0 = std::max<int64_t>(0, t1 - kStrip), cnt = t1 - t0;
+    gather(dtop, bt, W, S, t0, cnt, rev);
+    gather(g2, bb, W, S, t0, cnt, rev);
+    if (THREE) {
+      gather(g1, ba, W, S, t0, cnt, rev);
+      gather(g3, bc, W, S, t0, cnt, rev);
+    }
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const int64_t j = (t - t0) * S;
+      dh_line<T, THREE>(bt + j, ba + j, bb + j, bc + j, bd + j, st, S);
+    }
+    scatter(bd, dx, W, S, t0, cnt, rev);
+  }
+  for (int64_t r = 0; r < H; ++r)
+    grad_row<T, THREE>(x, g1, g2, g3, h, dx, dg1, dg2, dg3, r, H, W, rev);
+}
+
+// x, g*, h: planes x H x W (g1 = g3 = null: one-way). One (n, c) plane per task; dynamic schedule: on a
+// loaded machine a thread that gets less CPU time takes fewer planes.
+template <typename T>
+void spn_forward(const T* x, const T* g1, const T* g2, const T* g3, T* h, int64_t planes, int64_t H, int64_t W,
+                 bool hz, bool rev) {
+  const bool three = g1 != nullptr;
+#pragma omp parallel if (parallel_worth(planes * H * W))
+  {
+    T* buf = hz ? scratch<T>(6 * kStrip * H) : nullptr;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t pl = 0; pl < planes; ++pl) {
+      const int64_t b = pl * H * W;
+      if (three) scan_forward_plane<T, true>(x + b, g1 + b, g2 + b, g3 + b, h + b, H, W, hz, rev, buf);
+      else scan_forward_plane<T, false>(x + b, nullptr, g2 + b, nullptr, h + b, H, W, hz, rev, buf);
+    }
+  }
+}
+
+template <typename T>
+void spn_backward(const T* x, const T* g1, const T* g2, const T* g3, const T* h, const T* dtop, T* dx, T* dg1,
+                  T* dg2, T* dg3, int64_t planes, int64_t H, int64_t W, bool hz, bool rev) {
+  const bool three = g1 != nullptr;
+#pragma omp parallel if (parallel_worth(planes * H * W))
+  {
+    ScanState<T> st(hz ? H : W);
+    T* buf = hz ? scratch<T>(5 * kStrip * H) : nullptr;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t pl = 0; pl < planes; ++pl) {
+      const int64_t b = pl * H * W;
+      if (three)
+        scan_backward_plane<T, true>(x + b, g1 + b, g2 + b, g3 + b, h + b, dtop + b, dx + b, dg1 + b, dg2 + b,
+                                     dg3 + b, H, W, hz, rev, st, buf);
+      else
+        scan_backward_plane<T, false>(x + b, nullptr, g2 + b, nullptr, h + b, dtop + b, dx + b, nullptr, dg2 + b,
+                                      nullptr, H, W, hz, rev, st, buf);
+    }
+  }
+}
+
+// ---- segmentation-aware convolution: masked column buffers for output rows [r0, r1) of image n -----
+// cols[(c*K + k), p] = im2col(x)[c, k, p] * mask[k, p], p over the chunk's output positions.
+template <typename T>
+void masked_im2col(const T* x, const T* mask, T* cols, const Geom& g, int64_t n, int64_t r0, int64_t r1) {
+  const int64_t K = g.K(), P = (r1 - r0) * g.Wo;
+#pragma omp parallel for schedule(static) if (parallel_worth(g.C * g.K() * (r1 - r0) * g.Wo))
+  for (int64_t ck = 0; ck < g.C * K; ++ck) {
+    const int64_t c = ck / K, k = ck % K, i = k / g.kw, j = k % g.kw;
+    const T* xc = x + (n * g.C + c) * g.H * g.W;
+    int64_t lo, hi;
+    valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
+    T* dst = cols + ck * P;
+    for (int64_t oh = r0; oh < r1; ++oh) {
+      T* d = dst + (oh - r0) * g.Wo;
+      const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+      if (!in(hh, g.H)) {
+        std::fill(d, d + g.Wo, T(0));
+        continue;
+      }
+      const T* m = mask + ((n * K + k) * g.Ho + oh) * g.Wo;
+      const T* xr = xc + hh * g.W + j * g.dw - g.pw;
+      for (int64_t o = 0; o < lo; ++o) d[o] = 0;
+      if (g.sw == 1) {  // contiguous: lets the compiler vectorise
+        for (int64_t o = lo; o < hi; ++o) d[o] = xr[o] * m[o];
+      } else {
+        for (int64_t o = lo; o < hi; ++o) d[o] = xr[o * g.sw] * m[o];
+      }
+      for (int64_t o = hi; o < g.Wo; ++o) d[o] = 0;
+    }
+  }
+}
+
+// Backward of masked_im2col for a chunk: gx[n] += col2im(dcols * mask); gmask[n, :, r0:r1] = sum_c dcols * col.
+// One parallel region (two work-shared loops writing different arrays, no barrier between them): under load
+// every extra region costs a thread hand-over.
+template <typename T>
+void masked_col2im(const T* x, const T* mask, const T* dcols, T* gx, T* gmask, const Geom& g, int64_t n,
+                   int64_t r0, int64_t r1) {
+  const int64_t K = g.K(), P = (r1 - r0) * g.Wo;
+#pragma omp parallel if (parallel_worth(g.C * g.K() * (r1 - r0) * g.Wo))
+  {
+    if (gx) {
+#pragma omp for schedule(static) nowait
+      for (int64_t c = 0; c < g.C; ++c) {
+        T* gc = gx + (n * g.C + c) * g.H * g.W;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t i = k / g.kw, j = k % g.kw;
+          int64_t lo, hi;
+          valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
+          const T* src = dcols + (c * K + k) * P;
+          for (int64_t oh = r0; oh < r1; ++oh) {
+            const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+            if (!in(hh, g.H)) continue;
+            const T* m = mask + ((n * K + k) * g.Ho + oh) * g.Wo;
+            const T* s = src + (oh - r0) * g.Wo;
+            T* gr = gc + hh * g.W + j * g.dw - g.pw;
+            if (g.sw == 1) {
+              for (int64_t o = lo; o < hi; ++o) gr[o] += s[o] * m[o];
+            } else {
+              for (int64_t o = lo; o < hi; ++o) gr[o * g.sw] += s[o] * m[o];
+            }
+          }
+        }
+      }
+    }
+    if (gmask) {
+#pragma omp for collapse(2) schedule(static) nowait
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t oh = r0; oh < r1; ++oh) {
+          const int64_t i = k / g.kw, j = k % g.kw;
+          const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+          T* gm = gmask + ((n * K + k) * g.Ho + oh) * g.Wo;
+          std::fill(gm, gm + g.Wo, T(0));
+          if (!in(hh, g.H)) continue;
+          int64_t lo, hi;
+          valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
+          for (int64_t c = 0; c < g.C; ++c) {
+            const T* s = dcols + (c * K + k) * P + (oh - r0) * g.Wo;
+            const T* xr = x + ((n * g.C + c) * g.H + hh) * g.W + j * g.dw - g.pw;
+            if (g.sw == 1) {
+              for (int64_t o = lo; o < hi; ++o) gm[o] += s[o] * xr[o];
+            } else {
+              for (int64_t o = lo; o < hi; ++o) gm[o] += s[o] * xr[o * g.sw];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- normalised convolution filtering (NormConv, NormConvMeanfield) -------------------------------
+// y[n, o, p] = b[o] + sum_{c in group(o), k} w[o, c, k] * x[n, c, p + offset_k] * soft[n, k, p]: a grouped
+// convolution whose taps are weighted per output position by soft (the softmax of the embedding
+// distances, N x K x Ho x Wo, computed by the caller). Out-of-image taps read 0.
+template <typename T>
+void normfilter_forward(const T* x, const T* soft, const T* w, const T* b, T* y, const Geom& g, const Groups& q) {
+  const int64_t K = g.K(), P = g.Ho * g.Wo;
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(g.N * q.O * q.Cg * g.K() * g.Ho * g.Wo))
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t o = 0; o < q.O; ++o) {
+      T* yo = y + (n * q.O + o) * P;
+      std::fill(yo, yo + P, b ? b[o] : T(0));
+      for (int64_t cc = 0; cc < q.Cg; ++cc) {
+        const T* xc = x + (n * g.C + (o / q.Og) * q.Cg + cc) * g.H * g.W;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t i = k / g.kw, j = k % g.kw;
+          const T wv = w[(o * q.Cg + cc) * K + k];
+          int64_t lo, hi;
+          valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
+          for (int64_t oh = 0; oh < g.Ho; ++oh) {
+            const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+            if (!in(hh, g.H)) continue;
+            const T* xr = xc + hh * g.W + j * g.dw - g.pw;
+            const T* sr = soft + ((n * K + k) * g.Ho + oh) * g.Wo;
+            T* yr = yo + oh * g.Wo;
+            for (int64_t ow = lo; ow < hi; ++ow) yr[ow] += wv * (xr[ow * g.sw] * sr[ow]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Gradients wrt x, soft and w (any may be null), each gathered by its own owner: no write conflicts.
+template <typename T>
+void normfilter_backward(const T* x, const T* soft, const T* w, const T* gy, T* gx, T* gsoft, T* gw, const Geom& g,
+                         const Groups& q) {
+  const int64_t K = g.K(), P = g.Ho * g.Wo, HW = g.H * g.W;
+  if (gx) {
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(g.N * q.O * q.Cg * g.K() * g.Ho * g.Wo))
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t c = 0; c < g.C; ++c) {
+        T* gc = gx + (n * g.C + c) * HW;
+        std::fill(gc, gc + HW, T(0));
+        const int64_t grp = c / q.Cg, cc = c % q.Cg;
+        for (int64_t o = grp * q.Og; o < (grp + 1) * q.Og; ++o) {
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t i = k / g.kw, j = k % g.kw;
+            const T wv = w[(o * q.Cg + cc) * K + k];
+            int64_t lo, hi;
+            valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
+            for (int64_t oh = 0; oh < g.Ho; ++oh) {
+              const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+              if (!in(hh, g.H)) continue;
+              const T* gr = gy + ((n * q.O + o) * g.Ho + oh) * g.Wo;
+              const T* sr = soft + ((n * K + k) * g.Ho + oh) * g.Wo;
+              T* xr = gc + hh * g.W + j * g.dw - g.pw;
+              for (int64_t ow = lo; ow < hi; ++ow) xr[ow * g.sw] += wv * (gr[ow] * sr[ow]);
+            }
+          }
+        }
+      }
+    }
+  }
+  if (gsoft) {
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(g.N * q.O * q.Cg * g.K() * g.Ho * g.Wo))
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t k = 0; k < K; ++k) {
+        T* gs = gsoft + (n * K + k) * P;
+        std::fill(gs, gs + P, T(0));
+        const int64_t i = k / g.kw, j = k % g.kw;
+        int64_t lo, hi;
+        valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
+        for (int64_t o = 0; o < q.O; ++o) {
+          for (int64_t cc = 0; cc < q.Cg; ++cc) {
+            const T wv = w[(o * q.Cg + cc) * K + k];
+            const T* xc = x + (n * g.C + (o / q.Og) * q.Cg + cc) * HW;
+            for (int64_t oh = 0; oh < g.Ho; ++oh) {
+              const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+              if (!in(hh, g.H)) continue;
+              const T* xr = xc + hh * g.W + j * g.dw - g.pw;
+              const T* gr = gy + ((n * q.O + o) * g.Ho + oh) * g.Wo;
+              T* sr = gs + oh * g.Wo;
+              for (int64_t ow = lo; ow < hi; ++ow) sr[ow] += wv * (gr[ow] * xr[ow * g.sw]);
+            }
+          }
+        }
+      }
+    }
+  }
+  if (gw) {
+#pragma omp parallel for collapse(3) schedule(static) if (parallel_worth(g.N * q.O * q.Cg * g.K() * g.Ho * g.Wo))
+    for (int64_t o = 0; o < q.O; ++o) {
+      for (int64_t cc = 0; cc < q.Cg; ++cc) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t i = k / g.kw, j = k % g.kw;
+          int64_t lo, hi;
+          valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
+          T acc = 0;
+          for (int64_t n = 0; n < g.N; ++n) {
+            const T* xc = x + (n * g.C + (o / q.Og) * q.Cg + cc) * HW;
+            for (int64_t oh = 0; oh < g.Ho; ++oh) {
+              const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+              if (!in(hh, g.H)) continue;
+              const T* xr = xc + hh * g.W + j * g.dw - g.pw;
+              const T* gr = gy + ((n * q.O + o) * g.Ho + oh) * g.Wo;
+              const T* sr = soft + ((n * K + k) * g.Ho + oh) * g.Wo;
+              for (int64_t ow = lo; ow < hi; ++ow) acc += gr[ow] * (xr[ow * g.sw] * sr[ow]);
+            }
+          }
+          gw[(o * q.Cg + cc) * K + k] = acc;
+        }
+      }
+    }
+  }
+}
