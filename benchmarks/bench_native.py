@@ -250,7 +250,8 @@ def main():
     DEVICE[0] = torch.device(args.device)
     if args.device == "cuda" and not (torch.cuda.is_available() and native.available("cuda")):
         raise SystemExit("--device cuda needs a GPU that torch sees and the native CUDA module")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; native cpu module: {native.available('cpu')}"
+    cpu = native._modules["cpu"].isa() if native.available("cpu") else "not built"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; native cpu kernels: {cpu}"
           + (f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
     bench_ops(args.repeat)
     if not (args.skip_nets or args.only):
