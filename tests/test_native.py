@@ -208,6 +208,7 @@ def test_scan_float32():
 def test_segaware_conv_matches_reference(device, geom, bias, monkeypatch):
     shape, k, p, s, d = geom
     monkeypatch.setattr(native, "_CHUNK_ELEMENTS", 40)  # several row chunks per image
+    monkeypatch.setattr(native, "_CHUNK_ELEMENTS_CUDA", 40)
     x = _rand(shape, 11, device=device)
     from caffe_layers.ops.geometry import check_geometry
 
