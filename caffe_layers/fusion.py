@@ -2,16 +2,17 @@
 
 The segaware configs spell a segmentation-aware convolution as
 
-    dist -> Scale -> AbsVal -> Exp -> Tile(axis 1, C tiles) = maskC      (dist: usually an Im2dist top)
-    x -> Im2col = col;   Eltwise PROD(col, maskC) = hit;   Convolution{bottom_is_im2col}(hit) = y
+    mask -> Tile(axis 1, C tiles) = maskC          (mask: K channels, e.g. Im2dist -> Scale -> AbsVal -> Exp,
+    x -> Im2col = col                                or Im2dist -> Exp scale: -1)
+    Eltwise PROD(col, maskC) = hit;   Convolution{bottom_is_im2col}(hit) = y
 
-which materialises three C*K*H*W blobs. The fused step computes the K-channel mask with the chain's own
-Scale/AbsVal/Exp layers (same parameters, same quirks) and then y = segaware_conv(x, mask, W, b) without
-the col/maskC/hit buffers. A chain is fused if and only if none of its intermediate blobs (Scale, AbsVal,
-Exp, Tile, Im2col and Eltwise tops) is needed: not a net output, not read by another layer, not a loss,
-not in `keep`, and not written in place. Only a full forward runs fused steps: a partial run
-(`Net.run(values, start, end)`, `forward(start=..., end=...)`, the layer-by-layer dump and compare tools)
-runs every original layer, so all blobs are there.
+which materialises three C*K*H*W blobs (col, maskC, hit). The fused step computes y = segaware_conv(x,
+mask, W, b) from the K-channel mask without them; the layers that make the mask run as before (their
+blobs are K*H*W, and one mask often feeds several convolutions). A chain is fused if and only if none of
+the C*K*H*W blobs is needed: not a net output, not read by another layer, not a loss, not in `keep`, and
+not written in place. Only a full forward runs fused steps: a partial run (`Net.run(values, start, end)`,
+`forward(start=..., end=...)`, the layer-by-layer dump and compare tools) runs every original layer, so
+all blobs are there.
 """
 from dataclasses import replace
 
@@ -21,22 +22,21 @@ from caffe_layers.proto import pb
 
 
 class FusedSegawareConv:
-    """The fused chain as a step's layer: bottoms (x, dist), the Convolution's tops."""
+    """The fused Im2col/Tile/Eltwise/Convolution as a step's layer: bottoms (x, mask), the Convolution's tops."""
 
-    def __init__(self, scale, absval, exp, im2col, conv):
-        self.scale, self.absval, self.exp, self.im2col, self.conv = scale, absval, exp, im2col, conv
+    def __init__(self, im2col, tile, eltwise, conv):
+        self.im2col, self.conv = im2col, conv
         self.name, self.param = conv.name, conv.param
-        self.layer_names = [m.name for m in (scale, absval, exp, im2col, conv)]
+        self.layer_names = [m.name for m in (im2col, tile, eltwise, conv)]
 
-    def __call__(self, x, dist):
-        mask = self.exp(self.absval(self.scale(dist)))
+    def __call__(self, x, mask):
         c = self.conv
         return segaware_conv(x, mask, c.blobs[0], c.blobs[1] if c.bias_term else None, self.im2col.kernel,
                              self.im2col.pad, self.im2col.stride, self.im2col.dilation)
 
     def top_shapes(self, bottom_shapes):
-        x, dist = bottom_shapes
-        return [(x[0], self.conv.num_output, *dist[2:])]
+        x, mask = bottom_shapes
+        return [(x[0], self.conv.num_output, *mask[2:])]
 
     def __repr__(self):
         return f"FusedSegawareConv({' -> '.join(self.layer_names)})"
@@ -92,18 +92,15 @@ def fuse_steps(net, keep=()):
         if (im2col.axis != 1 or len(x_shape) != 4
                 or canonical_axis(tile.axis, 4, tile.name) != 1 or tile.tiles != x_shape[1]):
             continue
-        pi = only_link(steps[ti].bottoms[0], ti)
-        ai = only_link(steps[pi].bottoms[0], pi) if kind(pi, "Exp") else None
-        si = only_link(steps[ai].bottoms[0], ai) if kind(ai, "AbsVal") else None
-        if not kind(si, "Scale") or len(steps[si].bottoms) != 1:
-            continue
-        dist = steps[si].bottoms[0]
+        mask = steps[ti].bottoms[0]
         K = im2col.kernel[0] * im2col.kernel[1]
-        if net.blob_shapes[dist][1] != K or tuple(net.blob_shapes[dist][2:]) != tuple(net.blob_shapes[s.bottoms[0]][2:]):
+        if net.blob_shapes[mask][1] != K or tuple(net.blob_shapes[mask][2:]) != tuple(net.blob_shapes[s.bottoms[0]][2:]):
             continue
-        layer = FusedSegawareConv(steps[si].layer, steps[ai].layer, steps[pi].layer, im2col, conv)
-        fused[ci] = replace(s, layer=layer, bottoms=[x_name, dist], propagate_down=[True, True])
-        removed |= {si, ai, pi, ti, ii, ei}
+        if any(i > ti for i in producers.get(mask, [])) or any(i > ii for i in producers.get(x_name, [])):
+            continue  # rewritten in place after the Tile or Im2col read it: the fused step would see other data
+        layer = FusedSegawareConv(im2col, tile, elt, conv)
+        fused[ci] = replace(s, layer=layer, bottoms=[x_name, mask], propagate_down=[True, True])
+        removed |= {ti, ii, ei}
     if not fused:
         return None
     return [fused.get(i, s) for i, s in enumerate(steps) if i not in removed]

@@ -92,7 +92,9 @@ def test_fused_equals_chain(tmp_path, geometry, use_native):
 
 @pytest.mark.parametrize("extra,keep,fused", [
     ("", (), True),
-    ("", ("mask",), False),                                                  # requested blob
+    ("", ("maskC",), False),                                                 # requested blob
+    ("", ("col",), False),
+    ("", ("mask",), True),                                                   # the K-channel mask is made anyway
     ('layer { name: "s" type: "Silence" bottom: "col" }', (), False),        # read by another layer
     ('layer { name: "r" type: "ReLU" bottom: "hit" top: "r" }', (), False),  # read by another layer
     ('layer { name: "p" type: "Power" bottom: "dist" top: "p" }', (), True),  # dist is an input of the fused step
@@ -103,11 +105,36 @@ def test_fusion_only_when_no_intermediate_is_needed(tmp_path, extra, keep, fused
     assert bool(_fused_layers(Net(str(path), keep_blobs=keep))) == fused
 
 
-def test_intermediate_output_is_not_fused(tmp_path):
-    """A chain whose Tile top is a net output (nobody reads it afterwards) cannot be fused."""
-    text = _chain_net().replace('bottom: "maskC" top: "hit"', 'bottom: "maskC2" top: "hit"')
-    text = text.replace('top: "maskC" tile_param', 'top: "maskC2" tile_param') + \
-        'layer { name: "t2" type: "Tile" bottom: "mask" top: "maskC" tile_param { axis: 1 tiles: 3 } }\n'
+def test_shared_mask_is_fused_and_its_other_reader_sees_it(tmp_path):
+    """One K-channel mask feeding two convolutions (as in the segaware test configs) and read elsewhere:
+    both chains fuse, and every output equals the unfused net's."""
+    text = _chain_net() + """layer { name: "tile2" type: "Tile" bottom: "mask" top: "maskC2" tile_param { axis: 1 tiles: 3 } }
+layer { name: "im2col2" type: "Im2col" bottom: "x" top: "col2" convolution_param { kernel_size: 3 pad: 1 } }
+layer { name: "hit2" type: "Eltwise" bottom: "maskC2" bottom: "col2" top: "hit2" eltwise_param { operation: PROD } }
+layer { name: "conv2" type: "Convolution" bottom: "hit2" top: "y2" convolution_param { num_output: 2 kernel_size: 3
+  pad: 1 bottom_is_im2col: true weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "mask_sum" type: "Reduction" bottom: "mask" top: "mask_sum" }
+"""
+    path = tmp_path / "net.prototxt"
+    path.write_text(text)
+    fused, plain = _net(str(path)), _net(str(path), fuse=False)
+    assert len(_fused_layers(fused)) == 2
+    fused.double()
+    plain.load_state_dict(fused.state_dict())
+    plain.double()
+    (fo, fg), (po, pg) = _forward_backward(fused), _forward_backward(plain)
+    assert sorted(fo) == sorted(po) == ["mask_sum", "y", "y2"]
+    for name in fo:
+        torch.testing.assert_close(fo[name], po[name], rtol=1e-10, atol=1e-10)
+    for a, b in zip(fg, pg):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_mask_rewritten_in_place_after_the_tile_is_not_fused(tmp_path):
+    """The fused step reads the mask where the Convolution was: a later in-place write would change it."""
+    text = _chain_net().replace('layer { name: "hit"',
+                                'layer { name: "late" type: "Power" bottom: "mask" top: "mask" power_param { scale: 2 } }\n'
+                                'layer { name: "hit"')
     path = tmp_path / "net.prototxt"
     path.write_text(text)
     assert not _fused_layers(Net(str(path)))
@@ -129,7 +156,7 @@ def test_partial_runs_are_unfused(tmp_path):
 
 
 def test_deploy_configs_fuse(tmp_path):
-    """The original vgg deploy config: all 14 seg-aware convolutions are fused (6 layers each fold in)."""
+    """The original vgg deploy config: all 14 seg-aware convolutions are fused (Im2col, Tile, Eltwise fold in)."""
     import re
     from pathlib import Path
 
@@ -139,7 +166,7 @@ def test_deploy_configs_fuse(tmp_path):
     path.write_text(text)
     net = Net(str(path))
     assert len(_fused_layers(net)) == text.count('type: "Im2col"') == 14
-    assert len(net.fused_steps) == len(net.steps) - 14 * 6
+    assert len(net.fused_steps) == len(net.steps) - 14 * 3
 
 
 def test_fused_away_blob_is_an_error_not_stale_data(tmp_path):
