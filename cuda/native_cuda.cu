@@ -1,7 +1,11 @@
 // CUDA kernels of caffe_layers, over raw device pointers, float and double; every launcher takes the
 // caller's stream. Same semantics as cuda/native_cpu.cpp (and the references in caffe_layers/ops);
 // gradients are gathered per input element (no atomics), so results are deterministic.
+#if defined(CL_CUDA_HOST_EMULATION)  // a plain C++ build for tests without a GPU (see cuda_emulation.h)
+#include "cuda_emulation.h"
+#else
 #include <cuda_runtime.h>
+#endif
 
 #include <stdexcept>
 #include <string>
@@ -12,6 +16,12 @@
 namespace {
 
 constexpr int kThreads = 256;
+
+#if defined(CL_CUDA_HOST_EMULATION)
+#define LAUNCH(kernel, grid, stream, ...) emulated_launch(grid, kThreads, kernel, __VA_ARGS__)
+#else
+#define LAUNCH(kernel, grid, stream, ...) kernel<<<grid, kThreads, 0, stream>>>(__VA_ARGS__)
+#endif
 
 inline int blocks(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
 
@@ -319,20 +329,20 @@ inline int grid(int64_t n) { return n > 0 ? (blocks(n) < 65535 ? blocks(n) : 655
 
 template <typename T>
 void im2dist_forward_t(uintptr_t x, uintptr_t y, const Geom& g, bool l1, bool rc, bool rb, double big, uintptr_t s) {
-  im2dist_fwd<T><<<grid(g.N * g.K() * g.Ho * g.Wo), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(y), g, l1, rc, rb, T(big));
+  LAUNCH(im2dist_fwd<T>, grid(g.N * g.K() * g.Ho * g.Wo), stream(s), ptr<T>(x), ptr<T>(y), g, l1, rc, rb, T(big));
   check("im2dist_forward");
 }
 
 template <typename T>
 void im2dist_backward_t(uintptr_t x, uintptr_t gy, uintptr_t gx, const Geom& g, int mode, uintptr_t s) {
-  im2dist_bwd<T><<<grid(g.N * g.C * g.H * g.W), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(gy), ptr<T>(gx), g, mode);
+  LAUNCH(im2dist_bwd<T>, grid(g.N * g.C * g.H * g.W), stream(s), ptr<T>(x), ptr<T>(gy), ptr<T>(gx), g, mode);
   check("im2dist_backward");
 }
 
 template <typename T>
 void im2parity_forward_t(uintptr_t lab, uintptr_t y, const Geom& g, bool has_ignore, double ignore, double outside, uintptr_t s) {
-  im2parity_fwd<T><<<grid(g.N * g.K() * g.Ho * g.Wo), kThreads, 0, stream(s)>>>(ptr<T>(lab), ptr<T>(y), g, has_ignore,
-                                                                                  T(ignore), T(outside));
+  LAUNCH(im2parity_fwd<T>, grid(g.N * g.K() * g.Ho * g.Wo), stream(s), ptr<T>(lab), ptr<T>(y), g, has_ignore,
+         T(ignore), T(outside));
   check("im2parity_forward");
 }
 
@@ -344,8 +354,8 @@ void spn_forward_t(uintptr_t x, uintptr_t g1, uintptr_t g2, uintptr_t g3, uintpt
   if (planes * H * W == 0) return;  // nothing to scan (and a launch of 0 blocks is an invalid configuration)
   const Scan sc = make_scan(H, W, hz, rv);
   for (int64_t t = 0; t < sc.T; ++t)
-    spn_fwd_step<T><<<blocks(planes * sc.S), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3),
-                                                                        ptr<T>(h), planes, sc, t);
+    LAUNCH(spn_fwd_step<T>, blocks(planes * sc.S), stream(s), ptr<T>(x), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3),
+           ptr<T>(h), planes, sc, t);
   check("spn_forward");
 }
 
@@ -356,17 +366,17 @@ void spn_backward_t(uintptr_t x, uintptr_t g1, uintptr_t g2, uintptr_t g3, uintp
   if (planes * H * W == 0) return;  // as in spn_forward_t
   const Scan sc = make_scan(H, W, hz, rv);
   for (int64_t t = sc.T - 1; t >= 0; --t)
-    spn_bwd_step<T><<<blocks(planes * sc.S), kThreads, 0, stream(s)>>>(
-        ptr<T>(x), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3), ptr<T>(h), ptr<T>(dtop), ptr<T>(dx), ptr<T>(dg1), ptr<T>(dg2),
-        ptr<T>(dg3), planes, sc, t);
-  spn_dx<T><<<grid(planes * H * W), kThreads, 0, stream(s)>>>(ptr<T>(g1), ptr<T>(g2), ptr<T>(g3), ptr<T>(dx), planes, sc);
+    LAUNCH(spn_bwd_step<T>, blocks(planes * sc.S), stream(s),
+           ptr<T>(x), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3), ptr<T>(h), ptr<T>(dtop), ptr<T>(dx), ptr<T>(dg1), ptr<T>(dg2),
+           ptr<T>(dg3), planes, sc, t);
+  LAUNCH(spn_dx<T>, grid(planes * H * W), stream(s), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3), ptr<T>(dx), planes, sc);
   check("spn_backward");
 }
 
 template <typename T>
 void masked_im2col_t(uintptr_t x, uintptr_t mask, uintptr_t cols, const Geom& g, int64_t n, int64_t r0, int64_t r1, uintptr_t s) {
-  masked_im2col_k<T><<<grid(g.C * g.K() * (r1 - r0) * g.Wo), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(mask),
-                                                                                        ptr<T>(cols), g, n, r0, r1);
+  LAUNCH(masked_im2col_k<T>, grid(g.C * g.K() * (r1 - r0) * g.Wo), stream(s), ptr<T>(x), ptr<T>(mask),
+         ptr<T>(cols), g, n, r0, r1);
   check("masked_im2col");
 }
 
@@ -374,18 +384,18 @@ template <typename T>
 void masked_col2im_t(uintptr_t x, uintptr_t mask, uintptr_t dcols, uintptr_t gx, uintptr_t gmask, const Geom& g, int64_t n,
                      int64_t r0, int64_t r1, uintptr_t s) {
   if (gx)
-    masked_col2im_x<T><<<grid(g.C * g.H * g.W), kThreads, 0, stream(s)>>>(ptr<T>(mask), ptr<T>(dcols), ptr<T>(gx), g, n, r0, r1);
+    LAUNCH(masked_col2im_x<T>, grid(g.C * g.H * g.W), stream(s), ptr<T>(mask), ptr<T>(dcols), ptr<T>(gx), g, n, r0, r1);
   if (gmask)
-    masked_col2im_mask<T><<<grid(g.K() * (r1 - r0) * g.Wo), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(dcols), ptr<T>(gmask),
-                                                                                        g, n, r0, r1);
+    LAUNCH(masked_col2im_mask<T>, grid(g.K() * (r1 - r0) * g.Wo), stream(s), ptr<T>(x), ptr<T>(dcols), ptr<T>(gmask),
+           g, n, r0, r1);
   check("masked_col2im");
 }
 
 template <typename T>
 void normfilter_forward_t(uintptr_t x, uintptr_t soft, uintptr_t w, uintptr_t b, uintptr_t y, const Geom& g, const Groups& q,
                           uintptr_t s) {
-  normfilter_fwd<T><<<grid(g.N * q.O * g.Ho * g.Wo), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(soft), ptr<T>(w), ptr<T>(b),
-                                                                              ptr<T>(y), g, q);
+  LAUNCH(normfilter_fwd<T>, grid(g.N * q.O * g.Ho * g.Wo), stream(s), ptr<T>(x), ptr<T>(soft), ptr<T>(w), ptr<T>(b),
+         ptr<T>(y), g, q);
   check("normfilter_forward");
 }
 
@@ -393,13 +403,13 @@ template <typename T>
 void normfilter_backward_t(uintptr_t x, uintptr_t soft, uintptr_t w, uintptr_t gy, uintptr_t gx, uintptr_t gsoft, uintptr_t gw,
                            const Geom& g, const Groups& q, uintptr_t s) {
   if (gx)
-    normfilter_gx<T><<<grid(g.N * g.C * g.H * g.W), kThreads, 0, stream(s)>>>(ptr<T>(soft), ptr<T>(w), ptr<T>(gy), ptr<T>(gx),
-                                                                              g, q);
+    LAUNCH(normfilter_gx<T>, grid(g.N * g.C * g.H * g.W), stream(s), ptr<T>(soft), ptr<T>(w), ptr<T>(gy), ptr<T>(gx),
+           g, q);
   if (gsoft)
-    normfilter_gsoft<T><<<grid(g.N * g.K() * g.Ho * g.Wo), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(w), ptr<T>(gy),
-                                                                                    ptr<T>(gsoft), g, q);
+    LAUNCH(normfilter_gsoft<T>, grid(g.N * g.K() * g.Ho * g.Wo), stream(s), ptr<T>(x), ptr<T>(w), ptr<T>(gy),
+           ptr<T>(gsoft), g, q);
   if (gw)
-    normfilter_gw<T><<<grid(q.O * q.Cg * g.K()), kThreads, 0, stream(s)>>>(ptr<T>(x), ptr<T>(soft), ptr<T>(gy), ptr<T>(gw), g, q);
+    LAUNCH(normfilter_gw<T>, grid(q.O * q.Cg * g.K()), stream(s), ptr<T>(x), ptr<T>(soft), ptr<T>(gy), ptr<T>(gw), g, q);
   check("normfilter_backward");
 }
 
