@@ -80,20 +80,19 @@ def _rand(shape, seed, dtype=torch.float64, device="cpu"):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
 
 
+def _run(fn, *inputs, grad_seed=7):
+    """(output, input grads) of fn, backpropagating a seeded random top gradient."""
+    xs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    y = fn(*xs)
+    y.backward(_rand(y.shape, grad_seed, y.dtype, y.device))
+    return y.detach(), [t.grad for t in xs]
+
+
 def _both(fn, *inputs, grad_seed=7):
     """(outputs, input grads) of fn with native kernels and with the references."""
-    results = []
-    for use_ref in (False, True):
-        xs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
-        if use_ref:
-            with native.disabled():
-                y = fn(*xs)
-        else:
-            y = fn(*xs)
-        g = _rand(y.shape, grad_seed, y.dtype, y.device)
-        y.backward(g)
-        results.append((y.detach(), [t.grad for t in xs]))
-    return results
+    native_run = _run(fn, *inputs, grad_seed=grad_seed)
+    with native.disabled():
+        return [native_run, _run(fn, *inputs, grad_seed=grad_seed)]
 
 
 def _close(a, b, what, tol=1e-10):
@@ -436,13 +435,6 @@ def _cpu_has_avx2():
         return False
 
 
-def _outputs_and_grads(fn, *inputs):
-    xs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    y = fn(*xs)
-    y.backward(_rand(y.shape, 9, y.dtype))
-    return [y.detach()] + [t.grad for t in xs]
-
-
 @pytest.mark.skipif(not _cpu_has_avx2(), reason="this CPU has no AVX2: only the baseline build can run")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_avx2_build_equals_baseline_bit_for_bit(dtype):
@@ -466,10 +458,10 @@ def test_avx2_build_equals_baseline_bit_for_bit(dtype):
                                             x, gates[1])
     for name, (fn, *inputs) in cases.items():
         with _isa("baseline"):
-            base = _outputs_and_grads(fn, *inputs)
+            y, grads = _run(fn, *inputs)
         with _isa("avx2"):
-            avx2 = _outputs_and_grads(fn, *inputs)
-        for i, (u, v) in enumerate(zip(base, avx2)):
+            y2, grads2 = _run(fn, *inputs)
+        for i, (u, v) in enumerate(zip([y] + grads, [y2] + grads2)):
             assert torch.equal(u, v), f"{name}: output {i} differs between the builds (max {(u - v).abs().max()})"
     labels = torch.randint(0, 5, (2, 1, 13, 11), generator=torch.Generator().manual_seed(0)).to(dtype)
     with _isa("baseline"):
