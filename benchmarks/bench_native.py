@@ -17,6 +17,7 @@ NormConvMeanfield (depthwise, 9x9) and of NormConv (group 1, seg-aware column ke
 On a shared machine the figures move with its load: check `uptime`, repeat, take the best.
 """
 import argparse
+import contextlib
 import ctypes
 import gc
 import re
@@ -138,17 +139,17 @@ _ONLY = [None]  # --only: a regular expression over the op lines' titles
 
 def compare(title, run_native, run_ref, repeat, target=None):
     if _ONLY[0] and not re.search(_ONLY[0], title):
-        return None
+        return
     t_n, c_n, m_n = measure(run_native, repeat)
     with native.disabled():
         t_r, c_r, m_r = measure(run_ref, repeat)
     speed, mem = t_r / t_n, m_n / m_r if m_r > 0 else float("nan")
-    cold = lambda c, ms=True: "" if c is None else (f" (cold {c * 1e3:8.1f})" if ms else f" (cold {c:5.1f}x)")  # noqa: E731
-    print(f"{title:<58} native {t_n * 1e3:8.1f} ms{cold(c_n)} {m_n / 2**20:7.1f} MiB | reference "
-          f"{t_r * 1e3:8.1f} ms{cold(c_r)} {m_r / 2**20:7.1f} MiB | speed-up {speed:5.1f}x"
-          f"{cold(None if c_n is None else c_r / c_n, False)}, memory ratio {mem:5.2f}"
-          + (f"  [{target}]" if target else ""))
-    return speed, mem
+    has_cold = c_n is not None  # not on CUDA
+    cold_n, cold_r = (f" (cold {c * 1e3:8.1f})" if has_cold else "" for c in (c_n, c_r))
+    cold_speed = f" (cold {c_r / c_n:5.1f}x)" if has_cold else ""
+    print(f"{title:<58} native {t_n * 1e3:8.1f} ms{cold_n} {m_n / 2**20:7.1f} MiB | reference "
+          f"{t_r * 1e3:8.1f} ms{cold_r} {m_r / 2**20:7.1f} MiB | speed-up {speed:5.1f}x{cold_speed}, "
+          f"memory ratio {mem:5.2f}" + (f"  [{target}]" if target else ""))
 
 
 def bench_ops(repeat):
@@ -218,19 +219,12 @@ def bench_nets(repeat, size):
         for label, kwargs, ref in variants:
             net = Net(path, **kwargs).to(DEVICE[0])
             inputs = {k: torch.randn(net.blob_shapes[k], device=DEVICE[0]) for k in net.inputs}
-            fn = fwd(lambda: net(**inputs))
-            if ref:
-                with native.disabled():
-                    t, _, m = measure(fn, repeat, cold=False)
-            else:
-                t, _, m = measure(fn, repeat, cold=False)
+            with native.disabled() if ref else contextlib.nullcontext():
+                t, _, m = measure(fwd(lambda: net(**inputs)), repeat, cold=False)
             times[label] = t
             shapes = ", ".join(f"{k} {list(net.blob_shapes[k])}" for k in net.inputs)
             fused = sum(1 for s in (net.fused_steps or []) if type(s.layer).__name__ == "FusedSegawareConv")
-            print(f"{name} deploy forward ({label:<21}; {fused:2d} fused; {shapes}): {t:8.2f} s, "
-                  f"peak +{m / 2**20:8.1f} MiB, vs pure PyTorch {times.get('pure PyTorch, unfused', t) / t:5.2f}x"
-                  if ref else
-                  f"{name} deploy forward ({label:<21}; {fused:2d} fused; {shapes}): {t:8.2f} s, peak +{m / 2**20:8.1f} MiB")
+            print(f"{name} deploy forward ({label:<21}; {fused:2d} fused; {shapes}): {t:8.2f} s, peak +{m / 2**20:8.1f} MiB")
             del net
         base = times["pure PyTorch, unfused"]
         print(f"{name}: speed-up over pure PyTorch: native + fused {base / times['native + fused']:.2f}x, "

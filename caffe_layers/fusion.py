@@ -34,10 +34,6 @@ class FusedSegawareConv:
         return segaware_conv(x, mask, c.blobs[0], c.blobs[1] if c.bias_term else None, self.im2col.kernel,
                              self.im2col.pad, self.im2col.stride, self.im2col.dilation)
 
-    def top_shapes(self, bottom_shapes):
-        x, mask = bottom_shapes
-        return [(x[0], self.conv.num_output, *mask[2:])]
-
     def __repr__(self):
         return f"FusedSegawareConv({' -> '.join(self.layer_names)})"
 
