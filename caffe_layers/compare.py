@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from caffe_layers.dump import add_input_arguments, caffe_splits, capture, load_inputs
+from caffe_layers.ops.geometry import FLT_MAX_100
 from caffe_layers.reference import (RefBlob, Reference, blob_samples, blob_stats, check_param_sums,
                                     fill_net_hash, load_reference)
-
-FLT_MAX_100 = 3.4028235e36
 
 
 @dataclass

@@ -10,6 +10,7 @@ from caffe_layers.ops.im2dist import im2dist
 from caffe_layers.ops.im2parity import im2parity
 from caffe_layers.ops.segaware_conv import segaware_conv
 from caffe_layers.ops.spn import gate_recurrent
+from golden import FLT_MAX_100
 
 pytestmark = pytest.mark.skipif(not native.available("cpu"), reason="unreachable: the CPU module is always built")
 
@@ -148,7 +149,7 @@ def _im2dist_loop(x, k, p, s, d, rc, rb):
     N, C, H, W = x.shape
     Ho, Wo = int((H + 2 * p - d * (k - 1) - 1) / s) + 1, int((W + 2 * p - d * (k - 1) - 1) / s) + 1
     y = torch.zeros((N, k * k, Ho, Wo), dtype=x.dtype)
-    big = float(torch.tensor(3.4028234663852886e38, dtype=torch.float32) / 100)  # FLT_MAX / 100 in float
+    big = float(FLT_MAX_100)
     for oh in range(Ho):
         for ow in range(Wo):
             ch, cw = oh * s - p + (k // 2) * d, ow * s - p + (k // 2) * d
