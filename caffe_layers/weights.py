@@ -105,12 +105,6 @@ class BlobRecord:
         nbytes = sum(e - s for s, e in segments)
         return segments, dtype, nbytes // np.dtype(dtype).itemsize
 
-    def read(self, diff=False):
-        segments, dtype, count = self.values(diff)
-        out = np.empty(count, dtype)
-        self.read_into(out, segments)
-        return out.reshape(self.dims) if count == int(np.prod(self.dims)) else out
-
     def read_into(self, out, segments):
         """Copy the segments into the flat array `out` (its dtype already the stored one)."""
         raw = out.view(np.uint8).reshape(-1)
@@ -581,7 +575,7 @@ def write_caffemodel(path, layers, name="", progress=False):
     _write_atomic(path, write)
 
 
-def write_hdf5(path, layers, progress=False):
+def write_hdf5(path, layers):
     """Write Caffe's HDF5 weights layout: /data/<layer>/<i>, every layer with a group."""
     import h5py
 
@@ -629,7 +623,7 @@ def save_weights(net, path, progress=False):
     """Write a net's weights as .caffemodel (V2, with the layer definitions, as pycaffe's
     net.save) or, for a path ending in .h5, as Caffe's HDF5 weights (net.save_hdf5)."""
     if is_hdf5_path(path):
-        write_hdf5(path, net_layers_for_saving(net, hdf5=True), progress)
+        write_hdf5(path, net_layers_for_saving(net, hdf5=True))
     else:
         write_caffemodel(path, net_layers_for_saving(net), net.name, progress)
 
