@@ -117,16 +117,6 @@ class Solver:
                 layer.set_shard(self.rank, self.world)
 
     # ---- nets ----------------------------------------------------------------------------
-    def _net_source(self, which):
-        p = self.param
-        fields = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
-        if which == "train":
-            if len(fields) != 1:
-                raise ValueError("solver: give exactly one of net, net_param, train_net, train_net_param "
-                                 f"(found {fields or 'none'})")
-            return read_net(getattr(p, fields[0]), self.variables)
-        raise AssertionError(which)
-
     @staticmethod
     def _state(phase, net_param, extra):
         state = pb.NetState(phase=phase)
@@ -139,7 +129,12 @@ class Solver:
         return Net(net_param, phase=state.phase, level=state.level, stages=list(state.stage))
 
     def _train_net(self):
-        net_param = self._net_source("train")
+        p = self.param
+        fields = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
+        if len(fields) != 1:
+            raise ValueError("solver: give exactly one of net, net_param, train_net, train_net_param "
+                             f"(found {fields or 'none'})")
+        net_param = read_net(getattr(p, fields[0]), self.variables)
         state = self._state(pb.TRAIN, net_param, self.param.train_state)
         return self._make_net(net_param, state)
 

@@ -136,8 +136,6 @@ def train(args, device=None):
 
 
 def run_test(args):
-    import numpy as np
-
     from caffe_layers import mode
     from caffe_layers.net import Net
     from caffe_layers.proto import TEST
@@ -154,13 +152,11 @@ def run_test(args):
             values = net.run({})
             loss = net.loss(values)
         total_loss += 0.0 if loss is None else float(loss)
-        index = 0
         for name in net.outputs:
             v = values[name].detach().double().reshape(-1).cpu().numpy()
             totals[name] = totals[name] + v if name in totals else v
             for x in v:
                 log.info("Batch %d, %s = %g", i, name, x)
-                index += 1
     log.info("Loss: %g", total_loss / args.iterations)
     for name, total in totals.items():
         for x in total / args.iterations:
