@@ -473,12 +473,11 @@ class Solver:
             self.skip_batches(it * self.param.iter_size)
 
     def skip_batches(self, n):
-        """Advance every data layer of the train net by n batches."""
-        with torch.no_grad():
-            for layer in self.net.layer_modules:
-                if getattr(layer, "is_data_layer", False):
-                    for _ in range(n):
-                        layer()
+        """Advance every data layer of the train net by n batches (read and dropped, not turned into tensors)."""
+        for layer in self.net.layer_modules:
+            if getattr(layer, "is_data_layer", False):
+                for _ in range(n):
+                    layer.next_batch()
 
 
 def blob_array(blob, source="?"):
