@@ -10,6 +10,21 @@ def labels_as_int(label):
     return label.detach().to(torch.int64)
 
 
+def labels_per_prediction(scores, label, axis, ignore_label, name):
+    """Scores as (outer, classes, inner), the labels as int (outer, 1, inner) and where they are valid
+    (not the ignore_label); `axis` is the canonical class axis. Checks one label per prediction and,
+    except on meta tensors, that every valid label is a class index."""
+    outer, classes, inner = count(scores.shape, 0, axis), scores.shape[axis], count(scores.shape, axis + 1)
+    if outer * inner != label.numel():
+        raise ValueError(f"layer {name!r}: {label.numel()} labels for {outer * inner} predictions "
+                         f"(scores {list(scores.shape)}, axis {axis}); expected one label per prediction")
+    lab = labels_as_int(label).reshape(outer, 1, inner)
+    valid = torch.ones_like(lab, dtype=torch.bool) if ignore_label is None else lab != ignore_label
+    if scores.device.type != "meta" and ((lab < 0) | (lab >= classes))[valid].any():
+        raise ValueError(f"layer {name!r}: labels must lie in [0, {classes}) (or be the ignore_label)")
+    return scores.reshape(outer, classes, inner), lab, valid
+
+
 @register("Accuracy")
 class Accuracy(Layer):
     def __init__(self, param, bottom_shapes, phase):
@@ -24,19 +39,10 @@ class Accuracy(Layer):
     def forward(self, scores, label):
         scores = scores.detach()  # Caffe's Accuracy has no backward
         axis = canonical_axis(self.axis, scores.dim(), self.name)
-        outer, classes, inner = count(scores.shape, 0, axis), scores.shape[axis], count(scores.shape, axis + 1)
         if self.top_k > scores.numel() // max(label.numel(), 1):
             raise ValueError(f"layer {self.name!r}: top_k {self.top_k} exceeds the number of classes")
-        if outer * inner != label.numel():
-            raise ValueError(f"layer {self.name!r}: {label.numel()} labels for {outer * inner} predictions "
-                             f"(scores {list(scores.shape)}, axis {axis}); expected one label per prediction")
-        s = scores.reshape(outer, classes, inner)
-        lab = labels_as_int(label).reshape(outer, 1, inner)
-        valid = torch.ones_like(lab, dtype=torch.bool)
-        if self.ignore_label is not None:
-            valid = lab != self.ignore_label
-        if s.device.type != "meta" and ((lab < 0) | (lab >= classes))[valid].any():
-            raise ValueError(f"layer {self.name!r}: labels must lie in [0, {classes}) (or be the ignore_label)")
+        s, lab, valid = labels_per_prediction(scores, label, axis, self.ignore_label, self.name)
+        classes = s.shape[1]
         safe = torch.where(valid, lab, torch.zeros_like(lab))
         mine = s.gather(1, safe)
         # rank of the label in Caffe's (value, index) descending order: ties rank higher indices first

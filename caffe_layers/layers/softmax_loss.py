@@ -2,8 +2,8 @@
 import torch
 
 from caffe_layers.layers import register
-from caffe_layers.layers.accuracy import labels_as_int
-from caffe_layers.layers.base import Layer, canonical_axis, count, optional
+from caffe_layers.layers.accuracy import labels_per_prediction
+from caffe_layers.layers.base import Layer, canonical_axis, optional
 from caffe_layers.proto import pb
 
 NORM = pb.LossParameter
@@ -80,15 +80,8 @@ class SoftmaxWithLoss(Layer):
             raise ValueError(f"layer {self.name!r}: scores and labels must have the same num, "
                              f"got {list(scores.shape)} and {list(label.shape)}")
         axis = canonical_axis(self.axis, scores.dim(), self.name)
-        outer, classes, inner = count(scores.shape, 0, axis), scores.shape[axis], count(scores.shape, axis + 1)
-        if outer * inner != label.numel():
-            raise ValueError(f"layer {self.name!r}: {label.numel()} labels for {outer * inner} predictions "
-                             f"(scores {list(scores.shape)}, axis {axis}); expected one label per prediction")
-        lab = labels_as_int(label).reshape(outer, 1, inner)
-        valid = torch.ones_like(lab, dtype=torch.bool) if self.ignore_label is None else lab != self.ignore_label
-        if scores.device.type != "meta" and ((lab < 0) | (lab >= classes))[valid].any():
-            raise ValueError(f"layer {self.name!r}: labels must lie in [0, {classes}) (or be the ignore_label)")
-        loss, prob = _SoftmaxLoss.apply(scores.reshape(outer, classes, inner), lab, valid, self.mode)
+        s, lab, valid = labels_per_prediction(scores, label, axis, self.ignore_label, self.name)
+        loss, prob = _SoftmaxLoss.apply(s, lab, valid, self.mode)
         if self.num_tops < 2:
             return loss
         # Caffe's second top shares the softmax data; diffs given to it do not reach the bottom.
