@@ -19,6 +19,8 @@ class DataLayer(Layer):
     one numpy array per top; it is called in order from one background thread, so it may keep a
     cursor. With `set_shard(rank, world)` each of `world` processes reads every world-th batch,
     starting at its rank, so k processes see the batches one process would see in k steps.
+    A list-file layer (image_data_param in `self.ip`) sets its cursor with `_start_list` and moves
+    it with `_advance`.
     """
 
     is_data_layer = True
@@ -44,6 +46,26 @@ class DataLayer(Layer):
 
     def load_batch(self):
         raise NotImplementedError
+
+    def _start_list(self, lines, noun):
+        """Keep `lines` (the list file's entries) and set the cursor as Caffe does: shuffle if
+        image_data_param.shuffle, then start at a random draw below rand_skip. `noun` names the
+        entries in the error."""
+        p = self.ip
+        self.lines = lines
+        if p.shuffle:
+            self.rng.shuffle(self.lines)
+        self.pos = self.rng.randint(p.rand_skip) if p.rand_skip else 0
+        if self.pos >= len(self.lines):
+            raise ValueError(f"layer {self.name!r}: rand_skip {p.rand_skip} exceeds the {len(self.lines)} {noun}")
+
+    def _advance(self):
+        """Move the cursor to the next entry; past the last, back to the first, reshuffled if asked."""
+        self.pos += 1
+        if self.pos >= len(self.lines):
+            self.pos = 0
+            if self.ip.shuffle:
+                self.rng.shuffle(self.lines)
 
     def _produce(self):
         if not self._started:

@@ -22,21 +22,17 @@ class FloData(DataLayer):
         try:
             with open(p.source) as f:
                 # every whitespace-separated token is a file, as the original reads `infile >> filename`
-                self.files = f.read().split()
+                files = f.read().split()
         except OSError:
             raise FileNotFoundError(f"layer {self.name!r}: cannot open source list {p.source!r}") from None
-        if not self.files:
+        if not files:
             raise ValueError(f"layer {self.name!r}: source list {p.source!r} is empty")
-        if p.shuffle:
-            self.rng.shuffle(self.files)
-        self.pos = self.rng.randint(p.rand_skip) if p.rand_skip else 0
-        if self.pos >= len(self.files):
-            raise ValueError(f"layer {self.name!r}: rand_skip {p.rand_skip} exceeds the {len(self.files)} files")
+        self._start_list(files, "files")
         w, h = self._header(self.pos)
         self.shapes = [(p.batch_size, 2, h, w)]
 
     def _path(self, i):
-        return self.ip.root_folder + self.files[i]
+        return self.ip.root_folder + self.lines[i]
 
     def _header(self, i):
         try:
@@ -51,11 +47,7 @@ class FloData(DataLayer):
                 batch.append(read_flo(self._path(self.pos)))
             except (OSError, ValueError) as err:
                 raise type(err)(f"layer {self.name!r}: {err}") from None
-            self.pos += 1
-            if self.pos >= len(self.files):
-                self.pos = 0
-                if self.ip.shuffle:
-                    self.rng.shuffle(self.files)
+            self._advance()
         shapes = {b.shape for b in batch}
         # the original sizes the batch from its first file and overruns memory on a larger one
         if len(shapes) > 1:

@@ -15,13 +15,9 @@ class ImageData(DataLayer):
             raise ValueError(f"layer {self.name!r}: set new_height and new_width together")
         if p.batch_size < 1:
             raise ValueError(f"layer {self.name!r}: image_data_param.batch_size must be >= 1")
-        self.lines = [(row[0], float(row[1]) if len(row) > 1 else 0.0) for row in read_list(p.source, self.name)]
+        lines = [(row[0], float(row[1]) if len(row) > 1 else 0.0) for row in read_list(p.source, self.name)]
         self.transform = Transformer(param.transform_param, phase, self.rng, self.name)
-        if p.shuffle:
-            self.rng.shuffle(self.lines)
-        self.pos = self.rng.randint(p.rand_skip) if p.rand_skip else 0
-        if self.pos >= len(self.lines):
-            raise ValueError(f"layer {self.name!r}: rand_skip {p.rand_skip} exceeds the {len(self.lines)} images")
+        self._start_list(lines, "images")
         img = self._read(self.pos)
         c, h, w = self.transform.out_shape(img.shape[2], *img.shape[:2])
         self.shapes = [(p.batch_size, c, h, w), (p.batch_size,)][:len(param.top)]
@@ -29,13 +25,6 @@ class ImageData(DataLayer):
     def _read(self, i):
         p = self.ip
         return read_image(p.root_folder + self.lines[i][0], p.new_height, p.new_width, p.is_color, self.name)
-
-    def _advance(self):
-        self.pos += 1
-        if self.pos >= len(self.lines):
-            self.pos = 0
-            if self.ip.shuffle:
-                self.rng.shuffle(self.lines)
 
     def load_batch(self):
         data, labels = [], []

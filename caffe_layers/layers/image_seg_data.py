@@ -20,11 +20,9 @@ class ImageSegData(DataLayer):
         if len(param.top) not in (2, 3):
             raise ValueError(f"layer {self.name!r}: ImageSegData has tops data, label and optionally data_dim")
         columns = 1 if p.label_type == pb.ImageDataParameter.NONE else 2
-        self.lines = [(r[0], r[1] if len(r) > 1 else "") for r in read_list(p.source, self.name, columns)]
+        lines = [(r[0], r[1] if len(r) > 1 else "") for r in read_list(p.source, self.name, columns)]
         self.transform = Transformer(param.transform_param, phase, self.rng, self.name)
-        if p.shuffle:
-            self.rng.shuffle(self.lines)
-        self.pos = self.rng.randint(p.rand_skip) if p.rand_skip else 0
+        self._start_list(lines, "images")
         img = self._image(0)
         c, h, w = self.transform.out_shape(img.shape[2], *img.shape[:2])
         self.shapes = [(p.batch_size, c, h, w), (p.batch_size, 1, h, w), (p.batch_size, 1, 1, 2)]
@@ -57,10 +55,6 @@ class ImageSegData(DataLayer):
                                  f"expected {(max_h, max_w)}; set a crop size")
             data.append(d)
             labels.append(l[None])
-            self.pos += 1
-            if self.pos >= len(self.lines):
-                self.pos = 0
-                if p.shuffle:
-                    self.rng.shuffle(self.lines)
+            self._advance()
         out = [np.stack(data), np.stack(labels), np.asarray(dims, np.float32).reshape(-1, 1, 1, 2)]
         return out[:len(self.shapes)]

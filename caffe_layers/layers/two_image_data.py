@@ -56,14 +56,7 @@ class TwoImageData(DataLayer):
         if self.tp.HasField("mean_file") and len(self.tp.mean_value):
             raise ValueError(f"layer {self.name!r}: give mean_file or mean_value, not both")
         self.mean = load_mean(self.tp.mean_file, self.name) if self.tp.HasField("mean_file") else None
-        self.lines = [(r[0], r[1]) for r in read_list(p.source, self.name, 2)]
-        if p.shuffle:
-            self.rng.shuffle(self.lines)
-        self.pos = 0
-        if p.rand_skip:
-            self.pos = self.rng.randint(p.rand_skip)
-            if self.pos >= len(self.lines):
-                raise ValueError(f"layer {self.name!r}: rand_skip {p.rand_skip} exceeds the {len(self.lines)} lines")
+        self._start_list([(r[0], r[1]) for r in read_list(p.source, self.name, 2)], "lines")
         img, lab = self._read(self.pos)
         crop = self.tp.crop_size
         size = (crop, crop) if crop else img.shape[:2]
@@ -134,9 +127,5 @@ class TwoImageData(DataLayer):
                                  f"first image {data[0].shape}; set crop_size or new_height/new_width")
             data.append(d)
             labels.append(l)
-            self.pos += 1
-            if self.pos >= len(self.lines):
-                self.pos = 0
-                if p.shuffle:
-                    self.rng.shuffle(self.lines)
+            self._advance()
         return [np.stack(data), np.stack(labels)][:len(self.shapes)]
