@@ -363,44 +363,34 @@ def add_arguments(parser, command):
 
 def prepare(args):
     """(net, entries, reference) for the arguments."""
-    import tempfile
-
     from caffe_layers.net import Net
 
     ref = load_reference(args.reference) if args.reference else None
     model = args.model
-    tmp = None
     if model is None:
         if ref is None or not ref.prototxt:
             raise ValueError("compare: give MODEL (the reference holds no prototxt)")
-        tmp = tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False)
-        tmp.write(ref.prototxt)
-        tmp.close()
-        model = tmp.name
-    try:
-        net = Net(model, phase=args.phase)
-        if ref is not None and not ref.by_layer and Path(args.reference).is_dir():
-            ref = load_reference(args.reference, net)  # MatWrite file names need the net
-        if args.weights:
-            net.copy_from(args.weights)
-        elif ref is not None and (args.hashfill or ref.param_sums):
-            fill_net_hash(net, ref.params)
-            check_param_sums(net, ref.param_sums, args.reference)
-        elif ref is not None and ref.params:
-            _load_params(net, ref.params, args.reference)
-        elif args.hashfill:
-            fill_net_hash(net)
-        inputs = dict(ref.inputs) if ref is not None else {}
-        inputs.update(load_inputs(args, net))
-        missing = [b for b in net.inputs if b not in inputs]
-        if ref is not None and missing and not ref.by_layer:
-            inputs.update({b: e.value for b in missing for e in ref.entries if e.top == b})
-        entries = capture(net, inputs, splits=True)
-        if args.caffe:
-            ref = caffe_entries(model, args.weights, net, inputs)
-    finally:
-        if tmp is not None:
-            Path(tmp.name).unlink()
+        model = ref.prototxt  # --caffe needs MODEL (it excludes --reference), so text never reaches pycaffe
+    net = Net(model, phase=args.phase)
+    if ref is not None and not ref.by_layer and Path(args.reference).is_dir():
+        ref = load_reference(args.reference, net)  # MatWrite file names need the net
+    if args.weights:
+        net.copy_from(args.weights)
+    elif ref is not None and (args.hashfill or ref.param_sums):
+        fill_net_hash(net, ref.params)
+        check_param_sums(net, ref.param_sums, args.reference)
+    elif ref is not None and ref.params:
+        _load_params(net, ref.params, args.reference)
+    elif args.hashfill:
+        fill_net_hash(net)
+    inputs = dict(ref.inputs) if ref is not None else {}
+    inputs.update(load_inputs(args, net))
+    missing = [b for b in net.inputs if b not in inputs]
+    if ref is not None and missing and not ref.by_layer:
+        inputs.update({b: e.value for b in missing for e in ref.entries if e.top == b})
+    entries = capture(net, inputs, splits=True)
+    if args.caffe:
+        ref = caffe_entries(model, args.weights, net, inputs)
     return net, entries, ref
 
 

@@ -237,17 +237,10 @@ def golden_net(path, **kwargs):
 
     Returns (net, reference). Raises if the regenerated parameters disagree with `paramsum:`.
     """
-    import tempfile
-
     from caffe_layers.net import Net
 
     ref = load_golden_net(path)
-    with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
-        f.write(ref.prototxt)
-    try:
-        net = Net(f.name, **kwargs)
-    finally:
-        Path(f.name).unlink()
+    net = Net(ref.prototxt, **kwargs)
     fill_net_hash(net, ref.params)
     check_param_sums(net, ref.param_sums, path)
     return net, ref

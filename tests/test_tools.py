@@ -212,23 +212,12 @@ def test_caffe_split_names_match_golden():
             if e.layer in golden:
                 golden[e.layer].append(e.top)
         ours = {}
-        param = read_net(_prototxt_file(ref))
+        param = read_net(ref.prototxt)
         for s in caffe_splits(param):
             for n in [s.name] + s.aliases:
                 ours[n] = [t.replace(s.name, n) for t in s.tops]
         for layer, tops in golden.items():
             assert ours[layer] == tops, layer
-
-
-def _prototxt_file(ref, _cache={}):
-    import tempfile
-
-    if ref.source not in _cache:
-        f = tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False)
-        f.write(ref.prototxt)
-        f.close()
-        _cache[ref.source] = f.name
-    return _cache[ref.source]
 
 
 @pytest.fixture(scope="module")
