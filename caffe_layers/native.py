@@ -316,17 +316,9 @@ def norm_conv_filter(img, dist, weight, bias=None, scale=None, pad=0, stride=1, 
     if not use_native(img, dist, weight, bias, scale):
         with disabled():
             return ref.norm_conv_filter(img, dist, weight, bias, scale, pad, stride, dilation, group)
-    o, cg, kh, kw = weight.shape
-    geom, out = _geom(img, (kh, kw), pad, stride, dilation, "norm_conv")
-    c = img.shape[1]
-    if c % group or o % group or cg != c // group:
-        raise ValueError(f"norm_conv: channels {c} and num_output {o} must be multiples of group {group}, and the "
-                         f"weight must be num_output x channels/group x kh x kw, got {list(weight.shape)}")
-    if tuple(dist.shape) != (img.shape[0], kh * kw, *out):
-        raise ValueError(f"norm_conv: distances of shape {list(dist.shape)} do not fit {kh}x{kw} patches "
-                         f"of output size {list(out)}")
-    logits = dist if scale is None else -scale.reshape(()) * dist  # no scale: +dist (the reference's quirk)
-    soft = torch.softmax(logits, dim=1)
+    geom, out = _geom(img, weight.shape[2:], pad, stride, dilation, "norm_conv")
+    ref.check_shapes(img, dist, weight, group, out)
+    soft = ref.patch_softmax(dist, scale)
     if group == 1:  # the seg-aware convolution with mask = soft: column chunks and a GEMM beat the direct loops
         return _SegConv.apply(img, soft, weight, bias, geom)
     return _NormFilter.apply(img, soft, weight, bias, geom, group)

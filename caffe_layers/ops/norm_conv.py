@@ -12,22 +12,35 @@ import torch
 from caffe_layers.ops.im2col import im2col
 
 
+def check_shapes(img, dist, weight, group, out):
+    """The argument checks of the filtering (out: the patches' output size), shared with the native path."""
+    c = img.shape[1]
+    o, cg, kh, kw = weight.shape
+    if c % group or o % group or cg != c // group:
+        raise ValueError(f"norm_conv: channels {c} and num_output {o} must be multiples of group {group}, and the "
+                         f"weight must be num_output x channels/group x kh x kw, got {list(weight.shape)}")
+    if tuple(dist.shape) != (img.shape[0], kh * kw, *out):
+        raise ValueError(f"norm_conv: distances of shape {list(dist.shape)} do not fit {kh}x{kw} patches "
+                         f"of output size {list(out)}")
+
+
+def patch_softmax(dist, scale):
+    """softmax over the taps of -scale * dist, or of +dist without a scale (the original's quirk)."""
+    logits = dist if scale is None else -scale.reshape(()) * dist
+    return torch.softmax(logits, dim=1)  # the original subtracts the max, exponentiates and divides
+
+
 def norm_conv_filter(img, dist, weight, bias=None, scale=None, pad=0, stride=1, dilation=1, group=1):
     """img N x C x H x W, dist N x kk x Ho x Wo, weight O x C/group x kh x kw -> N x O x Ho x Wo."""
-    n, c = img.shape[:2]
-    o, _, kh, kw = weight.shape
-    if c % group or o % group:
-        raise ValueError(f"norm_conv: channels {c} and num_output {o} must be multiples of group {group}")
     from caffe_layers import native  # the native filtering kernels (cuda/) when built; this is their reference
 
     if native.use_native(img, dist, weight, bias, scale):
         return native.norm_conv_filter(img, dist, weight, bias, scale, pad, stride, dilation, group)
+    n, c = img.shape[:2]
+    o, _, kh, kw = weight.shape
     cols = im2col(img, (kh, kw), pad, stride, dilation)
-    if dist.shape[0] != n or dist.shape[1] != kh * kw or dist.shape[2:] != cols.shape[2:]:
-        raise ValueError(f"norm_conv: distances of shape {list(dist.shape)} do not fit {kh}x{kw} patches "
-                         f"of output size {list(cols.shape[2:])}")
-    logits = dist if scale is None else -scale.reshape(()) * dist
-    soft = torch.softmax(logits, dim=1)  # the original subtracts the max, exponentiates and divides
+    check_shapes(img, dist, weight, group, cols.shape[2:])
+    soft = patch_softmax(dist, scale)
     ho, wo = cols.shape[2:]
     res = cols.reshape(n, c, kh * kw, ho, wo) * soft[:, None]
     res = res.reshape(n, group, (c // group) * kh * kw, ho * wo)
