@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from caffe_layers.data.transformer import read_image
 from caffe_layers.layers.base import Layer
 
 PREFETCH_COUNT = 3  # Caffe's BasePrefetchingDataLayer keeps three batches ready
@@ -19,8 +20,8 @@ class DataLayer(Layer):
     one numpy array per top; it is called in order from one background thread, so it may keep a
     cursor. With `set_shard(rank, world)` each of `world` processes reads every world-th batch,
     starting at its rank, so k processes see the batches one process would see in k steps.
-    A list-file layer (image_data_param in `self.ip`) sets its cursor with `_start_list` and moves
-    it with `_advance`.
+    A list-file layer (image_data_param in `self.ip`) sets its cursor with `_start_list`, moves it
+    with `_advance` and reads an entry's image with `_read_image`.
     """
 
     is_data_layer = True
@@ -58,6 +59,11 @@ class DataLayer(Layer):
         self.pos = self.rng.randint(p.rand_skip) if p.rand_skip else 0
         if self.pos >= len(self.lines):
             raise ValueError(f"layer {self.name!r}: rand_skip {p.rand_skip} exceeds the {len(self.lines)} {noun}")
+
+    def _read_image(self, i):
+        """The image named in the first column of entry i, read as image_data_param says."""
+        p = self.ip
+        return read_image(p.root_folder + self.lines[i][0], p.new_height, p.new_width, p.is_color, self.name)
 
     def _advance(self):
         """Move the cursor to the next entry; past the last, back to the first, reshuffled if asked."""

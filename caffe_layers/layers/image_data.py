@@ -2,7 +2,7 @@
 import numpy as np
 
 from caffe_layers.data import DataLayer, read_list
-from caffe_layers.data.transformer import Transformer, read_image
+from caffe_layers.data.transformer import Transformer
 from caffe_layers.layers import register
 
 
@@ -18,18 +18,14 @@ class ImageData(DataLayer):
         lines = [(row[0], float(row[1]) if len(row) > 1 else 0.0) for row in read_list(p.source, self.name)]
         self.transform = Transformer(param.transform_param, phase, self.rng, self.name)
         self._start_list(lines, "images")
-        img = self._read(self.pos)
+        img = self._read_image(self.pos)
         c, h, w = self.transform.out_shape(img.shape[2], *img.shape[:2])
         self.shapes = [(p.batch_size, c, h, w), (p.batch_size,)][:len(param.top)]
-
-    def _read(self, i):
-        p = self.ip
-        return read_image(p.root_folder + self.lines[i][0], p.new_height, p.new_width, p.is_color, self.name)
 
     def load_batch(self):
         data, labels = [], []
         for _ in range(self.ip.batch_size):
-            data.append(self.transform(self._read(self.pos)))
+            data.append(self.transform(self._read_image(self.pos)))
             labels.append(self.lines[self.pos][1])
             self._advance()
         shapes = {d.shape for d in data}

@@ -3,7 +3,7 @@ with each image's (height, width) before cropping, clipped to the crop."""
 import numpy as np
 
 from caffe_layers.data import DataLayer, read_list
-from caffe_layers.data.transformer import Transformer, read_image, read_label_image
+from caffe_layers.data.transformer import Transformer, read_label_image
 from caffe_layers.layers import register
 from caffe_layers.proto import pb
 
@@ -23,21 +23,17 @@ class ImageSegData(DataLayer):
         lines = [(r[0], r[1] if len(r) > 1 else "") for r in read_list(p.source, self.name, columns)]
         self.transform = Transformer(param.transform_param, phase, self.rng, self.name)
         self._start_list(lines, "images")
-        img = self._image(0)
+        img = self._read_image(0)
         c, h, w = self.transform.out_shape(img.shape[2], *img.shape[:2])
         self.shapes = [(p.batch_size, c, h, w), (p.batch_size, 1, h, w), (p.batch_size, 1, 1, 2)]
         self.shapes = self.shapes[:len(param.top)]
-
-    def _image(self, i):
-        p = self.ip
-        return read_image(p.root_folder + self.lines[i][0], p.new_height, p.new_width, p.is_color, self.name)
 
     def load_batch(self):
         p = self.ip
         _, _, max_h, max_w = self.shapes[0]
         data, labels, dims = [], [], []
         for _ in range(p.batch_size):
-            img = self._image(self.pos)
+            img = self._read_image(self.pos)
             dims.append([min(max_h, img.shape[0]), min(max_w, img.shape[1])])
             if p.label_type == pb.ImageDataParameter.PIXEL:
                 seg = read_label_image(p.root_folder + self.lines[self.pos][1], p.new_height, p.new_width,
