@@ -12,14 +12,18 @@ MAGIC = np.float32(202021.25)
 _HEADER = 12
 
 
-def read_flo_header(path):
-    """(width, height) of a .flo file, checking the magic number and the size."""
-    path = Path(path)
+def _read(path, size=-1):
+    """The first `size` bytes of a file (all of it by default)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(_HEADER)
+            return f.read(size)
     except OSError as err:
-        raise FileNotFoundError(f"flo: cannot open {str(path)!r}: {err.strerror}") from None
+        raise FileNotFoundError(f"flo: cannot open {str(Path(path))!r}: {err.strerror}") from None
+
+
+def _parse_header(path, head):
+    """(width, height) from a .flo file's leading bytes, checking the magic number and the size."""
+    path = Path(path)
     if len(head) < _HEADER:
         raise ValueError(f"flo: {str(path)!r} is too short for a .flo header ({len(head)} of 12 bytes)")
     magic = np.frombuffer(head, "<f4", 1)[0]
@@ -31,10 +35,15 @@ def read_flo_header(path):
     return w, h
 
 
+def read_flo_header(path):
+    """(width, height) of a .flo file, checking the magic number and the size."""
+    return _parse_header(path, _read(path, _HEADER))
+
+
 def read_flo(path):
     """The flow of a .flo file as a float32 array of shape (2, H, W)."""
-    w, h = read_flo_header(path)
-    data = Path(path).read_bytes()
+    data = _read(path)
+    w, h = _parse_header(path, data)
     need = _HEADER + 8 * w * h
     if len(data) < need:
         raise ValueError(f"flo: {str(path)!r} is truncated: {len(data)} bytes, a {w}x{h} flow needs {need}")
