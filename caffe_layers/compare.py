@@ -365,14 +365,17 @@ def prepare(args):
     """(net, entries, reference) for the arguments."""
     from caffe_layers.net import Net
 
-    ref = load_reference(args.reference) if args.reference else None
     model = args.model
+    reference_dir = bool(args.reference) and Path(args.reference).is_dir()
+    ref = None
+    if args.reference and not (reference_dir and model is not None):
+        ref = load_reference(args.reference)  # a directory with MODEL is read once, below, with the net
     if model is None:
         if ref is None or not ref.prototxt:
             raise ValueError("compare: give MODEL (the reference holds no prototxt)")
         model = ref.prototxt  # --caffe needs MODEL (it excludes --reference), so text never reaches pycaffe
     net = Net(model, phase=args.phase)
-    if ref is not None and not ref.by_layer and Path(args.reference).is_dir():
+    if reference_dir and (ref is None or not ref.by_layer):
         ref = load_reference(args.reference, net)  # MatWrite file names need the net
     if args.weights:
         net.copy_from(args.weights)
