@@ -23,6 +23,10 @@ constexpr int kThreads = 256;
 #define LAUNCH(kernel, grid, stream, ...) kernel<<<grid, kThreads, 0, stream>>>(__VA_ARGS__)
 #endif
 
+// Grid-stride loop over [0, total), used by every kernel except the SPN scan steps; #undef after the kernels.
+#define CL_GRID_LOOP(idx, total) \
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < (total); idx += (int64_t)gridDim.x * blockDim.x)
+
 inline int blocks(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
 
 inline void check(const char* what) {
@@ -48,7 +52,7 @@ __device__ inline int64_t source(int64_t pos, int64_t p, int64_t s, int64_t off,
 template <typename T>
 __global__ void im2dist_fwd(const T* x, T* y, Geom g, bool l1, bool rc, bool rb, T big) {
   const int64_t K = g.K(), total = g.N * K * g.Ho * g.Wo;
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+  CL_GRID_LOOP(idx, total) {
     const int64_t ow = idx % g.Wo, oh = (idx / g.Wo) % g.Ho, k = (idx / (g.Wo * g.Ho)) % K, n = idx / (g.Wo * g.Ho * K);
     const int64_t i = k / g.kw, j = k % g.kw, ci = g.kh / 2, cj = g.kw / 2;
     const int64_t ch = oh * g.sh - g.ph + ci * g.dh, cw = ow * g.sw - g.pw + cj * g.dw;
@@ -83,7 +87,7 @@ template <typename T>
 __global__ void im2dist_bwd(const T* x, const T* gy, T* gx, Geom g, int mode) {
   const int64_t K = g.K(), total = g.N * g.C * g.H * g.W;
   const int64_t ci = g.kh / 2, cj = g.kw / 2;
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+  CL_GRID_LOOP(idx, total) {
     const int64_t w = idx % g.W, h = (idx / g.W) % g.H, nc = idx / (g.W * g.H), n = nc / g.C;
     const T* xp = x + nc * g.H * g.W;
     const T* gyn = gy + n * K * g.Ho * g.Wo;
@@ -118,7 +122,7 @@ __global__ void im2dist_bwd(const T* x, const T* gy, T* gx, Geom g, int mode) {
 template <typename T>
 __global__ void im2parity_fwd(const T* labels, T* y, Geom g, bool has_ignore, T ignore, T outside) {
   const int64_t K = g.K(), total = g.N * K * g.Ho * g.Wo;
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+  CL_GRID_LOOP(idx, total) {
     const int64_t ow = idx % g.Wo, oh = (idx / g.Wo) % g.Ho, k = (idx / (g.Wo * g.Ho)) % K, n = idx / (g.Wo * g.Ho * K);
     const int64_t i = k / g.kw, j = k % g.kw;
     const int64_t ch = oh * g.sh - g.ph + (g.kh / 2) * g.dh, cw = ow * g.sw - g.pw + (g.kw / 2) * g.dw;
@@ -190,7 +194,7 @@ __global__ void spn_bwd_step(const T* x, const T* g1, const T* g2, const T* g3, 
 template <typename T>
 __global__ void spn_dx(const T* g1, const T* g2, const T* g3, T* dx, int64_t planes, Scan sc) {
   const int64_t total = planes * sc.H * sc.W;
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+  CL_GRID_LOOP(idx, total) {
     const int64_t q = idx % (sc.H * sc.W), hh = q / sc.W, ww = q % sc.W;
     const int64_t t = sc.horizontal ? ww : hh, s = sc.horizontal ? hh : ww;
     T gsum = 0;
@@ -207,7 +211,7 @@ __global__ void spn_dx(const T* g1, const T* g2, const T* g3, T* dx, int64_t pla
 template <typename T>
 __global__ void masked_im2col_k(const T* x, const T* mask, T* cols, Geom g, int64_t n, int64_t r0, int64_t r1) {
   const int64_t K = g.K(), P = (r1 - r0) * g.Wo, total = g.C * K * P;
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+  CL_GRID_LOOP(idx, total) {
     const int64_t p = idx % P, ck = idx / P, c = ck / K, k = ck % K;
     const int64_t oh = r0 + p / g.Wo, ow = p % g.Wo;
     const int64_t hh = oh * g.sh - g.ph + (k / g.kw) * g.dh, ww = ow * g.sw - g.pw + (k % g.kw) * g.dw;
@@ -221,7 +225,7 @@ __global__ void masked_im2col_k(const T* x, const T* mask, T* cols, Geom g, int6
 template <typename T>
 __global__ void masked_col2im_x(const T* mask, const T* dcols, T* gx, Geom g, int64_t n, int64_t r0, int64_t r1) {
   const int64_t K = g.K(), P = (r1 - r0) * g.Wo, total = g.C * g.H * g.W;
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+  CL_GRID_LOOP(idx, total) {
     const int64_t w = idx % g.W, h = (idx / g.W) % g.H, c = idx / (g.W * g.H);
     T acc = 0;
     for (int64_t k = 0; k < K; ++k) {
@@ -236,7 +240,7 @@ __global__ void masked_col2im_x(const T* mask, const T* dcols, T* gx, Geom g, in
 template <typename T>
 __global__ void masked_col2im_mask(const T* x, const T* dcols, T* gmask, Geom g, int64_t n, int64_t r0, int64_t r1) {
   const int64_t K = g.K(), P = (r1 - r0) * g.Wo, total = K * P;
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+  CL_GRID_LOOP(idx, total) {
     const int64_t p = idx % P, k = idx / P, oh = r0 + p / g.Wo, ow = p % g.Wo;
     const int64_t hh = oh * g.sh - g.ph + (k / g.kw) * g.dh, ww = ow * g.sw - g.pw + (k % g.kw) * g.dw;
     T acc = 0;
@@ -247,9 +251,6 @@ __global__ void masked_col2im_mask(const T* x, const T* dcols, T* gmask, Geom g,
 }
 
 // ---- normalised convolution filtering: one thread per value it writes (gathers, no atomics) ------------
-#define CL_GRID_LOOP(idx, total) \
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < (total); idx += (int64_t)gridDim.x * blockDim.x)
-
 template <typename T>
 __global__ void normfilter_fwd(const T* x, const T* soft, const T* w, const T* b, T* y, Geom g, Groups q) {
   const int64_t K = g.K(), P = g.Ho * g.Wo;
