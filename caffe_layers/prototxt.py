@@ -27,9 +27,15 @@ def substitute(text, variables, source="<string>"):
     return _VARIABLE.sub(lambda m: str(variables[m.group(1)]), text)
 
 
+def is_path(source):
+    """Whether read_net takes `source` (a str or Path) as a file path: a Path, or a str with no newline,
+    brace or colon; other strings are prototxt text."""
+    return isinstance(source, Path) or ("\n" not in source and "{" not in source and ":" not in source)
+
+
 def _read_text(source):
-    """(text, name) from a path or from prototxt text (anything containing a newline or a brace)."""
-    if isinstance(source, Path) or ("\n" not in source and "{" not in source and ":" not in source):
+    """(text, name) from a path or from prototxt text (see is_path)."""
+    if is_path(source):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"prototxt not found: {path}")

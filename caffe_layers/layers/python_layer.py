@@ -14,6 +14,7 @@ from torch import nn
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
+from caffe_layers.prototxt import is_path
 
 
 class PyBlob:
@@ -51,7 +52,7 @@ class PyBlob:
 def module_search_path(prototxt):
     """Let Python layers import modules that sit next to the prototxt file (if it is a file)."""
     folder = None
-    if isinstance(prototxt, (str, Path)) and "\n" not in str(prototxt) and "{" not in str(prototxt):
+    if isinstance(prototxt, (str, Path)) and is_path(prototxt):
         path = Path(prototxt)
         if path.is_file():
             folder = str(path.resolve().parent)
