@@ -6,6 +6,7 @@ anything is copied; then the blob data is read straight into the parameters. Lay
 and shapes are decoded by protobuf itself; only the outer NetParameter -> layer -> BlobProto
 nesting and the packed float arrays are handled here, which is what makes large files fast.
 """
+import contextlib
 import logging
 import mmap
 import os
@@ -298,19 +299,35 @@ def read_caffemodel(path, with_definition=False):
     return (weights, net) if with_definition else weights
 
 
-def _read_hdf5(path):
+def _hdf5_unreadable(path, err):
+    return WeightsError(f"{path}: cannot read HDF5 weights: {err}")
+
+
+@contextlib.contextmanager
+def _hdf5_data(path):
+    """The /data group of Caffe HDF5 weights, the file open for reading; a file h5py cannot open, or
+    one without /data, is a WeightsError."""
     import h5py
 
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise _hdf5_unreadable(path, err) from None
+    with f:
+        if "data" not in f:
+            raise WeightsError(f"{path}: an HDF5 file without the /data group Caffe's weights have")
+        yield f["data"]
+
+
+def _read_hdf5(path):
     weights = OrderedDict()
     try:
-        with h5py.File(path, "r") as f:
-            if "data" not in f:
-                raise WeightsError(f"{path}: an HDF5 file without the /data group Caffe's weights have")
-            for name, group in f["data"].items():  # h5py iterates in name order, as Caffe does
+        with _hdf5_data(path) as data:
+            for name, group in data.items():  # h5py iterates in name order, as Caffe does
                 keys = sorted(group.keys(), key=int)
                 weights[name] = [np.asarray(group[k]) for k in keys]
-    except OSError as err:
-        raise WeightsError(f"{path}: cannot read HDF5 weights: {err}") from None
+    except OSError as err:  # a dataset that cannot be read
+        raise _hdf5_unreadable(path, err) from None
     return weights
 
 
@@ -452,17 +469,9 @@ def _copy_into(param, src, rec):
 
 
 def _plan_hdf5(targets, path, report):
-    import h5py
-
     plan = []
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise WeightsError(f"{path}: cannot read HDF5 weights: {err}") from None
-    with f:
-        if "data" not in f:
-            raise WeightsError(f"{path}: an HDF5 file without the /data group Caffe's weights have")
-        for name, group in f["data"].items():
+    with _hdf5_data(path) as data:
+        for name, group in data.items():
             if name not in targets:
                 (report.ignored if len(group) else report.ignored_empty).append(name)
                 continue
