@@ -1,6 +1,6 @@
 """Caffe's DataTransformer (transform_param) for HxWxC images in BGR order, and image reading.
 
-Order per image, as the original: mirror coin, scale_factors choice, pad (segmentation only),
+Order per image, as the original: mirror coin, scale_factors choice, pad (with a label or second image only),
 crop (random in TRAIN, centred in TEST), then (pixel - mean) * scale. Random numbers come from the
 layer's numpy RandomState (seeded from random_seed), not Caffe's boost RNG, so random crops and
 mirrors differ from the original's draws (their distribution is the same).
@@ -82,7 +82,8 @@ class Transformer:
         return int(self.rng.randint(n))
 
     def __call__(self, img, seg=None, ignore_label=255):
-        """(C, H', W') float32 data, and the (H', W') float32 label when `seg` is given."""
+        """(C, H', W') float32 data, and the (H', W') float32 label when `seg` is given (an HxWxC `seg`,
+        TwoImageData's second image, comes back (H', W', C))."""
         img = np.asarray(img, dtype=np.float64)
         if img.ndim == 2:
             img = img[:, :, None]
@@ -109,7 +110,8 @@ class Transformer:
                 padded[...] = fill
                 padded[:height, :width] = img
                 img = padded
-                seg = np.pad(seg, ((0, pad_h), (0, pad_w)), constant_values=ignore_label)
+                seg = np.pad(seg, ((0, pad_h), (0, pad_w)) + ((0, 0),) * (seg.ndim - 2),
+                             constant_values=ignore_label)
                 height, width = img.shape[:2]
         h_off = w_off = 0
         if self.crop_h and self.crop_w:

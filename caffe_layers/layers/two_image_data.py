@@ -17,9 +17,9 @@ import numpy as np
 from PIL import Image
 
 from caffe_layers.data import DataLayer, read_list
-from caffe_layers.data.transformer import load_mean, read_image
+from caffe_layers.data.transformer import Transformer, read_image
 from caffe_layers.layers import register
-from caffe_layers.proto import TRAIN
+from caffe_layers.proto import pb
 
 
 def read_second(path, new_height, new_width, is_color, layer_name):
@@ -53,9 +53,10 @@ class TwoImageData(DataLayer):
         if self.tp.HasField("crop_height") or self.tp.HasField("crop_width") or len(self.tp.scale_factors):
             raise ValueError(f"layer {self.name!r}: TwoImageData reads crop_size only (no crop_height/"
                              f"crop_width/scale_factors)")
-        if self.tp.HasField("mean_file") and len(self.tp.mean_value):
-            raise ValueError(f"layer {self.name!r}: give mean_file or mean_value, not both")
-        self.mean = load_mean(self.tp.mean_file, self.name) if self.tp.HasField("mean_file") else None
+        tp = pb.TransformationParameter()
+        tp.CopyFrom(self.tp)
+        tp.ClearField("force_color")  # TransformBoth neither reads nor checks force_color/force_gray
+        self.transform = Transformer(tp, phase, self.rng, self.name)
         self._start_list([(r[0], r[1]) for r in read_list(p.source, self.name, 2)], "lines")
         img, lab = self._read(self.pos)
         crop = self.tp.crop_size
@@ -75,47 +76,17 @@ class TwoImageData(DataLayer):
 
     def transform_both(self, img, lab):
         """TransformBoth: (C, H', W') float32 data and (C2, H', W') float32 second image."""
-        tp, crop = self.tp, self.tp.crop_size
-        channels = img.shape[2]
-        mirror = bool(tp.mirror) and self.rng.randint(2) == 1
-        means = list(tp.mean_value)
-        if means and len(means) not in (1, channels):
-            raise ValueError(f"layer {self.name!r}: give 1 mean_value or {channels}, got {len(means)}")
-        if len(means) == 1:
-            means = means * channels
-        img = img.astype(np.float64)
-        height, width = img.shape[:2]
-        pad_h, pad_w = max(crop - height, 0), max(crop - width, 0)
-        if pad_h or pad_w:
-            padded = np.empty((height + pad_h, width + pad_w, channels))
-            padded[...] = np.asarray(means if means else [0.0] * channels)
-            padded[:height, :width] = img
-            img = padded
-            lab = np.pad(lab, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=255)  # not ignore_label
-            height, width = img.shape[:2]
-        h_off = w_off = 0
-        if crop:
-            if self.phase == TRAIN:
-                h_off = self.rng.randint(height - crop + 1)
-                w_off = self.rng.randint(width - crop + 1)
-            else:
-                h_off, w_off = (height - crop) // 2, (width - crop) // 2
-            img = img[h_off:h_off + crop, w_off:w_off + crop]
-            lab = lab[h_off:h_off + crop, w_off:w_off + crop]
-        data = img.astype(np.float32).transpose(2, 0, 1)
-        if self.mean is not None:
+        mean = self.transform.mean
+        if mean is not None:
             # the original indexes the mean with the image's own (padded) size
-            if self.mean.shape != (channels, height, width):
-                raise ValueError(f"layer {self.name!r}: mean_file shape {list(self.mean.shape)} must equal "
-                                 f"the image's {[channels, height, width]}")
-            data = data - self.mean[:, h_off:h_off + data.shape[1], w_off:w_off + data.shape[2]]
-        elif means:
-            data = data - np.asarray(means, np.float32)[:, None, None]
-        data = data * np.float32(tp.scale)
-        second = lab.astype(np.float32).transpose(2, 0, 1)
-        if mirror:
-            data, second = data[:, :, ::-1], second[:, :, ::-1]
-        return np.ascontiguousarray(data), np.ascontiguousarray(second)
+            crop = self.tp.crop_size
+            size = [img.shape[2], max(img.shape[0], crop), max(img.shape[1], crop)]
+            if list(mean.shape) != size:
+                raise ValueError(f"layer {self.name!r}: mean_file shape {list(mean.shape)} must equal "
+                                 f"the image's {size}")
+        # the second image is padded with 255 whatever ignore_label is, and gets no mean nor scale
+        data, second = self.transform(img, lab, ignore_label=255)
+        return data, np.ascontiguousarray(second.transpose(2, 0, 1))
 
     def load_batch(self):
         p = self.ip
