@@ -77,19 +77,23 @@ def _guided_gray(p, g, size, eps):
 
 
 def _guided_color(p, g, size, eps):
-    n, _, h, w = g.shape
+    """Every channel of p filtered with the 3-channel guide g: the guide's statistics and its per-pixel
+    3x3 covariance are computed once for all channels."""
+    n, c, h, w = p.shape
     mean_g = box_mean(g, size)                                   # (N, 3, H, W)
-    mean_p = box_mean(p, size)                                   # (N, 1, H, W)
-    cov_gp = box_mean(g * p, size) - mean_g * mean_p             # (N, 3, H, W)
+    mean_p = box_mean(p, size)                                   # (N, C, H, W)
+    gp = (g.unsqueeze(2) * p.unsqueeze(1)).reshape(n, 3 * c, h, w)
+    cov_gp = box_mean(gp, size).reshape(n, 3, c, h, w) - mean_g.unsqueeze(2) * mean_p.unsqueeze(1)
     # 3x3 covariance of the guide per pixel, + eps on the diagonal
     gg = (g.unsqueeze(1) * g.unsqueeze(2)).reshape(n, 9, h, w)
     mm = (mean_g.unsqueeze(1) * mean_g.unsqueeze(2)).reshape(n, 9, h, w)
     sigma = (box_mean(gg, size) - mm).reshape(n, 3, 3, h, w).permute(0, 3, 4, 1, 2)
     sigma = sigma + eps * torch.eye(3, dtype=p.dtype, device=p.device)
-    a = torch.linalg.solve(sigma, cov_gp.permute(0, 2, 3, 1).unsqueeze(-1)).squeeze(-1)
-    a = a.permute(0, 3, 1, 2)                                    # (N, 3, H, W)
-    b = mean_p - (a * mean_g).sum(1, keepdim=True)
-    return (box_mean(a, size) * g).sum(1, keepdim=True) + box_mean(b, size)
+    a = torch.linalg.solve(sigma, cov_gp.permute(0, 3, 4, 1, 2))   # (N, H, W, 3, C)
+    a = a.permute(0, 3, 4, 1, 2)                                 # (N, 3, C, H, W)
+    b = mean_p - (a * mean_g.unsqueeze(2)).sum(1)
+    mean_a = box_mean(a.reshape(n, 3 * c, h, w), size).reshape(n, 3, c, h, w)
+    return (mean_a * g.unsqueeze(2)).sum(1) + box_mean(b, size)
 
 
 def filter_features(features, image, size=10, eps=0.01, grouping="matlab"):
@@ -105,14 +109,15 @@ def filter_features(features, image, size=10, eps=0.01, grouping="matlab"):
     _check_nchw(image, "filter_features image")
     if image.shape[1] != 3:
         raise ValueError(f"sss.filter_features: image must be RGB (N, 3, H, W), got {tuple(image.shape)}")
-    c = features.shape[1]
-    if grouping == "color":
-        return torch.cat([guided_filter(features[:, i:i + 1], image, size, eps) for i in range(c)], 1)
-    if grouping != "matlab":
+    if grouping not in ("matlab", "color"):
         raise ValueError(f"sss.filter_features: grouping must be 'matlab' or 'color', got {grouping!r}")
-    full = c - c % 3
-    out = [guided_filter(features[:, i:i + 3], image, size, eps) for i in range(0, full, 3)]
-    out += [guided_filter(features[:, i:i + 1], image, size, eps) for i in range(full, c)]
+    image = image.to(features.dtype)
+    full = features.shape[1] - features.shape[1] % 3 if grouping == "matlab" else 0
+    out = []
+    if full:  # channel 3k + j guided by image channel j alone
+        out.append(_guided_gray(features[:, :full], image.repeat(1, full // 3, 1, 1), size, eps))
+    if full < features.shape[1]:
+        out.append(_guided_color(features[:, full:], image, size, eps))
     return torch.cat(out, 1)
 
 
