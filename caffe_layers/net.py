@@ -311,14 +311,23 @@ class Net(nn.Module):
                 hook(step, tops)
         return values
 
+    def _top_weights(self):
+        """(top, loss weight) for every step's tops, in step order (a top written in place repeats)."""
+        for step in self.steps:
+            yield from zip(step.tops, step.loss_weights)
+
+    @property
+    def top_loss_weights(self):
+        """{top: loss weight}; a top written by several layers (in place) has the last one's weight."""
+        return dict(self._top_weights())
+
     def loss(self, values):
         """The weighted sum of the loss tops in `values`, as Caffe's Net::ForwardBackward reports it."""
         total = None
-        for step in self.steps:
-            for name, weight in zip(step.tops, step.loss_weights):
-                if weight and name in values:
-                    term = weight * values[name].sum()
-                    total = term if total is None else total + term
+        for name, weight in self._top_weights():
+            if weight and name in values:
+                term = weight * values[name].sum()
+                total = term if total is None else total + term
         return total
 
     def forward(self, blobs=None, start=None, end=None, **inputs):
@@ -369,12 +378,11 @@ class Net(nn.Module):
         Returns the diffs of the net inputs and of the blobs named in `diffs`.
         """
         tensors, grads = [], []
-        for step in self.steps:
-            for name, weight in zip(step.tops, step.loss_weights):
-                if weight and name in self._data:
-                    value = self._data[name]
-                    tensors.append(value)
-                    grads.append(torch.full_like(value, weight))
+        for name, weight in self._top_weights():
+            if weight and name in self._data:
+                value = self._data[name]
+                tensors.append(value)
+                grads.append(torch.full_like(value, weight))
         loss_blobs = {id(t) for t in tensors}
         for name in self.outputs:
             value = self._data.get(name)

@@ -215,15 +215,14 @@ class Solver:
 
     def _log_outputs(self):
         index = 0
-        weights = {t: w for s in self.net.steps for t, w in zip(s.tops, s.loss_weights)}
+        weights = self.net.top_loss_weights
         for name in self.net.outputs:
             value = self.last_values.get(name)
             if value is None:
                 continue
             w = weights.get(name, 0.0)
             for v in value.detach().reshape(-1).cpu().tolist():
-                extra = f" (* {w:g} = {w * v:.6g} loss)" if w else ""
-                log.info("    Train net output #%d: %s = %.6g%s", index, name, v, extra)
+                log.info("    Train net output #%d: %s = %.6g%s", index, name, v, loss_suffix(w, v))
                 index += 1
 
     def _update_smoothed_loss(self, loss, start_iter):
@@ -391,15 +390,14 @@ class Solver:
                 scores[name] = scores[name] + v if name in scores else v
         if self.param.test_compute_loss:
             log.info("Test loss: %g", total_loss / n)
-        weights = {t: w for s in net.steps for t, w in zip(s.tops, s.loss_weights)}
+        weights = net.top_loss_weights
         means, index = {}, 0
         for name, total in scores.items():
             mean = total / n
             means[name] = mean.numpy()
             w = weights.get(name, 0.0)
             for v in mean.tolist():
-                extra = f" (* {w:g} = {w * v:.6g} loss)" if w else ""
-                log.info("    Test net output #%d: %s = %.6g%s", index, name, v, extra)
+                log.info("    Test net output #%d: %s = %.6g%s", index, name, v, loss_suffix(w, v))
                 index += 1
         return means
 
@@ -478,6 +476,12 @@ class Solver:
             if getattr(layer, "is_data_layer", False):
                 for _ in range(n):
                     layer.next_batch()
+
+
+def loss_suffix(weight, value):
+    """Caffe's " (* weight = weighted loss)" after a net output with a loss weight; "" without one.
+    (For floats "g" is ".6g", as the solver's output lines have it.)"""
+    return f" (* {weight:g} = {weight * value:g} loss)" if weight else ""
 
 
 def blob_array(blob, source="?"):

@@ -139,13 +139,14 @@ def run_test(args):
     from caffe_layers import mode
     from caffe_layers.net import Net
     from caffe_layers.proto import TEST
+    from caffe_layers.solver import loss_suffix
 
     ids = gpu_ids(args.gpu)
     if ids:
         mode.set_mode_gpu()
         mode.set_device(ids[0])
     net = Net(args.model, args.weights, TEST, parse_set(args.set), level=args.level, stages=args.stage)
-    weights = {t: w for s in net.steps for t, w in zip(s.tops, s.loss_weights)}
+    weights = net.top_loss_weights
     totals, total_loss = {}, 0.0
     for i in range(args.iterations):
         with torch.no_grad():
@@ -160,7 +161,5 @@ def run_test(args):
     log.info("Loss: %g", total_loss / args.iterations)
     for name, total in totals.items():
         for x in total / args.iterations:
-            w = weights.get(name, 0.0)
-            extra = f" (* {w:g} = {w * x:g} loss)" if w else ""
-            log.info("%s = %g%s", name, x, extra)
+            log.info("%s = %g%s", name, x, loss_suffix(weights.get(name, 0.0), x))
     return 0
