@@ -332,7 +332,6 @@ def test_layers_use_native_kernels(monkeypatch):
 def test_native_modules_are_built():
     """The install compiles the C++ module always and cuda/*.cu wherever nvcc is on PATH (so they cannot rot)."""
     import importlib
-    import os
     import shutil
 
     importlib.import_module("caffe_layers._native_cpu")

@@ -1,14 +1,11 @@
 """Segmentation-aware ops of the segaware fork: Im2col, Im2dist, Im2parity, DistLoss, ChannelReduce,
 SegAccuracy, UniqueLabel and the "xy" filler, against the original's goldens and its quirks."""
 import itertools
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from golden import FLT_MAX_100, check_golden, gradcheck_layer, load_case, make_layer, net_from_case
 
 from caffe_layers.fillers import fill

@@ -10,7 +10,6 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from golden import REFERENCE, assert_same_net, gradcheck_layer, make_layer  # noqa: E402
 
 from caffe_layers import Net, native  # noqa: E402
