@@ -8,25 +8,10 @@ import torch.nn.functional as F
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, canonical_axis
+from caffe_layers.layers.patch_geometry import conv_geometry, from_nchw, to_nchw
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
-def _per_axis(name, values, has_hw, h, w, default, nsp, what):
-    """Caffe's rule: `name` once or once per spatial axis, or name_h and name_w (2-D only)."""
-    if has_hw:
-        if nsp != 2:
-            raise ValueError(f"{what}: {name}_h & {name}_w can only be used for 2D convolution")
-        if len(values):
-            raise ValueError(f"{what}: either {name} or {name}_h/w should be specified; not both")
-        return [h, w]
-    if len(values) == 0 and default is not None:
-        return [default] * nsp
-    if len(values) not in (1, nsp):
-        raise ValueError(f"{what}: {name} must be specified once, or once per spatial dimension "
-                         f"({name} specified {len(values)} times; {nsp} spatial dims)")
-    return [values[0 if len(values) == 1 else i] for i in range(nsp)]
 
 
 def conv_setup(layer, param, bottom_shapes, kind):
@@ -45,19 +30,8 @@ def conv_setup(layer, param, bottom_shapes, kind):
     if nsp not in _CONV:
         raise ValueError(f"{what}: supports 1 to 3 spatial axes after the channel axis, got {nsp}")
     layer.nsp = nsp
-    has = p.HasField
-    if not len(p.kernel_size) and not (has("kernel_h") or has("kernel_w")):
-        raise ValueError(f"{what}: kernel_size (or kernel_h and kernel_w) is required")
-    layer.kernel = _per_axis("kernel_size", p.kernel_size, has("kernel_h") or has("kernel_w"),
-                             p.kernel_h, p.kernel_w, None, nsp, what)
-    if any(k <= 0 for k in layer.kernel):
-        raise ValueError(f"{what}: filter dimensions must be nonzero, got kernel {layer.kernel}")
-    layer.stride = _per_axis("stride", p.stride, has("stride_h") or has("stride_w"),
-                             p.stride_h, p.stride_w, 1, nsp, what)
-    if any(s <= 0 for s in layer.stride):
-        raise ValueError(f"{what}: stride dimensions must be nonzero, got {layer.stride}")
-    layer.pad = _per_axis("pad", p.pad, has("pad_h") or has("pad_w"), p.pad_h, p.pad_w, 0, nsp, what)
-    layer.dilation = _per_axis("dilation", p.dilation, False, 0, 0, 1, nsp, what)
+    # lists: the weight shapes are built as [num_output, channels] + kernel
+    layer.kernel, layer.pad, layer.stride, layer.dilation = map(list, conv_geometry(p, nsp, what))
     if any(d <= 0 for d in layer.dilation):
         raise ValueError(f"{what}: dilation must be positive, got {layer.dilation}")
     channels = shape[layer.axis]
@@ -87,9 +61,7 @@ def each_bottom(layer, bottoms, conv):
         if x.dim() != layer.axis + 1 + layer.nsp or x.shape[layer.axis] != layer.channels:
             raise ValueError(f"{layer.what}: bottom shape {list(x.shape)} does not fit the layer "
                              f"({layer.channels} channels on axis {layer.axis}, {layer.nsp} spatial axes)")
-        lead = x.shape[:layer.axis]
-        y = conv(x.reshape((-1,) + tuple(x.shape[layer.axis:])))
-        tops.append(y.reshape(tuple(lead) + tuple(y.shape[1:])))
+        tops.append(from_nchw(conv(to_nchw(x, layer.axis)), x.shape[:layer.axis]))
     return tops[0] if len(tops) == 1 else tuple(tops)
 
 
