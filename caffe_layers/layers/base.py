@@ -62,6 +62,17 @@ def optional(msg, field, convert=None):
     return convert(value) if convert else value
 
 
+def check_4d(shape, what):
+    """For layers that take only (num, channels, height, width) blobs."""
+    if len(shape) != 4:
+        raise ValueError(f"{what}: input must have 4 axes (num, channels, height, width), got {list(shape)}")
+
+
+def legacy_shape(shape):
+    """Caffe's legacy (num, channels, height, width) of a blob of at most 4 axes: missing axes are 1."""
+    return tuple(shape) + (1,) * (4 - len(shape))
+
+
 def canonical_axis(axis, num_axes, layer_name="?"):
     if not -num_axes <= axis < num_axes:
         raise ValueError(f"layer {layer_name!r}: axis {axis} out of range for a {num_axes}-axis blob")

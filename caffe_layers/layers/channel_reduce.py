@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer
+from caffe_layers.layers.base import Layer, legacy_shape
 from caffe_layers.proto import pb
 
 NEG_FLT_MAX = -float(np.finfo(np.float32).max)
@@ -35,8 +35,7 @@ class ChannelReduce(Layer):
             raise ValueError(f"layer {self.name!r} (ChannelReduce): unknown operation {self.op}")
 
     def forward(self, x):
-        shape = tuple(x.shape) + (1,) * (4 - x.dim())  # Caffe's legacy num/channels/height/width
-        n, c, h, w = shape
+        n, c, h, w = legacy_shape(x.shape)
         groups = x.reshape(n, self.num_channels, c // self.num_channels, h, w)
         if self.op == pb.ChannelReduceParameter.SUM:
             return groups.sum(2)

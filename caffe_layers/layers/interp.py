@@ -2,7 +2,7 @@
 import torch
 
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer
+from caffe_layers.layers.base import Layer, check_4d
 
 
 def interp_matrix(size_in, offset, size_eff, size_out):
@@ -44,8 +44,7 @@ class Interp(Layer):
 
     def sizes(self, shape):
         """(eff_h, eff_w), (out_h, out_w) by the original's rules, in its order of precedence."""
-        if len(shape) != 4:
-            raise ValueError(f"{self.what}: input must have 4 axes (num, channels, height, width), got {list(shape)}")
+        check_4d(shape, self.what)
         p, has = self.p, self.p.HasField
         eff = [shape[2] + p.pad_beg + p.pad_end, shape[3] + p.pad_beg + p.pad_end]
         if has("shrink_factor") and not has("zoom_factor"):

@@ -2,7 +2,7 @@
 import torch.nn.functional as F
 
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer
+from caffe_layers.layers.base import Layer, check_4d
 from caffe_layers.proto import pb
 
 
@@ -19,14 +19,10 @@ class LRN(Layer):
         self.size, self.alpha, self.beta, self.k = p.local_size, p.alpha, p.beta, p.k
         self.across = p.norm_region == pb.LRNParameter.ACROSS_CHANNELS
         for s in bottom_shapes:
-            self._check(s)
-
-    def _check(self, shape):
-        if len(shape) != 4:
-            raise ValueError(f"{self.what}: input must have 4 axes (num, channels, height, width), got {list(shape)}")
+            check_4d(s, self.what)
 
     def forward(self, x):
-        self._check(x.shape)
+        check_4d(x.shape, self.what)
         pre = (self.size - 1) // 2
         sq = x * x
         if self.across:

@@ -13,7 +13,7 @@ Caffe's quirks (mvn_layer.cpp), kept:
 import torch
 
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer
+from caffe_layers.layers.base import Layer, legacy_shape
 
 
 class _MVNCaffe(torch.autograd.Function):
@@ -49,7 +49,7 @@ class MVN(Layer):
     def forward(self, x):
         if x.dim() > 4:
             raise ValueError(f"layer {self.name!r} (MVN): bottom must have at most 4 axes, got {list(x.shape)}")
-        shape = tuple(x.shape) + (1,) * (4 - x.dim())  # Caffe's legacy num/channels/height/width
+        shape = legacy_shape(x.shape)
         rows = shape[0] if self.across_channels else shape[0] * shape[1]
         flat = x.reshape(rows, -1)
         if not self.normalize_variance:

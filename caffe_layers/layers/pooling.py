@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer
+from caffe_layers.layers.base import Layer, check_4d
 from caffe_layers.proto import TRAIN, pb
 
 FLT_MAX = 3.4028234663852886e38
@@ -70,8 +70,7 @@ class Pooling(Layer):
         self.out_size(bottom_shapes[0])
 
     def out_size(self, shape):
-        if len(shape) != 4:
-            raise ValueError(f"{self.what}: input must have 4 axes (num, channels, height, width), got {list(shape)}")
+        check_4d(shape, self.what)
         kernel = tuple(shape[2:]) if self.global_pooling else self.kernel
         out = tuple(pooled_size(shape[2 + i], kernel[i], self.pad[i], self.stride[i], self.ceil_mode)
                     for i in range(2))

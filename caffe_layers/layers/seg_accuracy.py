@@ -6,7 +6,7 @@ forward when seg_accuracy_param.reset is true (the default) and accumulates acro
 import torch
 
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer
+from caffe_layers.layers.base import Layer, legacy_shape
 
 
 @register("SegAccuracy")
@@ -15,7 +15,7 @@ class SegAccuracy(Layer):
         super().__init__(param, bottom_shapes, phase)
         if len(bottom_shapes) != 2:
             raise ValueError(f"layer {self.name!r} (SegAccuracy): needs 2 bottoms (scores, labels)")
-        s, l = (tuple(x) + (1,) * (4 - len(x)) for x in self.bottom_shapes)
+        s, l = (legacy_shape(x) for x in self.bottom_shapes)
         if len(self.bottom_shapes[0]) > 4 or len(self.bottom_shapes[1]) > 4:
             raise ValueError(f"layer {self.name!r} (SegAccuracy): needs bottoms of at most 4 axes")
         if s[0] != l[0] or l[1] != 1 or s[2:] != l[2:]:
