@@ -18,8 +18,9 @@ def add_arguments(parser, command):
     parser.add_argument("--set", action="append", default=[], metavar="VAR=value",
                         help="value of a ${VAR} placeholder in the prototxt files (repeatable)")
     parser.add_argument("--gpu", default=None, help="GPU ids, comma separated, or 'all' (default: CPU)")
-    parser.add_argument("--level", type=int, default=0, help="net state level (test)")
-    parser.add_argument("--stage", action="append", default=[], help="net state stage (test)")
+    parser.add_argument("--level", type=int, default=0, help="net state level (train: of the train net, as caffe)")
+    parser.add_argument("--stage", action="append", default=[], help="net state stage (repeatable; train: added "
+                        "to the train net's state, as caffe)")
     if command == "train":
         parser.add_argument("--solver", required=True, help="solver .prototxt")
         group = parser.add_mutually_exclusive_group()
@@ -99,6 +100,7 @@ def _gpu_worker(rank, args, ids, port):
 
 def train(args, device=None):
     from caffe_layers import mode
+    from caffe_layers.prototxt import read_solver
     from caffe_layers.solver import SignalActions, Solver
     from caffe_layers.weights import load_weights
 
@@ -114,7 +116,11 @@ def train(args, device=None):
         mode.set_mode_gpu()
         mode.set_device(device.index or 0)
     try:
-        solver = Solver(args.solver, parse_set(args.set), resume_data=args.resume_data, device=device)
+        variables = parse_set(args.set)
+        param = read_solver(args.solver, variables)
+        param.train_state.level = args.level  # caffe.cpp's train sets the level and adds the stages
+        param.train_state.stage.extend(args.stage)
+        solver = Solver(param, variables, resume_data=args.resume_data, device=device)
         if args.weights:
             for path in args.weights.split(","):
                 log.info("Finetuning from %s", path.strip())

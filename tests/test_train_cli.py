@@ -85,3 +85,18 @@ def test_test_and_time_commands(files, caplog):
         assert main(["time", "--model", str(files / "net.prototxt"), "--iterations", "2"] + common) == 0
     assert "fc\tforward:" in caplog.text and "fc\tbackward:" in caplog.text
     assert "Average Forward-Backward" in caplog.text
+
+
+def test_train_level_and_stage_set_the_train_nets_state(files, caplog):
+    """As caffe.cpp's train: --level sets and --stage adds to the solver's train_state."""
+    (files / "net.prototxt").write_text(NET + 'layer { name: "loss2" type: "EuclideanLoss" bottom: "fc" bottom: "y" '
+                                        'top: "loss2" include { phase: TRAIN stage: "extra" min_level: 1 } }\n')
+    common = ["train", "--solver", str(files / "solver.prototxt"), "--set", "ITERS=1",
+              "--set", f"LIST={files / 'list.txt'}", "--no-progress", "--stage", "extra"]
+    with caplog.at_level(logging.INFO):
+        assert main(common + ["--level", "1"]) == 0
+    assert "Train net output #1: loss2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(common) == 0  # level 0: the rule's min_level 1 excludes the layer
+    assert "loss2" not in caplog.text
