@@ -134,7 +134,7 @@ def test_memory_data(tmp_path):
 
 
 def test_lmdb_data(tmp_path):
-    lmdb = pytest.importorskip("lmdb")
+    import lmdb
     env = lmdb.open(str(tmp_path / "db"), map_size=1 << 20)
     with env.begin(write=True) as txn:
         for i in range(3):

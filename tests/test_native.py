@@ -34,8 +34,7 @@ def emulated_cuda(tmp_path_factory):
     import pybind11
 
     cxx = shutil.which(os.environ.get("CXX", "c++"))
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the emulated CUDA kernels")
+    assert cxx is not None, "no C++ compiler (CXX or c++) to build the emulated CUDA kernels"
     src = Path(__file__).resolve().parents[1] / "cuda"
     out = tmp_path_factory.mktemp("cuda_emulation") / "_native_cuda.so"
     cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-DCL_CUDA_HOST_EMULATION", f"-I{src}",

@@ -34,7 +34,6 @@ def test_im2parity_golden_exact(name):
 
 
 def test_dummydata_xy_golden_exact():
-    pytest.importorskip("caffe_layers.layers.dummy_data")
     check_golden("dummydata_xy", exact=("xy",))
 
 
