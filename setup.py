@@ -1,5 +1,5 @@
-"""Build: generate caffe_layers/caffe_pb2.py from proto/caffe.proto (never edited by hand), and the native
-kernels in cuda/: caffe_layers._native_cpu (C++, OpenMP) always, caffe_layers._native_cuda only where
+"""Build: generate caffe_layers/formats/caffe_pb2.py from proto/caffe.proto (never edited by hand), and the native
+kernels in cuda/: caffe_layers.native._native_cpu (C++, OpenMP) always, caffe_layers.native._native_cuda only where
 `nvcc` is on PATH (built by nvcc itself, static cudart, no CUDA-enabled torch needed).
 Set CAFFE_LAYERS_NO_CUDA=1 to skip the CUDA module; CAFFE_LAYERS_CUDA_ARCHS (default "75 80 90", plus
 PTX of the lowest for newer GPUs) picks the -gencode targets. A failed CUDA build is a warning, not an
@@ -23,7 +23,7 @@ def generate_caffe_pb2():
     from grpc_tools import protoc
 
     proto = ROOT / "proto" / "caffe.proto"
-    args = ["protoc", f"-I{proto.parent}", f"--python_out={ROOT / 'caffe_layers'}", str(proto)]
+    args = ["protoc", f"-I{proto.parent}", f"--python_out={ROOT / 'caffe_layers' / 'formats'}", str(proto)]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {proto}")
 
@@ -71,11 +71,11 @@ def _nvcc():
     return shutil.which("nvcc")
 
 
-CUDA_NAME = "caffe_layers._native_cuda"
+CUDA_NAME = "caffe_layers.native._native_cuda"
 DEFAULT_CUDA_ARCHS = ["75", "80", "90"]  # Turing (the lowest CUDA 13 supports), Ampere, Hopper
 openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
 extensions = [
-    Extension("caffe_layers._native_cpu", ["cuda/native_cpu.cpp"], include_dirs=["cuda"], language="c++",
+    Extension("caffe_layers.native._native_cpu", ["cuda/native_cpu.cpp"], include_dirs=["cuda"], language="c++",
               depends=["cuda/native_cpu_kernels.h", "cuda/geometry.h"],
               extra_compile_args=["-O3", "-std=c++17", *openmp], extra_link_args=openmp),
     Extension(CUDA_NAME, ["cuda/native_cuda.cu", "cuda/bind_cuda.cpp"], include_dirs=["cuda"], optional=True),

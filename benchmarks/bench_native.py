@@ -209,7 +209,7 @@ def _deploy(name, size):
 
 
 def bench_nets(repeat, size):
-    from caffe_layers.net import Net
+    from caffe_layers.engine.net import Net
 
     for name in ("vgg", "res"):
         path = _deploy(name, size)

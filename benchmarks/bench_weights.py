@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from caffe_layers import Net  # noqa: E402
-from caffe_layers.weights import load_weights, read_caffemodel, write_caffemodel  # noqa: E402
+from caffe_layers.formats.weights import load_weights, read_caffemodel, write_caffemodel  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

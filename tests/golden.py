@@ -7,7 +7,7 @@ from google.protobuf import text_format
 
 from caffe_layers import Net
 from caffe_layers.layers import layer_class
-from caffe_layers.proto import TEST, pb, phase_value
+from caffe_layers.formats.proto import TEST, pb, phase_value
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GOLDEN = SHARED / "golden"
@@ -43,7 +43,7 @@ def check_golden(name, rtol=1e-4, atol=1e-5, exact=(), net=None):
     `exact` names output blobs that must match exactly (integer-valued outputs).
     """
     case = load_case(name)
-    # every compared blob must be materialised (no fusion across them, see caffe_layers/fusion.py)
+    # every compared blob must be materialised (no fusion across them, see caffe_layers/engine/fusion.py)
     net = net or net_from_case(case, keep_blobs=[k[4:] for k in case if k.startswith("out:")])
     for key, value in case.items():
         if key.startswith("param:"):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from caffe_layers.data.transformer import Transformer
-from caffe_layers.proto import TEST, TRAIN, pb
+from caffe_layers.training.data.transformer import Transformer
+from caffe_layers.formats.proto import TEST, TRAIN, pb
 from golden import make_layer
 
 

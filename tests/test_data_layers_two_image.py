@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from caffe_layers.proto import TEST, TRAIN
+from caffe_layers.formats.proto import TEST, TRAIN
 from golden import make_layer
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from caffe_layers import synthetic
-from caffe_layers.cli import main as cli_main
-from caffe_layers.demo import OUTPUTS, run_demo
+from caffe_layers.training import synthetic
+from caffe_layers.tools.cli import main as cli_main
+from caffe_layers.tools.demo import OUTPUTS, run_demo
 from golden import make_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -52,7 +52,7 @@ def test_demo_writes_the_pictures(demo):
 def test_demo_masks_near_and_away_from_boundaries(demo):
     _, f, _ = demo
     labels = np.asarray(Image.open(Path(train_demo_embs.DEMO_DATA) / "sample_labels.png"))
-    from caffe_layers.demo import boundary
+    from caffe_layers.tools.demo import boundary
     from scipy import ndimage
 
     dist = ndimage.distance_transform_edt(~boundary(labels))
@@ -112,7 +112,7 @@ def test_write_voc_feeds_the_data_layers(tmp_path):
 
 
 def test_embs_train_config_trains_with_falling_loss(tmp_path):
-    from caffe_layers.solver import Solver
+    from caffe_layers.training.solver import Solver
 
     config = train_demo_embs.find_config()
     synthetic.write_voc(tmp_path, 1, 25, 25, seed=0)  # one image, no crop: only the mirror varies

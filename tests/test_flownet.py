@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from caffe_layers import Net
-from caffe_layers.flo import read_flo, write_flo
+from caffe_layers.formats.flo import read_flo, write_flo
 from tests.golden import gradcheck_layer, make_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models" / "segaware" / "flownet"))

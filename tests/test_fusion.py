@@ -1,11 +1,11 @@
-"""Net-level fusion of the segaware convolution chain (caffe_layers/fusion.py)."""
+"""Net-level fusion of the segaware convolution chain (caffe_layers/engine/fusion.py)."""
 import numpy as np
 import pytest
 import torch
 
 from caffe_layers import native
-from caffe_layers.fusion import FusedSegawareConv
-from caffe_layers.net import Net
+from caffe_layers.engine.fusion import FusedSegawareConv
+from caffe_layers.engine.net import Net
 from tests.golden import assert_matches, load_case
 
 INTERMEDIATES = ["wdist", "adist", "mask", "maskC", "col", "hit"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from caffe_layers import Net
-from caffe_layers.reference import hashfill_values, sample_positions
+from caffe_layers.tools.reference import hashfill_values, sample_positions
 from golden import FLT_MAX_100, assert_matches, load_case
 
 RTOL = 1e-3  # golden README: whole-net stats and sampled values

@@ -1,11 +1,11 @@
-"""caffe_layers.io: pycaffe's caffe.io (Transformer, load_image, resize_image, blob and datum protos)."""
+"""caffe_layers.pycaffe.io: pycaffe's caffe.io (Transformer, load_image, resize_image, blob and datum protos)."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import caffe_layers as caffe
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 def test_exposed_as_caffe_io():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from golden import check_golden, gradcheck_layer, make_layer
 
-from caffe_layers.proto import TEST, TRAIN
+from caffe_layers.formats.proto import TEST, TRAIN
 
 GOLDEN = ["absval", "batchnorm_global", "eltwise_max", "eltwise_prod2", "eltwise_prod3", "eltwise_sumcoeff",
           "exp_b2s05sh1", "exp_scale-1", "power_full", "power_scale", "relu", "scale_axes0", "scale_bias",

@@ -5,7 +5,7 @@ import scipy.io
 import torch
 
 from caffe_layers import Net
-from caffe_layers.matio import read_blob_mat, write_blob_mat
+from caffe_layers.formats.matio import read_blob_mat, write_blob_mat
 
 
 def test_layout_matches_matlab_column_major(tmp_path):

@@ -299,7 +299,7 @@ def test_missing_module_warns_once_and_falls_back(monkeypatch):
     real = importlib.import_module
 
     def fail(name, *a):
-        if name == "caffe_layers._native_cpu":
+        if name == "caffe_layers.native._native_cpu":
             raise ImportError("not built")
         return real(name, *a)
 
@@ -333,9 +333,9 @@ def test_native_modules_are_built():
     import importlib
     import shutil
 
-    importlib.import_module("caffe_layers._native_cpu")
+    importlib.import_module("caffe_layers.native._native_cpu")
     if shutil.which("nvcc") and not os.environ.get("CAFFE_LAYERS_NO_CUDA"):
-        importlib.import_module("caffe_layers._native_cuda")
+        importlib.import_module("caffe_layers.native._native_cuda")
 
 
 # ---- normalised convolution filtering (NormConv, NormConvMeanfield) ----------------------------------

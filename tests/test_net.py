@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import caffe_layers as caffe
-from caffe_layers.prototxt import PrototxtError
+from caffe_layers.formats.prototxt import PrototxtError
 
 HERE = Path(__file__).resolve().parent
 INPUT = 'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'

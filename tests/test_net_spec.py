@@ -5,7 +5,7 @@ from google.protobuf import text_format
 
 import caffe_layers as caffe
 from caffe_layers import layers as L, params as P
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 def lenet(batch):

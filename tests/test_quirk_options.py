@@ -2,7 +2,7 @@
 import re
 from pathlib import Path
 
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 ROOT = Path(__file__).resolve().parents[1]
 

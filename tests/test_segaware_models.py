@@ -9,8 +9,10 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from caffe_layers import Net, synthetic
-from caffe_layers.prototxt import read_net, read_solver
+from caffe_layers import Net
+
+from caffe_layers.training import synthetic
+from caffe_layers.formats.prototxt import read_net, read_solver
 from golden import REFERENCE, assert_same_net
 
 ROOT = Path(__file__).resolve().parents[1]

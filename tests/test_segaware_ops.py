@@ -8,12 +8,12 @@ import torch
 
 from golden import FLT_MAX_100, check_golden, gradcheck_layer, load_case, make_layer, net_from_case
 
-from caffe_layers.fillers import fill
+from caffe_layers.layers.fillers import fill
 from caffe_layers.ops.dist_loss import dist_loss
 from caffe_layers.ops.im2col import im2col
 from caffe_layers.ops.im2dist import im2dist
 from caffe_layers.ops.im2parity import im2parity
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 IM2COL = ["im2col_k3p1", "im2col_k3p2d2", "im2col_k5p1s2"]
 IM2DIST = ["im2dist_l1_k3p0s2", "im2dist_l1_k3p2d2", "im2dist_l1_k5p10d5_rcrb", "im2dist_l1_k5p2_rc",

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.proto import pb
-from caffe_layers.solver import Solver, SignalActions, learning_rate
+from caffe_layers.formats.proto import pb
+from caffe_layers.training.solver import Solver, SignalActions, learning_rate
 from golden import GOLDEN, assert_matches
 
 TRAIN = GOLDEN / "train"
@@ -199,7 +199,7 @@ def test_average_loss_and_display_log(tmp_path, caplog):
     solver = toy_solver(tmp_path, 'base_lr: 0.01 lr_policy: "fixed" display: 1 average_loss: 3')
     seen = []
     solver.callbacks.append(lambda s, loss: seen.append((loss, s.smoothed_loss)))
-    with caplog.at_level("INFO", logger="caffe_layers.solver"):
+    with caplog.at_level("INFO", logger="caffe_layers.training.solver"):
         solver.step(5)
     losses = [l for l, _ in seen]
     for k, (_, smoothed) in enumerate(seen):
@@ -211,7 +211,7 @@ def test_average_loss_and_display_log(tmp_path, caplog):
 
 # ---- golden trajectories of the original fork ------------------------------------------------
 def golden_solver(case, tmp_path, monkeypatch):
-    from caffe_layers.weights import load_weights
+    from caffe_layers.formats.weights import load_weights
 
     folder = TRAIN / case
     monkeypatch.chdir(folder)  # the net reads ./data.txt -> data.h5, as the original run did

@@ -12,9 +12,11 @@ from google.protobuf import text_format
 
 from golden import REFERENCE, assert_same_net, gradcheck_layer, make_layer  # noqa: E402
 
-from caffe_layers import Net, native  # noqa: E402
+from caffe_layers import Net  # noqa: E402
+
+from caffe_layers import native
 from caffe_layers.ops.spn import gate_recurrent, gate_recurrent_loop, propagation_matrix  # noqa: E402
-from caffe_layers.proto import pb  # noqa: E402
+from caffe_layers.formats.proto import pb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPN_MODELS = ROOT / "models" / "spn"

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_layers import Net, sss
+from caffe_layers import Net
+
+from caffe_layers.ops import sss
 from tests.golden import make_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models" / "sss"))

@@ -1,4 +1,4 @@
-"""dump / compare / draw subcommands and the golden-net reference (caffe_layers.reference)."""
+"""dump / compare / draw subcommands and the golden-net reference (caffe_layers.tools.reference)."""
 import json
 import sys
 
@@ -10,12 +10,12 @@ from PIL import Image
 
 import caffe_layers
 from caffe_layers import Net
-from caffe_layers.cli import main
-from caffe_layers.compare import Tolerances, compare_entries
-from caffe_layers.dump import caffe_splits, capture
-from caffe_layers.matio import write_blob_mat
-from caffe_layers.prototxt import read_net
-from caffe_layers.reference import golden_net, hashfill, load_reference
+from caffe_layers.tools.cli import main
+from caffe_layers.tools.compare import Tolerances, compare_entries
+from caffe_layers.tools.dump import caffe_splits, capture
+from caffe_layers.formats.matio import write_blob_mat
+from caffe_layers.formats.prototxt import read_net
+from caffe_layers.tools.reference import golden_net, hashfill, load_reference
 from golden import GOLDEN
 
 NET = """name: "tools"
@@ -173,12 +173,12 @@ def test_image_input_preprocessed_like_pycaffe(setup):
     Image.fromarray(img).save(tmp / "im.png")
     out = dump(setup, "im.npz", "--input", f"data={tmp / 'im.png'}", "--mean", "104,117,123")
     ref = load_reference(out)
-    t = caffe_layers.io.Transformer({"data": (1, 3, 6, 5)})
+    t = caffe_layers.pycaffe.io.Transformer({"data": (1, 3, 6, 5)})
     t.set_transpose("data", (2, 0, 1))
     t.set_channel_swap("data", (2, 1, 0))
     t.set_raw_scale("data", 255)
     t.set_mean("data", np.array([104, 117, 123.0]))
-    expected = t.preprocess("data", caffe_layers.io.load_image(str(tmp / "im.png")))
+    expected = t.preprocess("data", caffe_layers.pycaffe.io.load_image(str(tmp / "im.png")))
     np.testing.assert_array_equal(ref.inputs["data"][0], expected)
     np.testing.assert_array_equal(ref.entries[0].value[0], expected)
 

@@ -5,8 +5,8 @@ import h5py
 import numpy as np
 import pytest
 
-from caffe_layers.cli import main
-from caffe_layers.proto import pb
+from caffe_layers.tools.cli import main
+from caffe_layers.formats.proto import pb
 
 NET = """name: "cli"
 layer { name: "data" type: "HDF5Data" top: "x" top: "y" hdf5_data_param { source: "${LIST}" batch_size: 4 } }

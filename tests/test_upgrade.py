@@ -5,9 +5,9 @@ import torch
 from google.protobuf import text_format
 
 from caffe_layers import Net
-from caffe_layers.proto import pb
-from caffe_layers.prototxt import read_net, read_solver
-from caffe_layers.upgrade import UpgradeError, upgrade_net, upgrade_solver
+from caffe_layers.formats.proto import pb
+from caffe_layers.formats.prototxt import read_net, read_solver
+from caffe_layers.formats.upgrade import UpgradeError, upgrade_net, upgrade_solver
 
 V1_NET = """
 name: "v1"

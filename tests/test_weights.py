@@ -8,10 +8,10 @@ import torch
 from golden import GOLDEN
 
 from caffe_layers import Net
-from caffe_layers.cli import main as cli_main
-from caffe_layers.convert import load_pt
-from caffe_layers.proto import pb
-from caffe_layers.weights import WeightsError, load_weights, read_caffemodel, write_caffemodel
+from caffe_layers.tools.cli import main as cli_main
+from caffe_layers.tools.convert import load_pt
+from caffe_layers.formats.proto import pb
+from caffe_layers.formats.weights import WeightsError, load_weights, read_caffemodel, write_caffemodel
 
 TRAIN_CASES = sorted(p.name for p in (GOLDEN / "train").iterdir())
 GOLDEN_FILES = [(c, f) for c in TRAIN_CASES for f in ("init", "final", "snap_iter_12")]
@@ -279,7 +279,7 @@ def test_blob_count_mismatch():
 def test_unmatched_layers_reported_and_strict(caplog):
     text = EMBS_SMALL.replace('name: "score"', 'name: "score_new"')
     net = Net(text)
-    with caplog.at_level(logging.INFO, logger="caffe_layers.weights"):
+    with caplog.at_level(logging.INFO, logger="caffe_layers.formats.weights"):
         report = net.copy_from(golden_path())
     assert report.copied == ["conv1", "emb"]
     assert report.ignored == ["score"] and report.missing == ["score_new"] and not report.complete

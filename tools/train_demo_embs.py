@@ -2,7 +2,7 @@
 
 The net is the segaware embs train config (TwoImageData -> VGG-ish trunk -> 64-d "weighted_avg"
 embedding -> three Im2parity/Im2dist/DistLoss losses) trained with our Adam solver on a synthetic
-set of textured colour regions (caffe_layers.synthetic). It writes into caffe_layers/demo_data/:
+set of textured colour regions (caffe_layers.training.synthetic). It writes into caffe_layers/tools/demo_data/:
   embs.caffemodel   the trained weights (the embedding layers only)
   deploy.prototxt   the embedding part of the same config with an Input "data" (mean-subtracted BGR)
   sample.png        a held-out synthetic image, and sample_labels.png its label ids
@@ -29,14 +29,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from caffe_layers import synthetic  # noqa: E402
-from caffe_layers.proto import pb  # noqa: E402
-from caffe_layers.prototxt import read_net  # noqa: E402
+from caffe_layers.training import synthetic  # noqa: E402
+from caffe_layers.formats.proto import pb  # noqa: E402
+from caffe_layers.formats.prototxt import read_net  # noqa: E402
 
 CONFIGS = [ROOT / "models/segaware/embs/train.prototxt",
            ROOT.parent / "shared/reference/segaware/embs/train.prototxt"]
 VARIABLES = ROOT / "models/segaware/variables.json"
-DEMO_DATA = ROOT / "caffe_layers/demo_data"
+DEMO_DATA = ROOT / "caffe_layers/tools/demo_data"
 EMBEDDING_TOP = "weighted_avg"
 SAMPLE_SEED, SAMPLE_SIZE = 1_000_003, 160  # held out: training seeds are 0..count-1
 
@@ -119,9 +119,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
-    from caffe_layers.net import Net
-    from caffe_layers.solver import Solver
-    from caffe_layers.weights import save_weights
+    from caffe_layers.engine.net import Net
+    from caffe_layers.training.solver import Solver
+    from caffe_layers.formats.weights import save_weights
 
     config = find_config(args.config)
     out = Path(args.out)

@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from caffe_layers.fillers import fill
+from caffe_layers.layers.fillers import fill
 
 
 class Layer(nn.Module):

@@ -23,7 +23,7 @@ import torch
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.proto import TEST, TRAIN
+from caffe_layers.formats.proto import TEST, TRAIN
 
 
 @register("BatchNorm")

@@ -5,7 +5,7 @@ Shape rules (bias_layer.cpp, shared with Scale): the blob's shape is x.shape[axi
 """
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, canonical_axis
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 def operand_shape(layer, kind, bottom_shape, axis, num_axes):

@@ -4,7 +4,7 @@ import torch
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, legacy_shape
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 NEG_FLT_MAX = -float(np.finfo(np.float32).max)
 

@@ -1,10 +1,10 @@
 """Data: Datum records from an LMDB database (data_param.source, backend LMDB)."""
 import numpy as np
 
-from caffe_layers.data import DataLayer
-from caffe_layers.data.transformer import Transformer
+from caffe_layers.training.data import DataLayer
+from caffe_layers.training.data.transformer import Transformer
 from caffe_layers.layers import register
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 def datum_image(datum, force_color=False, force_gray=False):

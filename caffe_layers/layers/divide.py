@@ -14,7 +14,7 @@ import torch
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 def clamp_mask(x, rule):

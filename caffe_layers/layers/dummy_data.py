@@ -1,10 +1,10 @@
 """DummyData: tops of given shapes filled by fillers (constant fillers fill once, others every forward)."""
 import torch
 
-from caffe_layers.fillers import FILLERS, fill
+from caffe_layers.layers.fillers import FILLERS, fill
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 @register("DummyData")

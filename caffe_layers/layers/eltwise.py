@@ -10,7 +10,7 @@ import torch
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 OP = pb.EltwiseParameter
 

@@ -5,8 +5,8 @@ batch_size, shuffle, rand_skip. One top of shape (batch_size, 2, H, W).
 """
 import numpy as np
 
-from caffe_layers.data import DataLayer
-from caffe_layers.flo import read_flo, read_flo_header
+from caffe_layers.training.data import DataLayer
+from caffe_layers.formats.flo import read_flo, read_flo_header
 from caffe_layers.layers import register
 
 

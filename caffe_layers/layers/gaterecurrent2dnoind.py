@@ -11,7 +11,7 @@ Extension (ours): gaterecurrent2dnoind_param { connection: ONE } is the paper's 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
 from caffe_layers.ops.spn import gate_recurrent
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 @register("GateRecurrent2dnoind")

@@ -2,7 +2,7 @@
 import h5py
 import numpy as np
 
-from caffe_layers.data import DataLayer, read_list, resolve
+from caffe_layers.training.data import DataLayer, read_list, resolve
 from caffe_layers.layers import register
 
 

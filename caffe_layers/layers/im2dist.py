@@ -8,7 +8,7 @@ from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
 from caffe_layers.layers.patch_geometry import from_nchw, patch_geometry, to_nchw
 from caffe_layers.ops.im2dist import im2dist
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 @register("Im2dist")

@@ -1,8 +1,8 @@
 """ImageData: images and integer labels from a list file of "path label" lines."""
 import numpy as np
 
-from caffe_layers.data import DataLayer, read_list
-from caffe_layers.data.transformer import Transformer
+from caffe_layers.training.data import DataLayer, read_list
+from caffe_layers.training.data.transformer import Transformer
 from caffe_layers.layers import register
 
 

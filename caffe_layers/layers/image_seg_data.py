@@ -2,10 +2,10 @@
 with each image's (height, width) before cropping, clipped to the crop."""
 import numpy as np
 
-from caffe_layers.data import DataLayer, read_list
-from caffe_layers.data.transformer import Transformer, read_label_image
+from caffe_layers.training.data import DataLayer, read_list
+from caffe_layers.training.data.transformer import Transformer, read_label_image
 from caffe_layers.layers import register
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 @register("ImageSegData")

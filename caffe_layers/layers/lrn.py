@@ -3,7 +3,7 @@ import torch.nn.functional as F
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, check_4d
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 @register("LRN")

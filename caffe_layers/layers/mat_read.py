@@ -10,7 +10,7 @@ import torch
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.matio import read_blob_mat
+from caffe_layers.formats.matio import read_blob_mat
 
 
 def read_name_list(source, strip, what):

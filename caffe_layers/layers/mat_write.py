@@ -11,7 +11,7 @@ from pathlib import Path
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
 from caffe_layers.layers.mat_read import read_name_list
-from caffe_layers.matio import write_blob_mat
+from caffe_layers.formats.matio import write_blob_mat
 
 log = logging.getLogger(__name__)
 

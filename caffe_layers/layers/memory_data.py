@@ -1,7 +1,7 @@
 """MemoryData: batches from arrays given with `reset(data, labels)` (pycaffe's set_input_arrays)."""
 import numpy as np
 
-from caffe_layers.data import DataLayer
+from caffe_layers.training.data import DataLayer
 from caffe_layers.layers import register
 
 

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, check_4d
-from caffe_layers.proto import TRAIN, pb
+from caffe_layers.formats.proto import TRAIN, pb
 
 FLT_MAX = 3.4028234663852886e38
 FLT_MIN = 1.1754943508222875e-38

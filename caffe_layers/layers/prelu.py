@@ -4,7 +4,7 @@ Caffe's backward treats x = 0 as negative (dy * a, slope diff dy * x), as torch.
 """
 import torch
 
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
 

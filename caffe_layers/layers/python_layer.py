@@ -14,7 +14,7 @@ from torch import nn
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.prototxt import is_path
+from caffe_layers.formats.prototxt import is_path
 
 
 class PyBlob:

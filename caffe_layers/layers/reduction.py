@@ -1,7 +1,7 @@
 """Reduction: SUM, ASUM, SUMSQ or MEAN over all axes from `axis` on, times coeff."""
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, canonical_axis
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 OPS = pb.ReductionParameter
 

@@ -11,7 +11,7 @@ shared scale blob. Here the diff always accumulates.
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
 from caffe_layers.layers.bias import broadcast_operand, operand_shape
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 @register("Scale")

@@ -4,7 +4,7 @@ import torch
 from caffe_layers.layers import register
 from caffe_layers.layers.accuracy import labels_per_prediction
 from caffe_layers.layers.base import Layer, canonical_axis, optional
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 NORM = pb.LossParameter
 FLT_MIN = 1.1754943508222875e-38

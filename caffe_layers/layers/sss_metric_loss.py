@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, optional
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 _TINY = 1e-12  # below this squared distance the L2 distance's gradient is taken as 0
 

@@ -16,10 +16,10 @@ mean vector; here the padding is 0.
 import numpy as np
 from PIL import Image
 
-from caffe_layers.data import DataLayer, read_list
-from caffe_layers.data.transformer import Transformer, read_image
+from caffe_layers.training.data import DataLayer, read_list
+from caffe_layers.training.data.transformer import Transformer, read_image
 from caffe_layers.layers import register
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 def read_second(path, new_height, new_width, is_color, layer_name):

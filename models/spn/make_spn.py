@@ -13,7 +13,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from caffe_layers.proto import pb  # noqa: E402
+from caffe_layers.formats.proto import pb  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DIRECTIONS = [("x1", True, False), ("x2", True, True), ("y1", False, False), ("y2", False, True)]

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from caffe_layers.net_spec import NetSpec, layers as L  # noqa: E402
+from caffe_layers.pycaffe.net_spec import NetSpec, layers as L  # noqa: E402
 
 RESNET101 = (3, 4, 23, 3)  # bottleneck blocks in res2..res5
 BN_EPS = 0.001             # slim.batch_norm's default epsilon, which the released model used

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from caffe_layers.net_spec import NetSpec, layers as L  # noqa: E402
+from caffe_layers.pycaffe.net_spec import NetSpec, layers as L  # noqa: E402
 
 MSRA = dict(type="msra")
 LOSS_WEIGHTS = {6: 0.32, 5: 0.08, 4: 0.02, 3: 0.01, 2: 0.005}

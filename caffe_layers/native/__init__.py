@@ -1,6 +1,6 @@
 """Native kernels (cuda/*.cpp, cuda/*.cu): loading, dispatch by device, autograd Functions.
 
-caffe_layers._native_cpu (C++, OpenMP) is always built; caffe_layers._native_cuda only where nvcc was
+caffe_layers.native._native_cpu (C++, OpenMP) is always built; caffe_layers.native._native_cuda only where nvcc was
 found at install time. Both take raw pointers (tensor.data_ptr()) of contiguous float32/float64 NCHW
 tensors; the CUDA one also takes the current stream. CPU tensors go to the C++ kernels, CUDA tensors to
 the CUDA ones; when a module is missing the pure-PyTorch references in caffe_layers/ops run instead,
@@ -21,7 +21,7 @@ _warned = set()
 
 def _load(kind):
     if kind not in _modules:
-        name = {"cpu": "caffe_layers._native_cpu", "cuda": "caffe_layers._native_cuda"}[kind]
+        name = {"cpu": "caffe_layers.native._native_cpu", "cuda": "caffe_layers.native._native_cuda"}[kind]
         try:
             module = importlib.import_module(name)
             # the CUDA module links its own runtime, which may refuse a driver older than its toolkit

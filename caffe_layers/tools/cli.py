@@ -5,14 +5,14 @@ import importlib
 import sys
 
 COMMANDS = {
-    "convert": ("caffe_layers.convert", "convert weights between .caffemodel(.h5) and .pt"),
-    "train": ("caffe_layers.train", "train from a solver.prototxt, as `caffe train`"),
-    "test": ("caffe_layers.train", "score a model, as `caffe test`"),
-    "time": ("caffe_layers.timing", "per-layer forward and backward time, as `caffe time`"),
-    "dump": ("caffe_layers.dump", "write every layer's tops and the parameters to .npz/.h5"),
-    "compare": ("caffe_layers.compare", "layer-by-layer comparison against reference blobs"),
-    "draw": ("caffe_layers.draw", "draw a net as .png/.svg"),
-    "demo": ("caffe_layers.demo", "the segmentation-aware demo on the shipped sample"),
+    "convert": ("caffe_layers.tools.convert", "convert weights between .caffemodel(.h5) and .pt"),
+    "train": ("caffe_layers.tools.train", "train from a solver.prototxt, as `caffe train`"),
+    "test": ("caffe_layers.tools.train", "score a model, as `caffe test`"),
+    "time": ("caffe_layers.tools.timing", "per-layer forward and backward time, as `caffe time`"),
+    "dump": ("caffe_layers.tools.dump", "write every layer's tops and the parameters to .npz/.h5"),
+    "compare": ("caffe_layers.tools.compare", "layer-by-layer comparison against reference blobs"),
+    "draw": ("caffe_layers.pycaffe.draw", "draw a net as .png/.svg"),
+    "demo": ("caffe_layers.tools.demo", "the segmentation-aware demo on the shipped sample"),
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 @dataclass
@@ -133,7 +133,7 @@ def add_input_arguments(parser):
 
 
 def parse_mean(text):
-    from caffe_layers import io
+    from caffe_layers.pycaffe import io
 
     if text is None:
         return None
@@ -153,8 +153,8 @@ def parse_mean(text):
 
 def load_inputs(args, net):
     """{blob: array} from the --input options."""
-    from caffe_layers import io
-    from caffe_layers.matio import read_blob_mat
+    from caffe_layers.pycaffe import io
+    from caffe_layers.formats.matio import read_blob_mat
 
     out = {}
     for spec in args.input:
@@ -199,7 +199,7 @@ def load_inputs(args, net):
 
 
 def build_net(args):
-    from caffe_layers.net import Net
+    from caffe_layers.engine.net import Net
 
     net = Net(args.model, phase=args.phase)
     if args.weights:
@@ -228,7 +228,7 @@ def write_dump(path, data):
     elif suffix in (".h5", ".hdf5"):
         import h5py
 
-        from caffe_layers.reference import h5_name
+        from caffe_layers.tools.reference import h5_name
 
         with h5py.File(path, "w") as f:
             for key, value in data.items():

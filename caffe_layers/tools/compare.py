@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_layers.dump import add_input_arguments, caffe_splits, capture, load_inputs
+from caffe_layers.tools.dump import add_input_arguments, caffe_splits, capture, load_inputs
 from caffe_layers.ops.geometry import FLT_MAX_100
-from caffe_layers.reference import (RefBlob, Reference, blob_samples, blob_stats, check_param_sums,
+from caffe_layers.tools.reference import (RefBlob, Reference, blob_samples, blob_stats, check_param_sums,
                                     fill_net_hash, load_reference)
 
 
@@ -221,7 +221,7 @@ def caffe_entries(model, weights, net, inputs):
         import caffe
     except ImportError as err:
         raise ValueError(f"--caffe: pycaffe is not importable ({err}); use --reference instead")
-    from caffe_layers.dump import Entry
+    from caffe_layers.tools.dump import Entry
 
     cnet = caffe.Net(model, weights, caffe.TEST) if weights else caffe.Net(model, caffe.TEST)
     for layer in net.layer_modules:
@@ -363,7 +363,7 @@ def add_arguments(parser, command):
 
 def prepare(args):
     """(net, entries, reference) for the arguments."""
-    from caffe_layers.net import Net
+    from caffe_layers.engine.net import Net
 
     model = args.model
     reference_dir = bool(args.reference) and Path(args.reference).is_dir()

@@ -8,7 +8,7 @@ Images are read with Pillow and resized with scipy.ndimage the way scikit-image 
 import numpy as np
 from scipy import ndimage
 
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 # ---- protos ------------------------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from caffe_layers import mode
+from caffe_layers.pycaffe import mode
 from caffe_layers.layers import layer_class
-from caffe_layers.proto import TEST, pb, phase_value
-from caffe_layers.prototxt import read_net
+from caffe_layers.formats.proto import TEST, pb, phase_value
+from caffe_layers.formats.prototxt import read_net
 
 
 def state_meets_rule(state, rule):
@@ -194,9 +194,9 @@ class Net(nn.Module):
 
         with module_search_path(prototxt):  # Python layers may import modules beside the prototxt
             self._build()
-        from caffe_layers.fusion import fuse_steps
+        from caffe_layers.engine.fusion import fuse_steps
 
-        # full forward passes run fused segaware convolutions (caffe_layers/fusion.py); fuse=False or
+        # full forward passes run fused segaware convolutions (caffe_layers/engine/fusion.py); fuse=False or
         # keep_blobs (blobs to materialise) opt out; partial runs always use self.steps
         self.fused_steps = fuse_steps(self, keep_blobs) if fuse else None
         self._input_names = set(self.inputs)
@@ -517,13 +517,13 @@ class Net(nn.Module):
 
     def copy_from(self, weights, strict=False):
         """Load a .caffemodel / .caffemodel.h5 (matched by layer name, as Caffe does)."""
-        from caffe_layers.weights import load_weights
+        from caffe_layers.formats.weights import load_weights
 
         return load_weights(self, weights, strict=strict)
 
     def save(self, path):
         """Write the weights as a .caffemodel (or .caffemodel.h5), like pycaffe's net.save."""
-        from caffe_layers.weights import save_weights
+        from caffe_layers.formats.weights import save_weights
 
         save_weights(self, path)
 

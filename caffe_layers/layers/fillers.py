@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 FILLERS = {}
 

@@ -11,9 +11,9 @@ import os
 import torch
 from google.protobuf import text_format
 
-from caffe_layers.proto import phase_value, pb
+from caffe_layers.formats.proto import phase_value, pb
 
-PT_FORMAT = "caffe_layers.net/1"
+PT_FORMAT = "caffe_layers.engine.net/1"
 
 
 def _overwrite_check(path, force):
@@ -47,7 +47,7 @@ def read_pt(path):
 
 def load_pt(path):
     """Rebuild the net stored in a .pt written by save_pt / `caffe-layers convert`."""
-    from caffe_layers.net import Net
+    from caffe_layers.engine.net import Net
 
     blob = read_pt(path)
     definition = text_format.Parse(blob["net"], pb.NetParameter())
@@ -61,8 +61,8 @@ def _large(path):
 
 
 def convert_to_pt(prototxt, weights, out, phase="test", force=False, strict=False, progress=True):
-    from caffe_layers.net import Net
-    from caffe_layers.weights import load_weights
+    from caffe_layers.engine.net import Net
+    from caffe_layers.formats.weights import load_weights
 
     _overwrite_check(out, force)
     net = Net(prototxt, phase=phase_value(phase))
@@ -72,7 +72,7 @@ def convert_to_pt(prototxt, weights, out, phase="test", force=False, strict=Fals
 
 
 def convert_from_pt(pt, out, force=False, progress=False):
-    from caffe_layers.weights import save_weights
+    from caffe_layers.formats.weights import save_weights
 
     _overwrite_check(out, force)
     save_weights(load_pt(pt), out, progress=progress and _large(pt))
@@ -90,7 +90,7 @@ def add_arguments(parser, command):
 
 
 def run(args):
-    from caffe_layers.weights import WeightsError
+    from caffe_layers.formats.weights import WeightsError
 
     try:
         if len(args.inputs) == 2:

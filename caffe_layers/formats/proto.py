@@ -1,9 +1,9 @@
 """The caffe protobuf module, generated from proto/caffe.proto at build time."""
 try:
-    from caffe_layers import caffe_pb2 as pb
+    from caffe_layers.formats import caffe_pb2 as pb
 except ImportError as err:  # pragma: no cover - only without a build
     raise ImportError(
-        "caffe_layers/caffe_pb2.py is missing: it is generated from proto/caffe.proto by the build. "
+        "caffe_layers/formats/caffe_pb2.py is missing: it is generated from proto/caffe.proto by the build. "
         "Run `pip install -e .` (or `python setup.py build_py`) in the repository root."
     ) from err
 

@@ -14,7 +14,7 @@ field. `ntop` sets the number of tops, `in_place=True` makes the tops the bottom
 import sys
 from collections import Counter, OrderedDict
 
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 def _type_to_param_field():

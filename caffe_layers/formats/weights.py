@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def index_caffemodel(buf, path="<bytes>"):
 
     V0/V1 nets are upgraded to V2 (as Caffe's ReadNetParamsFromBinaryFileOrDie does).
     """
-    from caffe_layers.upgrade import upgrade_net
+    from caffe_layers.formats.upgrade import upgrade_net
 
     size = len(buf)
     if size == 0:

@@ -6,7 +6,7 @@ fields -> transform_param, V1 -> V2, net-level inputs -> an Input layer, old Bat
 """
 import logging
 
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -54,7 +54,7 @@ def parse_text(text, message, source="<string>"):
 
 def read_net(source, variables=None):
     """A V2 NetParameter from a path, prototxt text or a NetParameter (upgraded when old)."""
-    from caffe_layers.upgrade import upgrade_net
+    from caffe_layers.formats.upgrade import upgrade_net
 
     if isinstance(source, pb.NetParameter):
         net = pb.NetParameter()
@@ -66,7 +66,7 @@ def read_net(source, variables=None):
 
 
 def read_solver(source, variables=None):
-    from caffe_layers.upgrade import upgrade_solver
+    from caffe_layers.formats.upgrade import upgrade_solver
 
     text, name = _read_text(source)
     return upgrade_solver(parse_text(substitute(text, variables, name), pb.SolverParameter(), name), name)

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from caffe_layers.proto import TRAIN, pb
+from caffe_layers.formats.proto import TRAIN, pb
 
 
 def load_mean(path, layer_name):
     """A mean .binaryproto (BlobProto) as a (C, H, W) float32 array."""
-    from caffe_layers.solver import blob_array
+    from caffe_layers.training.solver import blob_array
 
     blob = pb.BlobProto()
     try:

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from caffe_layers.net import Net
-from caffe_layers.proto import pb
-from caffe_layers.prototxt import read_net, read_solver
+from caffe_layers.engine.net import Net
+from caffe_layers.formats.proto import pb
+from caffe_layers.formats.prototxt import read_net, read_solver
 
-log = logging.getLogger("caffe_layers.solver")
+log = logging.getLogger("caffe_layers.training.solver")
 
 SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
 _LEGACY_TYPES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
@@ -407,7 +407,7 @@ class Solver:
 
     def snapshot(self):
         """Write <prefix>_iter_N.caffemodel(.h5) and .solverstate(.h5); returns both paths."""
-        from caffe_layers.weights import save_weights
+        from caffe_layers.formats.weights import save_weights
 
         hdf5 = self.param.snapshot_format == pb.SolverParameter.HDF5
         model = self.snapshot_filename(".caffemodel.h5" if hdf5 else ".caffemodel")
@@ -434,7 +434,7 @@ class Solver:
 
     def restore(self, state_file):
         """Continue from a .solverstate(.h5): iteration, step, history and the learned net."""
-        from caffe_layers.weights import load_weights
+        from caffe_layers.formats.weights import load_weights
 
         state_file = str(state_file)
         if state_file.endswith(".h5"):

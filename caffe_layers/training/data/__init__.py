@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caffe_layers.data.transformer import read_image
+from caffe_layers.training.data.transformer import read_image
 from caffe_layers.layers.base import Layer
 
 PREFETCH_COUNT = 3  # Caffe's BasePrefetchingDataLayer keeps three batches ready

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from caffe_layers.layers.base import canonical_axis
 from caffe_layers.ops.segaware_conv import segaware_conv
-from caffe_layers.proto import pb
+from caffe_layers.formats.proto import pb
 
 
 class FusedSegawareConv:

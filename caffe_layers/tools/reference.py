@@ -200,7 +200,7 @@ def load_reference(path, net=None):
 
 
 def _load_dir(path, net):
-    from caffe_layers.matio import read_blob_mat
+    from caffe_layers.formats.matio import read_blob_mat
 
     mat_bottoms = []
     if net is not None:
@@ -237,7 +237,7 @@ def golden_net(path, **kwargs):
 
     Returns (net, reference). Raises if the regenerated parameters disagree with `paramsum:`.
     """
-    from caffe_layers.net import Net
+    from caffe_layers.engine.net import Net
 
     ref = load_golden_net(path)
     net = Net(ref.prototxt, **kwargs)

@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from caffe_layers.proto import pb, phase_value
-from caffe_layers.prototxt import read_net
+from caffe_layers.formats.proto import pb, phase_value
+from caffe_layers.formats.prototxt import read_net
 
 LAYER_COLORS = {"Convolution": "#FF5050", "Deconvolution": "#FF5050", "Pooling": "#FF9900",
                 "InnerProduct": "#CC33FF"}

@@ -11,7 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger("caffe_layers.train")
+log = logging.getLogger("caffe_layers.tools.train")
 
 
 def add_arguments(parser, command):
@@ -99,10 +99,10 @@ def _gpu_worker(rank, args, ids, port):
 
 
 def train(args, device=None):
-    from caffe_layers import mode
-    from caffe_layers.prototxt import read_solver
-    from caffe_layers.solver import SignalActions, Solver
-    from caffe_layers.weights import load_weights
+    from caffe_layers.pycaffe import mode
+    from caffe_layers.formats.prototxt import read_solver
+    from caffe_layers.training.solver import SignalActions, Solver
+    from caffe_layers.formats.weights import load_weights
 
     own_group = False
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
@@ -142,10 +142,10 @@ def train(args, device=None):
 
 
 def run_test(args):
-    from caffe_layers import mode
-    from caffe_layers.net import Net
-    from caffe_layers.proto import TEST
-    from caffe_layers.solver import loss_suffix
+    from caffe_layers.pycaffe import mode
+    from caffe_layers.engine.net import Net
+    from caffe_layers.formats.proto import TEST
+    from caffe_layers.training.solver import loss_suffix
 
     ids = gpu_ids(args.gpu)
     if ids:

@@ -4,9 +4,9 @@ import time
 
 import torch
 
-from caffe_layers.train import gpu_ids, parse_set, setup_logging
+from caffe_layers.tools.train import gpu_ids, parse_set, setup_logging
 
-log = logging.getLogger("caffe_layers.timing")
+log = logging.getLogger("caffe_layers.tools.timing")
 
 
 def add_arguments(parser, command):
@@ -69,8 +69,8 @@ def time_net(net, iterations):
 
 def run(args):
     setup_logging()
-    from caffe_layers import mode
-    from caffe_layers.net import Net
+    from caffe_layers.pycaffe import mode
+    from caffe_layers.engine.net import Net
 
     ids = gpu_ids(args.gpu)
     if ids:

@@ -1,5 +1,5 @@
 """`caffe-layers demo -o OUT_DIR`: the segmentation-aware demo (Harley et al. ICCV 2017, figures 3-4)
-on the shipped sample image and embedding weights (caffe_layers/demo_data, see tools/train_demo_embs.py).
+on the shipped sample image and embedding weights (caffe_layers/tools/demo_data, see tools/train_demo_embs.py).
 
 Writes PNGs of the embeddings (PCA to RGB), local attention masks exp(-lambda * |e_i - e_j|_1) at a few
 pixels, a blurry map before and after segmentation-aware bilateral filtering, and the SSS-style 3-d
@@ -49,7 +49,7 @@ def load_sample(data=DEMO_DATA):
 
 def embed(image, data=DEMO_DATA):
     """The 1x64xHxW embedding of an RGB uint8 image by the deploy net and weights in `data`."""
-    from caffe_layers.net import Net
+    from caffe_layers.engine.net import Net
 
     data = Path(data)
     net = Net(str(data / "deploy.prototxt"), weights=str(data / "embs.caffemodel"), strict_weights=True)
@@ -172,8 +172,8 @@ def mask_figure(image, emb, pixels, lam, radius=24, scale=3):
 
 def run_demo(out, force=False, lam=LAMBDA, iterations=3, data=DEMO_DATA, log=print):
     """Run the demo into folder `out`; returns the measured figures as a dict."""
-    from caffe_layers import sss
-    from caffe_layers.synthetic import label_colours
+    from caffe_layers.ops import sss
+    from caffe_layers.training.synthetic import label_colours
 
     start = time.time()
     out = Path(out)
