@@ -11,6 +11,16 @@ from caffe_layers.layers.fillers import fill
 _deferring = [False]
 
 
+class _BlobList(nn.ParameterList):
+    """A layer's parameter blobs; the layer itself writes and reads them in state dicts (as "<i>")."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        pass
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        pass
+
+
 @contextlib.contextmanager
 def deferred_fills():
     """Inside this block add_blob only allocates; the net fills what its weights do not give (fill_blobs)."""
@@ -38,7 +48,7 @@ class Layer(nn.Module):
         self.param = param
         self.name = param.name
         self.phase = phase
-        self.blobs = nn.ParameterList()
+        self.blobs = _BlobList()
         self.bottom_shapes = [tuple(s) for s in bottom_shapes]
         self.shared_blobs = set()  # indices of blobs that are another layer's (ParamSpec sharing)
         self._fills = []  # per blob: (filler_param, value), run by fill_blobs
