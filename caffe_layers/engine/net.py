@@ -159,7 +159,7 @@ class Net(nn.Module):
         # keep_blobs (blobs to materialise) opt out; partial runs always use self.steps
         self.fused_steps = fuse_steps(self, keep_blobs) if fuse else None
         self._input_names = set(self.inputs)
-        self._data, self._diff, self._graphs = {}, {}, []
+        self._data, self._diff, self._graphs = {}, {}, {}
         self._fused_away = set()  # blobs the last forward did not compute (inside fused chains)
         self._need_backward, self._bottom_needs = need_backward(self.plan)
         self._rewritten_later = rewritten_later(self.steps)
@@ -246,11 +246,15 @@ class Net(nn.Module):
         for k, v in inputs.items():
             self._store_input(k, v)
         full = first == 0 and last == len(self.steps) and self.fused_steps is not None
-        records = []
+        if full:
+            self._graphs = {}
         for index, step in (self._fused_indexed if full else list(enumerate(self.steps))[first:last]):
-            if not step.is_input:
-                records.append(self._forward_step(index, step))
-        self._graphs = [r for r in records if r is not None]
+            if not step.is_input:  # each layer keeps the graph of its last forward, as a Caffe layer its state
+                record = self._forward_step(index, step)
+                if record is None:
+                    self._graphs.pop(index, None)
+                else:
+                    self._graphs[index] = record
         self._fused_away = set(self._fused_blobs) if full else set()
         return {name: _numpy_view(self._blob_data(name)) for name in self._wanted(last, blobs)}
 
@@ -305,7 +309,8 @@ class Net(nn.Module):
         hi = names.index(start) if start is not None else len(self.steps) - 1
         lo = names.index(end) if end is not None else 0
         written = set()
-        for index, step, leaves, tops in reversed(self._graphs):
+        for index in sorted(self._graphs, reverse=True):
+            _, step, leaves, tops = self._graphs[index]
             if not lo <= index <= hi:
                 continue
             outs = [(t, self._blob_diff(n)) for n, t in zip(step.tops, tops) if t.requires_grad]
