@@ -24,7 +24,7 @@ def caffe_pool_ref(x, k, p, s, method, ceil_mode=True):
     out = []
     for size, kk, pp, ss in zip((H, W), k, p, s):
         o = (math.ceil if ceil_mode else math.floor)((size + 2 * pp - kk) / ss) + 1
-        if pp and (o - 1) * ss >= size + pp:
+        if (p[0] or p[1]) and (o - 1) * ss >= size + pp:  # Caffe: if (pad_h_ || pad_w_), both axes
             o -= 1
         out.append(o)
     oh, ow = out
@@ -226,15 +226,18 @@ def test_inner_product_shapes_and_values():
                        [x.shape])
     assert tuple(layer.blobs[0].shape) == (6, 60) and layer(x).shape == (2, 6)
     with pytest.raises(ValueError, match="incompatible.*60 elements"):
-        layer(torch.randn(2, 3, 4, 4, dtype=torch.float64))
+        layer.top_shapes([(2, 3, 4, 4)])
     with pytest.raises(ValueError, match="num_output"):
         make_layer('type: "InnerProduct" inner_product_param { }', [x.shape])
 
 
 # ---- Pooling -----------------------------------------------------------------------------------
 # (kernel, pad, stride); the last has an empty last window (width 8, kernel 1, stride 2, no pad)
+# ((3, 1), (1, 0), (2, 3)): width 8 is not padded but height is, so Caffe's rule drops the width's last
+# window (3 * 3 >= 8 + 0); the others: pads, stride 1, a global-size kernel, stride > kernel.
 POOL_CASES = [((3, 3), (1, 1), (2, 2)), ((3, 2), (0, 1), (2, 3)), ((4, 3), (2, 1), (3, 1)), ((2, 2), (0, 0), (2, 2)),
-              ((1, 1), (0, 0), (2, 2))]
+              ((1, 1), (0, 0), (2, 2)), ((3, 1), (1, 0), (2, 3)), ((3, 3), (1, 1), (1, 1)), ((5, 4), (2, 1), (2, 3)),
+              ((7, 8), (0, 0), (1, 1)), ((3, 3), (0, 0), (4, 4))]
 
 
 @pytest.mark.parametrize("method", ["MAX", "AVE"])

@@ -48,11 +48,17 @@ class Eltwise(Layer):
         self.coeffs = list(p.coeff) or [1.0] * n
         self.stable_prod_grad = p.stable_prod_grad
 
+    def top_shapes(self, bottom_shapes):
+        first = tuple(bottom_shapes[0])
+        for i, s in enumerate(bottom_shapes[1:], 1):
+            if tuple(s) != first:
+                raise ValueError(f"layer {self.name!r} (Eltwise): bottom {i} has shape {list(s)}, "
+                                 f"bottom 0 has {list(first)}; all must be equal")
+        if self.op not in (OP.PROD, OP.SUM, OP.MAX):
+            raise ValueError(f"layer {self.name!r} (Eltwise): unknown operation {self.op}")
+        return [first]
+
     def forward(self, *xs):
-        for i, x in enumerate(xs[1:], 1):
-            if x.shape != xs[0].shape:
-                raise ValueError(f"layer {self.name!r} (Eltwise): bottom {i} has shape {list(x.shape)}, "
-                                 f"bottom 0 has {list(xs[0].shape)}; all must be equal")
         if self.op == OP.PROD:
             if not self.stable_prod_grad:
                 return _ProdByDivision.apply(*xs)
@@ -61,8 +67,9 @@ class Eltwise(Layer):
                 y = y * x
             return y
         if self.op == OP.SUM:
-            y = xs[0] * self.coeffs[0] if self.coeffs[0] != 1 else xs[0].clone()
-            for c, x in zip(self.coeffs[1:], xs[1:]):
+            c0, c1 = self.coeffs[0], self.coeffs[1]
+            y = (xs[0] * c0 if c0 != 1 else xs[0]) + (xs[1] * c1 if c1 != 1 else xs[1])
+            for c, x in zip(self.coeffs[2:], xs[2:]):
                 y = y + (x * c if c != 1 else x)
             return y
         if self.op == OP.MAX:

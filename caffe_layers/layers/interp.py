@@ -66,6 +66,10 @@ class Interp(Layer):
                              f"{out}; both must be positive")
         return eff, out
 
+    def top_shapes(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        return [shape[:2] + tuple(self.sizes(shape)[1])]
+
     def _check_factor(self, name, value):
         if value < 1:
             raise ValueError(f"{self.what}: {name} must be positive, got {value}")

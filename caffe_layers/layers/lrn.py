@@ -21,8 +21,11 @@ class LRN(Layer):
         for s in bottom_shapes:
             check_4d(s, self.what)
 
+    def top_shapes(self, bottom_shapes):
+        check_4d(bottom_shapes[0], self.what)
+        return [tuple(bottom_shapes[0])]
+
     def forward(self, x):
-        check_4d(x.shape, self.what)
         pre = (self.size - 1) // 2
         sq = x * x
         if self.across:

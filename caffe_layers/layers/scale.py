@@ -10,7 +10,7 @@ shared scale blob. Here the diff always accumulates.
 """
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.layers.bias import broadcast_operand, operand_shape
+from caffe_layers.layers.bias import broadcast_operand, check_operand, operand_shape
 from caffe_layers.formats.proto import pb
 
 
@@ -33,9 +33,17 @@ class Scale(Layer):
             shape = operand_shape(self, "bias", x_shape, p.axis, num_axes)
             self.add_blob(shape, p.bias_filler if p.HasField("bias_filler") else pb.FillerParameter())
 
+    def top_shapes(self, bottom_shapes):
+        x = bottom_shapes[0]
+        check_operand(self, "scale", x, bottom_shapes[1] if len(bottom_shapes) == 2 else self.blobs[0].shape,
+                      self.axis)
+        if self.bias_term:
+            check_operand(self, "bias", x, self.blobs[-1].shape, self.axis)
+        return [tuple(x)]
+
     def forward(self, x, *rest):
         s = rest[0] if rest else self.blobs[0]
-        y = x * broadcast_operand(self, "scale", x, s, self.axis)
+        y = x * broadcast_operand(x, s, self.axis)
         if self.bias_term:
-            y = y + broadcast_operand(self, "bias", x, self.blobs[-1], self.axis)
+            y = y + broadcast_operand(x, self.blobs[-1], self.axis)
         return y
