@@ -47,4 +47,8 @@ class Concat(Layer):
     def forward(self, *bottoms):
         if len(bottoms) == 1:
             return bottoms[0].view_as(bottoms[0])
-        return torch.cat(bottoms, self.axis)
+        try:
+            return torch.cat(bottoms, self.axis)
+        except RuntimeError:  # bottoms of other sizes than the net was built for: say which, as Caffe
+            self.top_shapes([b.shape for b in bottoms])
+            raise

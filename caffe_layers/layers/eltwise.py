@@ -59,6 +59,8 @@ class Eltwise(Layer):
         return [first]
 
     def forward(self, *xs):
+        if any(x.shape != xs[0].shape for x in xs[1:]):  # torch would broadcast them
+            self.top_shapes([x.shape for x in xs])
         if self.op == OP.PROD:
             if not self.stable_prod_grad:
                 return _ProdByDivision.apply(*xs)
