@@ -241,10 +241,11 @@ POOL_CASES = [((3, 3), (1, 1), (2, 2)), ((3, 2), (0, 1), (2, 3)), ((4, 3), (2, 1
 
 
 @pytest.mark.parametrize("method", ["MAX", "AVE"])
-@pytest.mark.parametrize("k,p,s", POOL_CASES)
-def test_pool_matches_caffe_loops(method, k, p, s):
+@pytest.mark.parametrize("k,p,s,channels", [c + (2,) for c in POOL_CASES] + [c + (9,) for c in POOL_CASES[:3]])
+def test_pool_matches_caffe_loops(method, k, p, s, channels):
+    # 9 channels: torch's kernels run in the channels-last layout
     rng = np.random.default_rng(3)
-    x = rng.integers(-3, 4, size=(2, 2, 7, 8)).astype(np.float64)  # many ties: the first max must win
+    x = rng.integers(-3, 4, size=(2, channels, 7, 8)).astype(np.float64)  # many ties: the first max must win
     text = (f'type: "Pooling" pooling_param {{ pool: {method} kernel_h: {k[0]} kernel_w: {k[1]} '
             f'pad_h: {p[0]} pad_w: {p[1]} stride_h: {s[0]} stride_w: {s[1]} }}')
     tops = 2 if method == "MAX" else 1
@@ -362,11 +363,12 @@ def lrn_ref(x, size, alpha, beta, k, across):
 
 
 @pytest.mark.parametrize("region", ["ACROSS_CHANNELS", "WITHIN_CHANNEL"])
-def test_lrn_matches_formula_and_gradcheck(region):
-    text = (f'type: "LRN" lrn_param {{ local_size: 3 alpha: 0.5 beta: 0.75 k: 2 norm_region: {region} }}')
-    x = np.random.default_rng(0).standard_normal((2, 5, 4, 6))
+@pytest.mark.parametrize("size,channels", [(3, 5), (7, 5), (5, 9)])  # a window past all channels; channels-last
+def test_lrn_matches_formula_and_gradcheck(region, size, channels):
+    text = (f'type: "LRN" lrn_param {{ local_size: {size} alpha: 0.5 beta: 0.75 k: 2 norm_region: {region} }}')
+    x = np.random.default_rng(0).standard_normal((2, channels, 4, 6))
     layer = make_layer(text, [x.shape])
-    ref = lrn_ref(x, 3, 0.5, 0.75, 2.0, region == "ACROSS_CHANNELS")
+    ref = lrn_ref(x, size, 0.5, 0.75, 2.0, region == "ACROSS_CHANNELS")
     np.testing.assert_allclose(layer(torch.as_tensor(x)).numpy(), ref, rtol=1e-12)
     gradcheck_layer(text, [(1, 4, 3, 3)])
 

@@ -55,7 +55,7 @@ class BatchNorm(Layer):
         channels = 1 if x.dim() == 1 else x.shape[1]
         shape = (1, -1) + (1,) * (x.dim() - 2) if x.dim() > 1 else (-1,)
         dims = [d for d in range(x.dim()) if d != 1] if x.dim() > 1 else [0]
-        blobs = [b.detach() for b in self.blobs]
+        blobs = [b.detach() for b in self.param_blobs()]
         m = x.numel() // channels
         if self.use_global_stats:
             factor = blobs[2][0]

@@ -58,5 +58,5 @@ class Bias(Layer):
         return [tuple(bottom_shapes[0])]
 
     def forward(self, x, *rest):
-        b = rest[0] if rest else self.blobs[0]
+        b = rest[0] if rest else self.param_blobs()[0]
         return x + broadcast_operand(x, b, self.axis)

@@ -109,8 +109,7 @@ class Convolution(Layer):
             size + 2 * self.pad[i] - extents[i]) // self.stride[i] + 1)
 
     def forward(self, *bottoms):
-        weight = self.blobs[0]
-        bias = self.blobs[1] if self.bias_term else None
+        weight, bias = (self.param_blobs() + (None,))[:2]
         if self.bottom_is_im2col:
             # segaware: the column buffer is used as is: a 1x1 (grouped) convolution, output size =
             # input size; stride, pad and dilation are ignored.

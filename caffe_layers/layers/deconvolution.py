@@ -27,8 +27,7 @@ class Deconvolution(Layer):
             self.stride[i] * (size - 1) + extents[i] - 2 * self.pad[i]))
 
     def forward(self, *bottoms):
-        weight = self.blobs[0]
-        bias = self.blobs[1] if self.bias_term else None
+        weight, bias = (self.param_blobs() + (None,))[:2]
         # output size stride * (in - 1) + dilation * (k - 1) + 1 - 2 * pad, as Caffe
         return each_bottom(self, bottoms, lambda x: _DECONV[self.nsp](
             x, weight, bias, self.stride, self.pad, 0, self.group, self.dilation))

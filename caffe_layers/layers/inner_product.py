@@ -33,6 +33,6 @@ class InnerProduct(Layer):
     def forward(self, x):
         lead = tuple(x.shape[:self.axis])
         flat = x.reshape(-1, self.K)
-        w = self.blobs[0].t() if self.transpose else self.blobs[0]
-        y = F.linear(flat, w, self.blobs[1] if self.bias_term else None)
+        w, b = (self.param_blobs() + (None,))[:2]
+        y = F.linear(flat, w.t() if self.transpose else w, b)
         return y.reshape(lead + (self.N,))

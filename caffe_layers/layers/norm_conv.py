@@ -58,7 +58,8 @@ class NormConv(Layer):
                        self.remove_center, self.remove_bounds)
         if self.is_1x1 and self.drop_1x1_image_grad:
             img = img.detach()
-        bias = self.blobs[1] if self.bias_term else None
-        scale = self.blobs[-1] if self.scale_term else None
-        return norm_conv_filter(img, dist, self.blobs[0], bias, scale, self.pad, self.stride, self.dilation,
+        blobs = self.param_blobs()
+        bias = blobs[1] if self.bias_term else None
+        scale = blobs[-1] if self.scale_term else None
+        return norm_conv_filter(img, dist, blobs[0], bias, scale, self.pad, self.stride, self.dilation,
                                 self.group)

@@ -22,6 +22,21 @@ def pooled_size(size, kernel, pad, stride, ceil_mode, padded=None):
     return out
 
 
+def pool_channels_last(pool, x, *args, **kwargs):
+    """torch's CPU pooling kernels vectorise over channels only in the channels-last layout (about 10x
+    faster at 64 channels, slower at 3): pool there and hand back the usual contiguous layout."""
+    if x.device.type != "cpu" or x.shape[1] < 8:
+        return pool(x, *args, **kwargs)
+    out = pool(x.contiguous(memory_format=torch.channels_last), *args, **kwargs)
+    if isinstance(out, tuple):
+        return tuple(t.contiguous() for t in out)
+    return out.contiguous()
+
+
+def _call(pool, x, *args, **kwargs):
+    return pool(x, *args, **kwargs)
+
+
 def torch_pooled_size(size, kernel, pad, stride, ceil_mode):
     """The output size of torch's pooling kernels (which always drop a last window starting past the
     image and left padding in ceil mode)."""
@@ -79,6 +94,8 @@ class Pooling(Layer):
                              f"(MAX may output its argmax mask as a second top), got {len(param.top)}")
         self.out_size(bottom_shapes[0])
         self._plans = {}  # input (height, width) -> (kernel, output size, whether torch's kernels fit)
+        # global pooling reads each plane once: the layout change would cost more than it saves
+        self._pool = _call if self.global_pooling else pool_channels_last
 
     def out_size(self, shape):
         check_4d(shape, self.what)
@@ -120,15 +137,18 @@ class Pooling(Layer):
             return self._max_torch(x, kernel) if fast else self._max(x, kernel, out)
         if self.method == PP.AVE:
             if fast:  # torch's divisor is Caffe's: the window clipped to the padded image
-                return F.avg_pool2d(x, kernel, self.stride, self.pad, self.ceil_mode, count_include_pad=True)
+                return self._pool(F.avg_pool2d, x, kernel, self.stride, self.pad, self.ceil_mode,
+                                  count_include_pad=True)
             return self._ave(x, kernel, out)
         return self._stochastic(x, kernel, out)
 
     def _max_torch(self, x, kernel):
         # Every torch window overlaps the image here; only -inf inputs fall below Caffe's start, -FLT_MAX.
         if len(self.param.top) < 2:
-            return F.max_pool2d(x, kernel, self.stride, self.pad, ceil_mode=self.ceil_mode).clamp_min(-FLT_MAX)
-        val, idx = F.max_pool2d(x, kernel, self.stride, self.pad, ceil_mode=self.ceil_mode, return_indices=True)
+            return self._pool(F.max_pool2d, x, kernel, self.stride, self.pad,
+                              ceil_mode=self.ceil_mode).clamp_min(-FLT_MAX)
+        val, idx = self._pool(F.max_pool2d, x, kernel, self.stride, self.pad, ceil_mode=self.ceil_mode,
+                              return_indices=True)
         mask = torch.where(val > -FLT_MAX, idx, -1).to(x.dtype)  # torch's index is Caffe's h * W + w
         return val.clamp_min(-FLT_MAX), mask
 

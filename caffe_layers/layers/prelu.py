@@ -2,7 +2,7 @@
 
 Caffe's backward treats x = 0 as negative (dy * a, slope diff dy * x), as torch.where does here.
 """
-import torch
+import torch.nn.functional as F
 
 from caffe_layers.formats.proto import pb
 from caffe_layers.layers import register
@@ -31,7 +31,6 @@ class PReLU(Layer):
         return [shape]
 
     def forward(self, x):
-        slope = self.blobs[0]
-        if not self.channel_shared:
-            slope = slope.reshape((1, -1) + (1,) * (x.dim() - 2))
-        return torch.where(x > 0, x, slope * x)
+        # F.prelu is x where x > 0, else slope * x: Caffe's values and (x = 0 as negative) gradients
+        (slope,) = self.param_blobs()
+        return F.prelu(x, slope.reshape(1) if self.channel_shared else slope)

@@ -42,8 +42,8 @@ class Scale(Layer):
         return [tuple(x)]
 
     def forward(self, x, *rest):
-        s = rest[0] if rest else self.blobs[0]
-        y = x * broadcast_operand(x, s, self.axis)
+        blobs = self.param_blobs()
+        y = x * broadcast_operand(x, rest[0] if rest else blobs[0], self.axis)
         if self.bias_term:
-            y = y + broadcast_operand(x, self.blobs[-1], self.axis)
+            y = y + broadcast_operand(x, blobs[-1], self.axis)
         return y
