@@ -3,8 +3,9 @@ one-layer net, built with NetSpec, same weights, same threads), measured side by
 
     python benchmarks/bench_layers.py [--threads N] [--repeat R] [--only Pooling,LRN]
 
-Prints best and median milliseconds and the ratio OpenCV / ours (above 1: ours is faster). Also
-prints the layer-level Python overhead: a 12x12 MTCNN P-Net-sized stack (conv, PReLU, pool) end to end.
+Prints best and median milliseconds and the ratio OpenCV / ours (above 1: ours is faster), the layer-level
+Python overhead (a 12x12 MTCNN P-Net-sized stack: conv, PReLU, pool, softmax, end to end), and the
+layers alone against this project's previous implementation of them (checked equal first).
 Times are noisy on a shared machine: read the ratios, best of several runs.
 """
 import argparse
@@ -85,6 +86,63 @@ def opencv_runner(prototxt, weights, x, threads):
     return run
 
 
+def previous_implementations():
+    """name -> (input shape, layer text, the previous implementation of its forward), to time beside ours."""
+    import torch.nn.functional as F
+
+    from caffe_layers.layers.interp import interp_matrix
+
+    def windowed(layer):  # Pooling before torch's kernels: its windowed path, still the fallback
+        def run(x):
+            kernel, out = layer.out_size(x.shape)
+            return layer._max(x, kernel, out) if layer.method == P.Pooling.MAX else layer._ave(x, kernel, out)
+        return run
+
+    def lrn_across(layer):  # a padded copy, then a window sum over an unfolded view
+        def run(x):
+            pre = (layer.size - 1) // 2
+            window = F.pad(x * x, (0, 0, 0, 0, pre, pre)).unfold(1, layer.size, 1).sum(-1)
+            return x * (layer.k + layer.alpha / layer.size * window) ** -layer.beta
+        return run
+
+    def interp(layer):  # the matrices built at every call, one einsum
+        def run(x):
+            eff, out = layer.sizes(x.shape)
+            mh = interp_matrix(x.shape[2], 0, eff[0], out[0]).to(x.dtype)
+            mw = interp_matrix(x.shape[3], 0, eff[1], out[1]).to(x.dtype)
+            return torch.einsum("ih,nchw,jw->ncij", mh, x, mw)
+        return run
+
+    return {
+        "Pooling MAX 3x3 s2 ceil": ((1, 64, 112, 112), "pooling_param { pool: MAX kernel_size: 3 stride: 2 }",
+                                    "Pooling", windowed),
+        "Pooling AVE 3x3 s1 p1": ((1, 64, 56, 56), "pooling_param { pool: AVE kernel_size: 3 stride: 1 pad: 1 }",
+                                  "Pooling", windowed),
+        "LRN across 5": ((1, 96, 55, 55), "lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }", "LRN", lrn_across),
+        "Interp zoom 8 (21 ch)": ((1, 21, 41, 41), "interp_param { zoom_factor: 8 }", "Interp", interp),
+    }
+
+
+def against_previous(repeat):
+    from google.protobuf import text_format
+
+    from caffe_layers.formats.proto import pb
+    from caffe_layers.layers import layer_class
+
+    rows = []
+    for name, (shape, text, kind, previous) in previous_implementations().items():
+        lp = text_format.Parse(f'name: "L" type: "{kind}" top: "t" {text}', pb.LayerParameter())
+        layer = layer_class(kind)(lp, [shape], pb.TEST)
+        x = torch.randn(shape)
+        old = previous(layer)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), old(x), rtol=1e-5, atol=1e-6)
+            ours, before = timed(lambda: layer(x), repeat), timed(lambda: old(x), repeat)
+        rows.append(f"{name:28s} {ours[0]:9.3f} {ours[1]:9.3f} {before[0]:9.3f} {before[1]:9.3f} "
+                    f"{before[0] / ours[0]:7.2f}")
+    return rows
+
+
 def mtcnn_pnet(tmp):
     """MTCNN P-Net's layers on a 12x12 input: the per-layer overhead dominates."""
     n = NetSpec()
@@ -141,6 +199,9 @@ def main(argv=None):
             print(compare(name, one_layer_net(shape, build, tmp), shape, args.threads, args.repeat, tmp), flush=True)
         path, shape = mtcnn_pnet(tmp)
         print(compare("MTCNN P-Net 12x12 (10 layers)", path, shape, args.threads, args.repeat * 10, tmp))
+    print(f"\n{'layer alone':28s} {'ours':>9s} {'(med)':>9s} {'previous':>9s} {'(med)':>9s} {'ratio':>7s}")
+    for row in against_previous(args.repeat):
+        print(row, flush=True)
     return 0
 
 

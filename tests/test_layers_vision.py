@@ -241,9 +241,9 @@ POOL_CASES = [((3, 3), (1, 1), (2, 2)), ((3, 2), (0, 1), (2, 3)), ((4, 3), (2, 1
 
 
 @pytest.mark.parametrize("method", ["MAX", "AVE"])
-@pytest.mark.parametrize("k,p,s,channels", [c + (2,) for c in POOL_CASES] + [c + (9,) for c in POOL_CASES[:3]])
+@pytest.mark.parametrize("k,p,s,channels", [c + (2,) for c in POOL_CASES] + [c + (40,) for c in POOL_CASES[:3]])
 def test_pool_matches_caffe_loops(method, k, p, s, channels):
-    # 9 channels: torch's kernels run in the channels-last layout
+    # 40 channels (4480 values): torch's kernels run in the channels-last layout
     rng = np.random.default_rng(3)
     x = rng.integers(-3, 4, size=(2, channels, 7, 8)).astype(np.float64)  # many ties: the first max must win
     text = (f'type: "Pooling" pooling_param {{ pool: {method} kernel_h: {k[0]} kernel_w: {k[1]} '
@@ -363,7 +363,7 @@ def lrn_ref(x, size, alpha, beta, k, across):
 
 
 @pytest.mark.parametrize("region", ["ACROSS_CHANNELS", "WITHIN_CHANNEL"])
-@pytest.mark.parametrize("size,channels", [(3, 5), (7, 5), (5, 9)])  # a window past all channels; channels-last
+@pytest.mark.parametrize("size,channels", [(3, 5), (7, 5), (5, 90)])  # a window past all channels; channels-last
 def test_lrn_matches_formula_and_gradcheck(region, size, channels):
     text = (f'type: "LRN" lrn_param {{ local_size: {size} alpha: 0.5 beta: 0.75 k: 2 norm_region: {region} }}')
     x = np.random.default_rng(0).standard_normal((2, channels, 4, 6))

@@ -24,8 +24,8 @@ def pooled_size(size, kernel, pad, stride, ceil_mode, padded=None):
 
 def pool_channels_last(pool, x, *args, **kwargs):
     """torch's CPU pooling kernels vectorise over channels only in the channels-last layout (about 10x
-    faster at 64 channels, slower at 3): pool there and hand back the usual contiguous layout."""
-    if x.device.type != "cpu" or x.shape[1] < 8:
+    faster at 64 channels, slower at 3 or for a tiny blob): pool there and hand back the usual layout."""
+    if x.device.type != "cpu" or x.shape[1] < 8 or x.numel() < 4096:
         return pool(x, *args, **kwargs)
     out = pool(x.contiguous(memory_format=torch.channels_last), *args, **kwargs)
     if isinstance(out, tuple):
