@@ -92,6 +92,7 @@ class Pooling(Layer):
         if len(param.top) > (2 if self.method == PP.MAX else 1):
             raise ValueError(f"{what}: at most {2 if self.method == PP.MAX else 1} tops for this method "
                              f"(MAX may output its argmax mask as a second top), got {len(param.top)}")
+        self.mask_top = len(param.top) == 2  # MAX's second top: the argmax positions
         self.out_size(bottom_shapes[0])
         self._plans = {}  # input (height, width) -> (kernel, output size, whether torch's kernels fit)
         # global pooling reads each plane once: the layout change would cost more than it saves
@@ -109,7 +110,7 @@ class Pooling(Layer):
 
     def top_shapes(self, bottom_shapes):
         shape = tuple(bottom_shapes[0])
-        return [shape[:2] + self.out_size(shape)[1]] * max(1, len(self.param.top))
+        return [shape[:2] + self.out_size(shape)[1]] * (2 if self.mask_top else 1)
 
     def _torch_fits(self, kernel, out, shape):
         """Whether torch's kernels compute Caffe's windows: torch takes pad <= kernel / 2 and may give
@@ -144,7 +145,7 @@ class Pooling(Layer):
 
     def _max_torch(self, x, kernel):
         # Every torch window overlaps the image here; only -inf inputs fall below Caffe's start, -FLT_MAX.
-        if len(self.param.top) < 2:
+        if not self.mask_top:
             return self._pool(F.max_pool2d, x, kernel, self.stride, self.pad,
                               ceil_mode=self.ceil_mode).clamp_min(-FLT_MAX)
         val, idx = self._pool(F.max_pool2d, x, kernel, self.stride, self.pad, ceil_mode=self.ceil_mode,
@@ -157,7 +158,7 @@ class Pooling(Layer):
         val, idx = win.reshape(win.shape[:4] + (-1,)).max(-1)  # first maximum, as Caffe's strict '>'
         # Caffe starts from -FLT_MAX; a window with nothing above it gives -FLT_MAX, mask -1, no gradient.
         top = val.clamp_min(-FLT_MAX)
-        if len(self.param.top) < 2:
+        if not self.mask_top:
             return top
         (kh, kw), (ph, pw), (sh, sw) = kernel, self.pad, self.stride
         rows = torch.arange(out[0], device=x.device).view(-1, 1) * sh - ph + torch.div(idx, kw, rounding_mode="floor")
