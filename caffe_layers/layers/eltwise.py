@@ -69,10 +69,9 @@ class Eltwise(Layer):
                 y = y * x
             return y
         if self.op == OP.SUM:
-            c0, c1 = self.coeffs[0], self.coeffs[1]
-            y = (xs[0] * c0 if c0 != 1 else xs[0]) + (xs[1] * c1 if c1 != 1 else xs[1])
-            for c, x in zip(self.coeffs[2:], xs[2:]):
-                y = y + (x * c if c != 1 else x)
+            y = xs[0] * self.coeffs[0] if self.coeffs[0] != 1 else xs[0]
+            for c, x in zip(self.coeffs[1:], xs[1:]):
+                y = torch.add(y, x, alpha=c)  # y + c * x in one pass (Caffe's axpy)
             return y
         if self.op == OP.MAX:
             y = torch.where(xs[0] > xs[1], xs[0], xs[1])

@@ -8,6 +8,8 @@ overwrites (not accumulates) the scale blob's diff when outer_dim == 1 with more
 scale, or when the scale is as large as the bottom; that shows only with iter_size > 1 or a
 shared scale blob. Here the diff always accumulates.
 """
+import torch
+
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
 from caffe_layers.layers.bias import broadcast_operand, check_operand, operand_shape
@@ -43,7 +45,7 @@ class Scale(Layer):
 
     def forward(self, x, *rest):
         blobs = self.param_blobs()
-        y = x * broadcast_operand(x, rest[0] if rest else blobs[0], self.axis)
-        if self.bias_term:
-            y = y + broadcast_operand(x, blobs[-1], self.axis)
-        return y
+        scale = broadcast_operand(x, rest[0] if rest else blobs[0], self.axis)
+        if self.bias_term:  # x * scale + bias in one pass
+            return torch.addcmul(broadcast_operand(x, blobs[-1], self.axis), x, scale)
+        return x * scale
