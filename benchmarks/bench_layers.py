@@ -40,7 +40,7 @@ CASES = {
     "Eltwise SUM x2": ((1, 256, 56, 56), lambda x: L.Eltwise(x, x)),
     "Concat x2": ((1, 128, 56, 56), lambda x: L.Concat(x, x)),
     "Slice 2": ((1, 128, 56, 56), lambda x: L.Slice(x, slice_point=64, ntop=2)),
-    "Crop": ((1, 64, 120, 120), lambda x: L.Crop(x, L.Pooling(x, kernel_size=2, stride=2, pool=P.Pooling.MAX), axis=2,
+    "Crop": ((1, 64, 120, 120), lambda x: L.Crop(x, L.DummyData(shape=dict(dim=[1, 64, 100, 100])), axis=2,
                                                  offset=3)),
     "Interp zoom 8 (21 ch)": ((1, 21, 41, 41), lambda x: L.Interp(x, zoom_factor=8)),
     "Deconvolution x2 (21 ch)": ((1, 21, 41, 41), lambda x: L.Deconvolution(x, convolution_param=dict(

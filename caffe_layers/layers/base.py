@@ -70,8 +70,9 @@ class Layer(nn.Module):
     def param_blobs(self):
         """The parameter blobs as a tuple, for forward: indexing the ParameterList costs microseconds.
         (A blob shared under another shape is a parametrization, not in _parameters: the slow way.)"""
-        plain = self.blobs._parameters
-        return tuple(plain.values()) if len(plain) == len(self.blobs) else tuple(self.blobs)
+        blobs = self._modules["blobs"]  # (no Module.__getattr__: this runs in every forward)
+        plain = blobs._parameters
+        return tuple(plain.values()) if len(plain) == len(blobs) else tuple(blobs)
 
     @torch.no_grad()
     def fill_blobs(self, loaded=()):

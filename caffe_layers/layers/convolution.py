@@ -115,5 +115,8 @@ class Convolution(Layer):
             # input size; stride, pad and dilation are ignored.
             w = weight.reshape(weight.shape[0], -1, *([1] * self.nsp))
             return each_bottom(self, bottoms, lambda x: _CONV[self.nsp](x, w, bias, 1, 0, 1, self.group))
-        return each_bottom(self, bottoms, lambda x: _CONV[self.nsp](
-            x, weight, bias, self.stride, self.pad, self.dilation, self.group))
+        conv = _CONV[self.nsp]
+        if len(bottoms) == 1 and self.axis == 1:  # the usual case, without the per-bottom wrapping
+            return conv(bottoms[0], weight, bias, self.stride, self.pad, self.dilation, self.group)
+        return each_bottom(self, bottoms, lambda x: conv(x, weight, bias, self.stride, self.pad, self.dilation,
+                                                         self.group))
