@@ -44,14 +44,18 @@ class BatchNorm(Layer):
         self.add_blob((self.channels,))
         self.add_blob((1,))
 
+    def top_shapes(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        if len(shape) > 1 and shape[1] != self.channels:
+            raise ValueError(f"layer {self.name!r} (BatchNorm): bottom has {shape[1]} channels, "
+                             f"expected {self.channels}")
+        return [shape]
+
     def forward(self, x):
         channels = 1 if x.dim() == 1 else x.shape[1]
-        if x.dim() > 1 and channels != self.channels:
-            raise ValueError(f"layer {self.name!r} (BatchNorm): bottom has {channels} channels, "
-                             f"expected {self.channels}")
         shape = (1, -1) + (1,) * (x.dim() - 2) if x.dim() > 1 else (-1,)
         dims = [d for d in range(x.dim()) if d != 1] if x.dim() > 1 else [0]
-        blobs = [b.detach() for b in self.blobs]
+        blobs = [b.detach() for b in self.param_blobs()]
         m = x.numel() // channels
         if self.use_global_stats:
             factor = blobs[2][0]

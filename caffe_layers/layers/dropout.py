@@ -12,6 +12,8 @@ from caffe_layers.formats.proto import TRAIN
 
 @register("Dropout")
 class Dropout(Layer):
+    same_shape = True
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         self.ratio = param.dropout_param.dropout_ratio
