@@ -1,16 +1,12 @@
 """caffe_layers: Caffe nets (BVLC, DeepLab, segaware, SPN layers) in PyTorch.
 
-`import caffe_layers as caffe` gives the pycaffe interface: caffe.Net(proto, weights, caffe.TEST),
-caffe.set_mode_gpu(), net.blobs / net.params / net.forward / net.backward.
+`import caffe_layers as caffe` gives pycaffe's names (those of caffe_layers.pycaffe: caffe.Net(proto,
+weights, caffe.TEST), caffe.SGDSolver, caffe.io, caffe.NetSpec...), plus this package's own
+register_layer and known_types. `caffe-layers run script.py` runs a pycaffe script unchanged.
 """
 from caffe_layers.layers import known_types, register as register_layer
-from caffe_layers.layers.base import Layer
-from caffe_layers.pycaffe.mode import set_device, set_mode_cpu, set_mode_gpu
-from caffe_layers.engine.net import Net
-from caffe_layers.pycaffe.net_spec import NetSpec, layers, params, to_proto  # pycaffe's caffe.layers / caffe.params
-from caffe_layers.formats.proto import TEST, TRAIN
-from caffe_layers.pycaffe import io  # pycaffe's caffe.io (Transformer, load_image, blobproto_to_array)
+from caffe_layers.pycaffe import *  # noqa: F401,F403  (pycaffe's names, __all__ of caffe_layers.pycaffe)
+from caffe_layers.pycaffe import __all__ as _pycaffe_names, __version__, proto  # noqa: F401
+from caffe_layers.pycaffe.mode import set_device  # noqa: F401
 
-__all__ = ["Net", "Layer", "register_layer", "known_types", "TRAIN", "TEST",
-           "set_mode_cpu", "set_mode_gpu", "set_device",
-           "NetSpec", "layers", "params", "to_proto", "io"]
+__all__ = list(_pycaffe_names) + ["register_layer", "known_types", "proto"]
