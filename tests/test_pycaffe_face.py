@@ -191,7 +191,7 @@ def test_test_nets_share_the_trained_weights(solver_file):
     solver.share_weights(other)
     np.testing.assert_array_equal(other.params["ip"][0].data, train.params["ip"][0].data)
     wrong = caffe.Net(str(solver_file).replace("solver", "net"), caffe.TEST)
-    wrong.layer_dict["ip"].blobs[0].data = torch.zeros(3, 3)
+    next(m for m in wrong.layer_modules if m.name == "ip").blobs[0].data = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="cannot share param 0 weights from layer 'ip'; shape mismatch"):
         solver.share_weights(wrong)
 
