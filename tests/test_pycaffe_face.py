@@ -266,6 +266,21 @@ def test_forward_all_batches_and_drops_the_padding(deploy):
     np.testing.assert_allclose(out["prob"], softmax(out["ip"]), rtol=1e-5, atol=1e-6)
 
 
+def test_forward_backward_all(deploy, tmp_path):
+    model, weights, w, bias = deploy
+    path = tmp_path / "fb.prototxt"
+    path.write_text("force_backward: true\n" + open(model).read())
+    net = caffe.Net(str(path), weights, caffe.TEST)
+    rng = np.random.RandomState(3)
+    x, top_diff = rng.randn(3, 3, 4, 4).astype(np.float32), rng.randn(3, 3).astype(np.float32)
+    outs, diffs = caffe.pycaffe.forward_backward_all(net, data=x, prob=top_diff)
+    data = torch.tensor(x, requires_grad=True)
+    prob = torch.softmax(data.reshape(3, -1) @ torch.tensor(w).T + torch.tensor(bias), 1)
+    prob.backward(torch.tensor(top_diff))
+    np.testing.assert_allclose(outs["prob"], prob.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(diffs["data"], data.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_classifier_center_crop_and_oversample(deploy):
     model, weights, w, bias = deploy
     classifier = caffe.Classifier(model, weights, image_dims=(6, 6), raw_scale=2.0)
