@@ -44,6 +44,12 @@ def test_gflags_spellings(argv, expected):
     assert normalize(argv, subparsers) == expected
 
 
+def test_stages_comma_separated_or_repeated():
+    from caffe_layers.tools.train import stages
+
+    assert stages(["a,b", "c"]) == ["a", "b", "c"] and stages([]) == []
+
+
 def test_flags_before_the_command_and_caffe_phase(files, caplog):
     with caplog.at_level(logging.INFO):
         assert main(["-solver", str(files / "solver.prototxt"), "train", "-no-progress"]) == 0
