@@ -1,7 +1,8 @@
 """caffe_layers: Caffe nets (BVLC, DeepLab, segaware, SPN layers) in PyTorch.
 
-`import caffe_layers as caffe` gives the pycaffe interface: caffe.Net(proto, weights, caffe.TEST),
-caffe.set_mode_gpu(), net.blobs / net.params / net.forward / net.backward.
+`import caffe_layers as caffe` gives pycaffe's names (those of caffe_layers.pycaffe: caffe.Net(proto,
+weights, caffe.TEST), caffe.SGDSolver, caffe.io, caffe.NetSpec...), plus this package's own
+register_layer and known_types. `caffe-layers run script.py` runs a pycaffe script unchanged.
 """
 import os
 
@@ -28,13 +29,10 @@ if _threads is not None:
     torch.set_num_threads(_threads)
 
 from caffe_layers.layers import known_types, register as register_layer  # noqa: E402
+from caffe_layers.pycaffe import *  # noqa: E402,F401,F403  (pycaffe's names, __all__ of caffe_layers.pycaffe)
+from caffe_layers.pycaffe import __all__ as _pycaffe_names, __version__, proto  # noqa: E402,F401
+from caffe_layers.pycaffe.mode import set_device  # noqa: E402,F401
 from caffe_layers.layers.base import Layer  # noqa: E402
-from caffe_layers.pycaffe.mode import set_device, set_mode_cpu, set_mode_gpu  # noqa: E402
-from caffe_layers.engine.net import Net  # noqa: E402
-from caffe_layers.pycaffe.net_spec import NetSpec, layers, params, to_proto  # noqa: E402; pycaffe's caffe.layers / caffe.params
-from caffe_layers.formats.proto import TEST, TRAIN  # noqa: E402
-from caffe_layers.pycaffe import io  # noqa: E402; pycaffe's caffe.io (Transformer, load_image, blobproto_to_array)
+from caffe_layers.engine.graph import TorchNet  # noqa: E402  (the torch face)
 
-__all__ = ["Net", "Layer", "register_layer", "known_types", "TRAIN", "TEST",
-           "set_mode_cpu", "set_mode_gpu", "set_device",
-           "NetSpec", "layers", "params", "to_proto", "io"]
+__all__ = list(_pycaffe_names) + ["register_layer", "known_types", "proto", "Layer", "TorchNet"]

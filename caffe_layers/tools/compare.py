@@ -347,7 +347,7 @@ def add_arguments(parser, command):
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--reference", help="ref.npz, ref.h5, or a directory of <blob>.npy / .mat files")
     src.add_argument("--caffe", action="store_true", help="run the original Caffe live through pycaffe")
-    parser.add_argument("--phase", default="TEST", choices=["TEST", "TRAIN"])
+    parser.add_argument("--phase", default="TEST", type=str.upper, choices=["TEST", "TRAIN"])
     parser.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3, whole nets)")
     parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
     parser.add_argument("--tol", action="append", default=[], metavar="LAYER=RTOL[:ATOL]",
