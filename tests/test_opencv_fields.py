@@ -65,3 +65,24 @@ def test_dropout_scale_train_false_in_train():
 def test_batch_norm_scale_bias_gradcheck():
     gradcheck_layer('type: "BatchNorm" batch_norm_param { use_global_stats: true scale_bias: true }',
                     [(2, 3, 2, 2)], inputs=[torch.randn(2, 3, 2, 2)])
+
+
+def test_convolution_depthwise_matches_opencv():
+    text = '''input: "data" input_shape { dim: 1 dim: 4 dim: 5 dim: 5 }
+layer { name: "dw" type: "ConvolutionDepthwise" bottom: "data" top: "dw"
+        convolution_param { num_output: 4 group: 4 kernel_size: 3 pad: 1 weight_filler { type: "xavier" }
+                            bias_filler { type: "gaussian" } } }
+'''
+    torch.manual_seed(0)
+    net = caffe.Net(text, caffe.TEST)
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 4, 5, 5)).astype(np.float32)
+    net.forward(data=x)
+    weights = pb.NetParameter()
+    dw = weights.layer.add(name="dw")
+    for p in net.params["dw"]:
+        dw.blobs.add(shape=pb.BlobShape(dim=p.data.shape), data=p.data.ravel())
+    theirs = cv2.dnn.readNetFromCaffe(np.frombuffer(text.encode(), np.uint8),
+                                      np.frombuffer(weights.SerializeToString(), np.uint8))
+    theirs.enableFusion(False)
+    theirs.setInput(x, "data")
+    np.testing.assert_allclose(net.blobs["dw"].data, theirs.forward("dw"), rtol=1e-5, atol=1e-6)
