@@ -1,56 +1,14 @@
 """A Caffe net as a torch.nn.Module, with the pycaffe interface on top."""
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
 from caffe_layers.pycaffe import mode
-from caffe_layers.layers import layer_class
+from caffe_layers.engine.plan import Plan, Step, filter_net, state_meets_rule  # noqa: F401 (re-exported)
 from caffe_layers.formats.proto import TEST, pb, phase_value
 from caffe_layers.formats.prototxt import read_net
-
-
-def state_meets_rule(state, rule):
-    if rule.HasField("phase") and rule.phase != state.phase:
-        return False
-    if rule.HasField("min_level") and state.level < rule.min_level:
-        return False
-    if rule.HasField("max_level") and state.level > rule.max_level:
-        return False
-    stages = set(state.stage)
-    return all(s in stages for s in rule.stage) and not any(s in stages for s in rule.not_stage)
-
-
-def filter_net(net, state):
-    """The layers of `net` that NetState `state` includes (Caffe's Net::FilterNet)."""
-    kept = []
-    for layer in net.layer:
-        if len(layer.include) and len(layer.exclude):
-            raise ValueError(f"layer {layer.name!r} specifies both include and exclude rules")
-        if len(layer.include):
-            keep = any(state_meets_rule(state, r) for r in layer.include)
-        else:
-            keep = not any(state_meets_rule(state, r) for r in layer.exclude)
-        if keep:
-            kept.append(layer)
-    out = pb.NetParameter()
-    out.CopyFrom(net)
-    del out.layer[:]
-    out.layer.extend(kept)
-    out.state.CopyFrom(state)
-    return out
-
-
-@dataclass
-class Step:
-    """One layer of the net in execution order."""
-    layer: nn.Module
-    bottoms: list
-    tops: list
-    propagate_down: list
-    loss_weights: list = field(default_factory=list)
 
 
 class Blob:
@@ -139,23 +97,6 @@ class ParamBlob:
         self._param.data = self._param.data.new_zeros(shape)
 
 
-class _Reshaped(nn.Module):
-    def __init__(self, shape):
-        super().__init__()
-        self.shape = shape
-
-    def forward(self, x):
-        return x.reshape(self.shape)
-
-
-def _share_reshaped(blobs, i, owner, shape):
-    """Make blobs[i] read as `owner` viewed with `shape` (gradients reach the owner)."""
-    from torch.nn.utils import parametrize
-
-    parametrize.register_parametrization(blobs, str(i), _Reshaped(shape), unsafe=True)
-    blobs.parametrizations[str(i)].original = owner
-
-
 def _numpy_view(tensor):
     """A writable view of a CPU tensor; a read-only copy of a GPU one (writes would be lost)."""
     if tensor.device.type == "cpu":
@@ -186,14 +127,14 @@ class Net(nn.Module):
         self.name = self.net_param.name
         self.force_backward = self.net_param.force_backward
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
-        self.layer_modules = nn.ModuleList()
-        self.steps = []
-        self.blob_shapes = OrderedDict()
-        self.param_specs = []  # one (parameter, lr_mult, decay_mult) per learnable blob, owners only
         from caffe_layers.layers.python_layer import module_search_path
 
         with module_search_path(prototxt):  # Python layers may import modules beside the prototxt
-            self._build()
+            self.plan = Plan(self.net_param, self.phase)
+        self.steps = self.plan.steps
+        self.blob_shapes = OrderedDict(self.plan.blob_shapes)
+        self.param_specs = self.plan.param_specs
+        self.layer_modules = nn.ModuleList(self.plan.layers)
         from caffe_layers.engine.fusion import fuse_steps
 
         # full forward passes run fused segaware convolutions (caffe_layers/engine/fusion.py); fuse=False or
@@ -202,78 +143,10 @@ class Net(nn.Module):
         self._input_names = set(self.inputs)
         self._data, self._diff, self._first = {}, {}, {}
         self._fused_away = set()  # blobs the last forward did not compute (inside fused chains)
-        if weights is not None:
-            self.copy_from(weights, strict=strict_weights)
+        loaded = self.copy_from(weights, strict=strict_weights).loaded if weights is not None else ()
+        self.plan.fill_blobs(loaded)
         if mode.device().type != "cpu":
             self.to(mode.device())
-
-    # ---- building ------------------------------------------------------------------------
-    def _build(self):
-        owners = {}  # shared parameter name -> (parameter, layer name)
-        for lp in self.net_param.layer:
-            for b in lp.bottom:
-                if b not in self.blob_shapes:
-                    raise ValueError(f"layer {lp.name!r} ({lp.type}): unknown bottom blob {b!r}; "
-                                     f"known blobs: {list(self.blob_shapes)}")
-            if len(lp.propagate_down) not in (0, len(lp.bottom)):
-                raise ValueError(f"layer {lp.name!r}: propagate_down must be given for all "
-                                 f"{len(lp.bottom)} bottoms or none")
-            lp.phase = self.phase
-            cls = layer_class(lp.type, lp.name)
-            if cls.is_loss and not len(lp.top):
-                # Caffe's AutoTopBlobs: a loss layer without a top gets an anonymous one (names may repeat)
-                name, k = f"{lp.name} (automatic)", 1
-                while name in self.blob_shapes:
-                    name, k = f"{lp.name} (automatic {k})", k + 1
-                lp.top.append(name)
-            bottom_shapes = [self.blob_shapes[b] for b in lp.bottom]
-            try:
-                layer = cls(lp, bottom_shapes, self.phase)
-                top_shapes = layer.top_shapes(bottom_shapes)
-            except Exception as err:
-                shapes = ", ".join(f"{b} {list(s)}" for b, s in zip(lp.bottom, bottom_shapes))
-                raise ValueError(f"layer {lp.name!r} ({lp.type}) with bottoms [{shapes}]: {err}") from err
-            if len(top_shapes) != len(lp.top):
-                raise ValueError(f"layer {lp.name!r} ({lp.type}) produces {len(top_shapes)} tops, "
-                                 f"but the prototxt names {len(lp.top)}")
-            for name, shape in zip(lp.top, top_shapes):
-                self.blob_shapes[name] = tuple(shape)
-            self._share_params(lp, layer, owners)
-            self.layer_modules.append(layer)
-            self.steps.append(Step(layer, list(lp.bottom), list(lp.top),
-                                   list(lp.propagate_down) or [True] * len(lp.bottom),
-                                   self._loss_weights(lp, layer)))
-
-    @staticmethod
-    def _loss_weights(lp, layer):
-        if len(lp.loss_weight):
-            if len(lp.loss_weight) != len(lp.top):
-                raise ValueError(f"layer {lp.name!r}: loss_weight must be given for each of its "
-                                 f"{len(lp.top)} tops or none")
-            return list(lp.loss_weight)
-        return [1.0 if (layer.is_loss and i == 0) else 0.0 for i in range(len(lp.top))]
-
-    def _share_params(self, lp, layer, owners):
-        if len(lp.param) > len(layer.blobs):
-            raise ValueError(f"layer {lp.name!r} ({lp.type}) has {len(layer.blobs)} parameter blobs "
-                             f"but {len(lp.param)} param specs")
-        for i, blob in enumerate(layer.blobs):
-            spec = lp.param[i] if i < len(lp.param) else pb.ParamSpec()
-            if spec.name and spec.name in owners:
-                owner, owner_layer = owners[spec.name]
-                permissive = spec.share_mode == pb.ParamSpec.PERMISSIVE
-                same = owner.numel() == blob.numel() if permissive else owner.shape == blob.shape
-                if not same:
-                    raise ValueError(f"layer {lp.name!r}: shared parameter {spec.name!r} has shape "
-                                     f"{list(blob.shape)} here but {list(owner.shape)} in layer {owner_layer!r}")
-                if tuple(owner.shape) == tuple(blob.shape):
-                    layer.blobs[i] = owner
-                else:  # PERMISSIVE: Caffe shares the owner's data and diff under this layer's shape
-                    _share_reshaped(layer.blobs, i, owner, tuple(blob.shape))
-                continue
-            if spec.name:
-                owners[spec.name] = (blob, lp.name)
-            self.param_specs.append((blob, spec.lr_mult, spec.decay_mult))
 
     # ---- running -------------------------------------------------------------------------
     @property
