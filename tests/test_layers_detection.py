@@ -166,6 +166,10 @@ def test_prior_box_errors():
         make_layer('type: "PriorBox" prior_box_param { }', [(1, 1, 2, 2), (1, 3, 8, 8)])
     with pytest.raises(ValueError, match="max_size must be greater"):
         make_layer('type: "PriorBox" prior_box_param { min_size: 4 max_size: 2 }', [(1, 1, 2, 2), (1, 3, 8, 8)])
+    with pytest.raises(ValueError, match="either img_size or img_h/img_w"):
+        make_layer('type: "PriorBox" prior_box_param { min_size: 4 img_size: 8 img_h: 8 }', [(1, 1, 2, 2)])
+    with pytest.raises(ValueError, match="step_h and step_w must be larger than 0"):
+        make_layer('type: "PriorBox" prior_box_param { min_size: 4 step_h: 8 }', [(1, 1, 2, 2), (1, 3, 8, 8)])
     with pytest.raises(ValueError, match="OpenCV extension"):
         make_layer('type: "PriorBox" prior_box_param { min_size: 4 width: 3 }', [(1, 1, 2, 2), (1, 3, 8, 8)])
 

@@ -14,7 +14,23 @@ import numpy as np
 import torch
 
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer, legacy_shape, optional
+from caffe_layers.layers.base import Layer, legacy_shape
+
+
+def _pair(p, single, h_name, w_name, where):
+    """(h, w) from `single` or from both `h_name` and `w_name` (not both ways), each > 0; (0, 0) when unset."""
+    if p.HasField(h_name) or p.HasField(w_name):
+        if p.HasField(single):
+            raise ValueError(f"{where}: either {single} or {h_name}/{w_name} should be specified; not both")
+        h, w = getattr(p, h_name), getattr(p, w_name)
+        if h <= 0 or w <= 0:
+            raise ValueError(f"{where}: {h_name} and {w_name} must be larger than 0")
+        return h, w
+    if p.HasField(single):
+        if getattr(p, single) <= 0:
+            raise ValueError(f"{where}: {single} must be larger than 0")
+        return getattr(p, single), getattr(p, single)
+    return 0, 0
 
 
 @register("PriorBox")
@@ -51,26 +67,8 @@ class PriorBox(Layer):
         if len(var) not in (1, 4) or any(v <= 0 for v in var):
             raise ValueError(f"{where}: variance must be 1 or 4 positive values, got {list(p.variance)}")
         self.variance = var
-        if p.HasField("img_h") or p.HasField("img_w"):
-            if p.HasField("img_size"):
-                raise ValueError(f"{where}: either img_size or img_h/img_w should be specified; not both")
-            self.img_h, self.img_w = p.img_h, p.img_w
-            if self.img_h <= 0 or self.img_w <= 0:
-                raise ValueError(f"{where}: img_h and img_w must be larger than 0")
-        else:
-            self.img_h = self.img_w = optional(p, "img_size") or 0
-            if p.HasField("img_size") and p.img_size <= 0:
-                raise ValueError(f"{where}: img_size must be larger than 0")
-        if p.HasField("step_h") or p.HasField("step_w"):
-            if p.HasField("step"):
-                raise ValueError(f"{where}: either step or step_h/step_w should be specified; not both")
-            self.step_h, self.step_w = p.step_h, p.step_w
-            if self.step_h <= 0 or self.step_w <= 0:
-                raise ValueError(f"{where}: step_h and step_w must be larger than 0")
-        else:
-            self.step_h = self.step_w = optional(p, "step") or 0.0
-            if p.HasField("step") and p.step <= 0:
-                raise ValueError(f"{where}: step must be larger than 0")
+        self.img_h, self.img_w = _pair(p, "img_size", "img_h", "img_w", where)
+        self.step_h, self.step_w = _pair(p, "step", "step_h", "step_w", where)
         self.offset = p.offset
         if self.img_h == 0 and len(bottom_shapes) < 2:
             raise ValueError(f"{where}: without img_size/img_h/img_w it needs the image as second bottom")

@@ -86,6 +86,7 @@ class Proposal(Layer):
         self.anchors = generate_anchors(p.base_size, ratios, scales)
         self.feat_stride, self.min_size = p.feat_stride, p.min_size
         self.pre_nms, self.post_nms, self.nms_thresh = p.pre_nms_topn, p.post_nms_topn, p.nms_thresh
+        self.with_scores = len(param.top) > 1
         a = len(self.anchors)
         scores, deltas, _ = bottom_shapes
         if scores[1] != 2 * a or deltas[1] != 4 * a:
@@ -96,7 +97,7 @@ class Proposal(Layer):
 
     def top_shapes(self, bottom_shapes):
         post = self.post_nms if self.post_nms > 0 else 1
-        return [(post, 5), (post, 1)][:max(1, len(self.param.top))]
+        return [(post, 5), (post, 1)] if self.with_scores else [(post, 5)]
 
     def propose(self, scores, deltas, im_info):
         a = len(self.anchors)
@@ -131,4 +132,4 @@ class Proposal(Layer):
             raise ValueError(f"{self.where}: only single-image batches are supported (as py-faster-rcnn)")
         rois, fg = self.propose(*arrays)
         tops = [torch.as_tensor(t).to(device=scores.device, dtype=scores.dtype) for t in (rois, fg)]
-        return tops[0] if len(self.param.top) < 2 else tuple(tops)
+        return tuple(tops) if self.with_scores else tops[0]
