@@ -505,3 +505,18 @@ def test_proposal_matches_reference():
     ref_rois, ref_fg = proposal_reference(scores, deltas, im_info[0], 16, anchors, 4, 60, 20, 0.6)
     np.testing.assert_allclose(rois.numpy(), ref_rois, rtol=1e-6, atol=1e-4)
     np.testing.assert_array_equal(fg.numpy(), ref_fg)
+
+
+# ---------------------------------------------------------------------------- Axpy
+def test_axpy_matches_reference_and_gradcheck():
+    rng = np.random.default_rng(8)
+    a, x, y = (rng.standard_normal(s).astype(F32) for s in [(2, 3, 1, 1), (2, 3, 4, 5), (2, 3, 4, 5)])
+    _, out = run('type: "Axpy"', a, x, y)
+    ref = y.copy()
+    for n in range(2):               # the original: copy y, then caffe_axpy per (image, channel)
+        for c in range(3):
+            ref[n, c] += a[n, c, 0, 0] * x[n, c]
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-6, atol=1e-7)
+    gradcheck_layer('type: "Axpy"', [(2, 3, 1, 1), (2, 3, 2, 2), (2, 3, 2, 2)])
+    with pytest.raises(ValueError, match="needs a \\(N, C, 1, 1\\)"):
+        make_layer('type: "Axpy"', [(2, 3, 2, 2), (2, 3, 2, 2), (2, 3, 2, 2)])
