@@ -189,3 +189,56 @@ class Plan:
         order, as Caffe's layer setup would (shared blobs are filled by their owner only)."""
         for layer in self.layers:
             layer.fill_blobs(loaded)
+
+
+def need_backward(plan):
+    """(per step, whether Caffe's Net::Init would backpropagate through it: it has a bottom that needs a
+    gradient or a parameter with lr_mult != 0, and it contributes to a loss, or force_backward is set;
+    per step and bottom, whether that bottom gets a diff: its blob needs one and propagate_down allows)."""
+    force = plan.net_param.force_backward
+    blob_needs, needs, bottom_needs = {}, [], []
+    for step in plan.steps:
+        bottom_needs.append([blob_needs.get(b, False) and down for b, down in zip(step.bottoms, step.propagate_down)])
+        lp = step.layer.param
+        learns = any((lp.param[i].lr_mult if i < len(lp.param) else 1.0) != 0 for i in range(len(step.layer.blobs)))
+        need = force or learns or any(blob_needs.get(b, False) and down
+                                      for b, down in zip(step.bottoms, step.propagate_down))
+        for t in step.tops:
+            blob_needs[t] = need or (force and step.is_input)
+        needs.append(need and not step.is_input)
+    under_loss = set()
+    for i in reversed(range(len(plan.steps))):
+        step = plan.steps[i]
+        if any(step.loss_weights) or any(t in under_loss for t in step.tops):
+            under_loss.update(step.bottoms)
+        elif not force:
+            needs[i] = False
+    return needs, bottom_needs
+
+
+def rewritten_later(steps):
+    """Per step, per bottom: whether a later step writes that blob in place (so a saved input must be a copy)."""
+    last_in_place = {}
+    for i, step in enumerate(steps):
+        for t in step.tops:
+            if t in step.bottoms:
+                last_in_place[t] = i
+    return [[last_in_place.get(b, -1) >= i for b in step.bottoms] for i, step in enumerate(steps)]
+
+
+def fused_layout(steps, fused_steps):
+    """([(index of the step in `steps`, step)] of a fused forward, {blob a fused step skips: indices of the
+    chain's steps that make it}); ([], {}) without fusion."""
+    if fused_steps is None:
+        return [], {}
+    index = {id(s.layer): i for i, s in enumerate(steps)}
+    order, skipped = [], {}
+    for step in fused_steps:
+        layer = getattr(step.layer, "conv", step.layer)
+        order.append((index[id(layer)], step))
+        if layer is not step.layer:  # a FusedSegawareConv: its Im2col, Tile and Eltwise steps were skipped
+            chain = [index[id(m)] for m in (step.layer.im2col, step.layer.tile, step.layer.eltwise)]
+            for i in chain:
+                for t in steps[i].tops:
+                    skipped[t] = sorted(chain)
+    return order, skipped
