@@ -366,7 +366,7 @@ SSD_LAYER_FIELDS = [
     ("detection_evaluate_param", 205), ("norm_param", 206), ("video_data_param", 207),
 ]
 OPENCV_LAYER_FIELDS = [("proposal_param", 1201), ("psroi_pooling_param", 10002),
-                       ("roi_pooling_param", 8266711)]
+                       ("roi_pooling_param", 8266711), ("shuffle_channel_param", 1164), ("roi_param", 164)]
 MOVED_INSIDE = [
     ("TransformationParameter", "resize_param", 1008), ("TransformationParameter", "noise_param", 1009),
     ("TransformationParameter", "emit_constraint", 1010), ("TransformationParameter", "crop_h", 11),
