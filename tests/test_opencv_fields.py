@@ -86,3 +86,31 @@ layer { name: "dw" type: "ConvolutionDepthwise" bottom: "data" top: "dw"
     theirs.enableFusion(False)
     theirs.setInput(x, "data")
     np.testing.assert_allclose(net.blobs["dw"].data, theirs.forward("dw"), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_face_does_not_fold_a_scale_bias_batch_norm():
+    from caffe_layers.engine.graph import TorchNet
+    text = '''input: "data" input_shape { dim: 1 dim: 2 dim: 4 dim: 4 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 3 kernel_size: 1 weight_filler { type: "xavier" } } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" batch_norm_param { use_global_stats: true scale_bias: true } }
+'''
+    torch.manual_seed(0)
+    ref = caffe.Net(text, caffe.TEST)
+    with torch.no_grad():
+        for blob, value in zip(ref.params["bn"], ([0.5, -1, 2], [1, 2, 0.5], [1], [2, 3, 4], [-1, 0, 1])):
+            blob.data[...] = np.asarray(value, np.float32)
+    weights = pb.NetParameter()
+    for name in ("conv", "bn"):
+        layer = weights.layer.add(name=name)
+        for p in ref.params[name]:
+            layer.blobs.add(shape=pb.BlobShape(dim=p.data.shape), data=p.data.ravel())
+    x = np.random.default_rng(2).uniform(-1, 1, (1, 2, 4, 4)).astype(np.float32)
+    ref.forward(data=x)
+    import tempfile, pathlib
+    path = pathlib.Path(tempfile.mkdtemp()) / "w.caffemodel"
+    path.write_bytes(weights.SerializeToString())
+    net = TorchNet(text, str(path), phase="test")
+    with torch.no_grad():
+        out = net(data=torch.from_numpy(x))["conv"].numpy()
+    np.testing.assert_allclose(out, ref.blobs["conv"].data, rtol=1e-5, atol=1e-6)
