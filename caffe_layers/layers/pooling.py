@@ -72,7 +72,7 @@ class Pooling(Layer):
             self.kernel = (p.kernel_h, p.kernel_w)
         self.pad = (p.pad_h, p.pad_w) if has("pad_h") else (p.pad, p.pad)
         self.stride = (p.stride_h, p.stride_w) if has("stride_h") else (p.stride, p.stride)
-        self.ceil_mode = p.round_mode == PP.CEIL
+        self.ceil_mode = p.round_mode == PP.CEIL and p.ceil_mode  # ceil_mode: OpenCV's proto (false: floor)
         if len(bottom_shapes) != 1 or len(bottom_shapes[0]) != 4:
             raise ValueError(f"{what}: needs one bottom with 4 axes (num, channels, height, width), "
                              f"got shapes {[list(s) for s in bottom_shapes]}")
