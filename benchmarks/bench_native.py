@@ -29,11 +29,7 @@ from pathlib import Path
 import torch
 
 from caffe_layers import native
-from caffe_layers.ops.im2dist import im2dist
-from caffe_layers.ops.im2parity import im2parity
-from caffe_layers.ops.norm_conv import norm_conv_filter
-from caffe_layers.ops.segaware_conv import segaware_conv
-from caffe_layers.ops.spn import gate_recurrent
+from caffe_layers.native import im2dist, im2parity, norm_conv_filter, segaware_conv, gate_recurrent
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "segaware"
 
