@@ -197,3 +197,11 @@ def test_ops_never_import_native():
             assert not [n for n in names if n.startswith("caffe_layers.native")], f"{path.name} imports {names}"
             assert not (isinstance(node, ast.ImportFrom) and node.module == "caffe_layers"
                         and "native" in [a.name for a in node.names]), f"{path.name} imports caffe_layers.native"
+
+
+def test_every_op_has_cpu_cuda_and_meta_kernels():
+    """CUDA tensors reach the CUDA module through the same implementation (registered on this CPU-only machine too)."""
+    names = ["im2dist", "im2parity", "gate_recurrent", "segaware_conv", "norm_filter"]
+    for name in names + [n + "_backward" for n in names if n != "im2parity"]:
+        for key in ("CPU", "CUDA", "Meta"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"caffe_layers::{name}", key), (name, key)
