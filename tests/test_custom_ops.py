@@ -205,3 +205,19 @@ def test_every_op_has_cpu_cuda_and_meta_kernels():
     for name in names + [n + "_backward" for n in names if n != "im2parity"]:
         for key in ("CPU", "CUDA", "Meta"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"caffe_layers::{name}", key), (name, key)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_meta_tensors_take_the_fake_kernels(name):
+    """Shape inference on the meta device runs one fake kernel, not the references' many small ops."""
+    fn, inputs, op, _ = CASES[name]
+    calls = []
+
+    class Record(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        y = fn(*[t.to("meta") for t in inputs])
+    assert y.device.type == "meta" and y.shape == fn(*inputs).shape and "caffe_layers" in calls

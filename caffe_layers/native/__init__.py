@@ -11,7 +11,7 @@ package registers them (a loader of an exported program needs that import).
 
 The public functions (im2dist, im2parity, gate_recurrent, segaware_conv, norm_conv_filter) take the arguments
 of their pure-PyTorch references in caffe_layers/ops and run the ops where a kernel exists (float32/float64 on
-CPU, or CUDA with the CUDA module); otherwise, and inside `disabled()`, they run the references (after a
+CPU, or CUDA with the CUDA module, or meta tensors: the fake kernels); otherwise, and inside `disabled()`, they run the references (after a
 one-line warning when a module is missing).
 """
 import contextlib
@@ -72,16 +72,17 @@ def disabled():
 
 
 def use_native(*tensors):
-    """True when every tensor is float32/float64 on one CPU or CUDA device with its module built."""
+    """True when every tensor is float32/float64 on one CPU or CUDA device with its module built, or on the meta
+    device (shape inference: the ops' fake kernels, much faster than the references' many small meta ops)."""
     if not _enabled[0]:
         return False
     t = tensors[0]
     kind = t.device.type
-    if kind not in ("cpu", "cuda") or t.dtype not in _DTYPES:
+    if kind not in ("cpu", "cuda", "meta") or t.dtype not in _DTYPES:
         return False
     if any(u is not None and (u.device != t.device or u.dtype != t.dtype) for u in tensors[1:]):
         return False
-    return available(kind)
+    return kind == "meta" or available(kind)
 
 
 def _ptr(t):
