@@ -375,21 +375,25 @@ def _(grad, x, mask, weight, kernel, pad, stride, dilation, output_mask):
     return tuple(t.new_empty(t.shape if needed else 0) for t, needed in zip((x, mask, weight), output_mask))
 
 
-def _segconv_setup(ctx, inputs, output):
-    x, mask, weight, bias, *window = inputs
-    ctx.save_for_backward(x, mask, weight)
-    ctx.window, ctx.has_bias = window, bias is not None
+def _register_filter_autograd(op, backward_op):
+    """Autograd of an op (x, mask, weight, bias, *settings) by its backward op (grad, x, mask, weight, *settings,
+    output_mask) -> (d x, d mask, d weight); the bias gradient is the sum of the top gradient."""
+
+    def setup(ctx, inputs, output):
+        x, mask, weight, bias, *settings = inputs
+        ctx.save_for_backward(x, mask, weight)
+        ctx.settings, ctx.has_bias = settings, bias is not None
+
+    def backward(ctx, grad):
+        need = list(ctx.needs_input_grad[:3])
+        grads = backward_op(grad, *ctx.saved_tensors, *ctx.settings, need) if any(need) else (None,) * 3
+        gb = grad.sum((0, 2, 3)) if (ctx.needs_input_grad[3] and ctx.has_bias) else None
+        return tuple(g if needed else None for g, needed in zip(grads, need)) + (gb,) + (None,) * len(ctx.settings)
+
+    op.register_autograd(backward, setup_context=setup)
 
 
-def _segconv_grad(ctx, grad):
-    x, mask, weight = ctx.saved_tensors
-    need = list(ctx.needs_input_grad[:3])
-    gx, gmask, gw = _segconv_backward_op(grad, x, mask, weight, *ctx.window, need) if any(need) else (None,) * 3
-    gb = grad.sum((0, 2, 3)) if (ctx.needs_input_grad[3] and ctx.has_bias) else None
-    return (gx if need[0] else None, gmask if need[1] else None, gw if need[2] else None, gb) + (None,) * 4
-
-
-_segconv_op.register_autograd(_segconv_grad, setup_context=_segconv_setup)
+_register_filter_autograd(_segconv_op, _segconv_backward_op)
 
 
 def segaware_conv(x, mask, weight, bias, kernel, pad=0, stride=1, dilation=1):
@@ -439,21 +443,7 @@ def _(grad, x, soft, weight, pad, stride, dilation, group, output_mask):
     return tuple(t.new_empty(t.shape if needed else 0) for t, needed in zip((x, soft, weight), output_mask))
 
 
-def _normfilter_setup(ctx, inputs, output):
-    x, soft, weight, bias, pad, stride, dilation, group = inputs
-    ctx.save_for_backward(x, soft, weight)
-    ctx.args, ctx.has_bias = (pad, stride, dilation, group), bias is not None
-
-
-def _normfilter_grad(ctx, grad):
-    x, soft, weight = ctx.saved_tensors
-    need = list(ctx.needs_input_grad[:3])
-    gx, gsoft, gw = _normfilter_backward_op(grad, x, soft, weight, *ctx.args, need) if any(need) else (None,) * 3
-    gb = grad.sum((0, 2, 3)) if (ctx.needs_input_grad[3] and ctx.has_bias) else None
-    return (gx if need[0] else None, gsoft if need[1] else None, gw if need[2] else None, gb) + (None,) * 4
-
-
-_normfilter_op.register_autograd(_normfilter_grad, setup_context=_normfilter_setup)
+_register_filter_autograd(_normfilter_op, _normfilter_backward_op)
 
 
 def norm_conv_filter(img, dist, weight, bias=None, scale=None, pad=0, stride=1, dilation=1, group=1):
