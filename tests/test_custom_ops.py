@@ -221,3 +221,45 @@ def test_meta_tensors_take_the_fake_kernels(name):
     with Record():
         y = fn(*[t.to("meta") for t in inputs])
     assert y.device.type == "meta" and y.shape == fn(*inputs).shape and "caffe_layers" in calls
+
+
+SEGAWARE_NET = """name: "small" force_backward: true
+layer { name: "in" type: "Input" top: "x" top: "emb" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 8 }
+  shape { dim: 2 dim: 4 dim: 9 dim: 8 } } }
+layer { name: "dist" type: "Im2dist" bottom: "emb" top: "dist" convolution_param { kernel_size: 3 pad: 1 }
+  im2dist_param { norm: L1 } }
+layer { name: "exp" type: "Exp" bottom: "dist" top: "mask" exp_param { scale: -1 } }
+layer { name: "tile" type: "Tile" bottom: "mask" top: "maskC" tile_param { axis: 1 tiles: 3 } }
+layer { name: "im2col" type: "Im2col" bottom: "x" top: "col" convolution_param { kernel_size: 3 pad: 1 } }
+layer { name: "hit" type: "Eltwise" bottom: "col" bottom: "maskC" top: "hit" eltwise_param { operation: PROD } }
+layer { name: "conv" type: "Convolution" bottom: "hit" top: "y" convolution_param { num_output: 4 kernel_size: 3
+  pad: 1 bottom_is_im2col: true weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "normconv" type: "NormConv" bottom: "y" bottom: "emb" top: "z" convolution_param { num_output: 4
+  kernel_size: 3 pad: 1 group: 2 weight_filler { type: "gaussian" std: 1 } bias_filler { type: "gaussian" std: 1 } }
+  norm_conv_param { norm: L2 scale_term: true scale_filler { type: "constant" value: 0.8 } } }
+"""
+
+
+def test_segaware_net_exports_and_compiles_with_the_ops(tmp_path):
+    """A fused seg-aware net as a torch module: torch.export and torch.compile(fullgraph=True) keep the native ops."""
+    from caffe_layers.engine.graph import TorchNet
+
+    (tmp_path / "net.prototxt").write_text(SEGAWARE_NET)
+    torch.manual_seed(0)
+    net = TorchNet(str(tmp_path / "net.prototxt"))
+    x, emb = _rand((2, 3, 9, 8), 30).float(), _rand((2, 4, 9, 8), 31).float()
+    expected = net(x=x, emb=emb)["z"]
+    program = torch.export.export(net, (), {"x": x, "emb": emb})
+    assert {"caffe_layers.im2dist.default", "caffe_layers.segaware_conv.default",
+            "caffe_layers.norm_filter.default"} <= _targets([program.graph_module])
+    torch.testing.assert_close(program.module()(x=x, emb=emb)["z"], expected, rtol=0, atol=0)
+    backend = AotEagerAndRecordGraphs()
+    compiled = torch.compile(net, fullgraph=True, backend=backend)
+    emb.requires_grad_(True)
+    compiled(x=x, emb=emb)["z"].sum().backward()
+    assert {"caffe_layers.im2dist_backward.default", "caffe_layers.segaware_conv_backward.default",
+            "caffe_layers.norm_filter_backward.default"} <= _targets(backend.bw_graphs)
+    ours = emb.grad
+    emb.grad = None
+    net(x=x, emb=emb)["z"].sum().backward()
+    torch.testing.assert_close(ours, emb.grad, rtol=1e-5, atol=1e-5)
