@@ -181,6 +181,15 @@ def test_other_dtypes_run_the_reference(dtype):
         ops.im2dist(x, *WINDOW, "L1", False, False, False)
 
 
+def test_op_without_its_module_says_so(monkeypatch):
+    native.available("cpu")
+    monkeypatch.setitem(native._modules, "cpu", None)
+    with pytest.raises(RuntimeError, match="caffe_layers::im2dist: the native cpu module is not built"):
+        ops.im2dist(X, *WINDOW, "L1", False, False, False)
+    y = native.im2dist(X.clone().requires_grad_(), 3, 1, 1, 1, "L1")  # the reference
+    assert "caffe_layers" not in y.grad_fn.name()
+
+
 def test_disabled_runs_the_reference():
     with native.disabled():
         y = native.im2dist(X.clone().requires_grad_(), 3, 1, 1, 1, "L1")

@@ -104,11 +104,11 @@ def _checked(op, *tensors):
     t = tensors[0]
     if t.dtype not in _DTYPES or any(u is not None and (u.dtype, u.device) != (t.dtype, t.device) for u in tensors):
         raise TypeError(f"caffe_layers::{op}: the native kernels take float32 or float64 tensors of one dtype on one "
-                        f"device, got {[(u.dtype, str(u.device)) for u in tensors if u is not None]}; "
-                        f"caffe_layers.native.{op.split('_backward')[0]} runs the reference for the others")
+                        f"device, got {[(u.dtype, str(u.device)) for u in tensors if u is not None]} (the functions "
+                        f"of caffe_layers.native run the references for the others)")
     if _load(t.device.type) is None:
-        raise RuntimeError(f"caffe_layers::{op}: the native {t.device.type} module is not built; "
-                           f"caffe_layers.native.{op.split('_backward')[0]} runs the reference instead")
+        raise RuntimeError(f"caffe_layers::{op}: the native {t.device.type} module is not built (the functions of "
+                           f"caffe_layers.native run the references instead)")
     return [None if u is None else u.contiguous() for u in tensors]
 
 
