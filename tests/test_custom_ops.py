@@ -272,3 +272,13 @@ def test_segaware_net_exports_and_compiles_with_the_ops(tmp_path):
     emb.grad = None
     net(x=x, emb=emb)["z"].sum().backward()
     torch.testing.assert_close(ours, emb.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_function_follows_disabled():
+    """torch.compile guards on native.disabled(): inside it the compiled function is retraced with the references."""
+    backend = AotEagerAndRecordGraphs()
+    compiled = torch.compile(lambda x: native.im2dist(x, 3, 1) * 2, fullgraph=True, backend=backend)
+    compiled(X)
+    with native.disabled():
+        compiled(X)
+    assert ["caffe_layers" in str(g.graph) for g in backend.fw_graphs] == [True, False]
