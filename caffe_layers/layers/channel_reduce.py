@@ -1,12 +1,11 @@
 """ChannelReduce (segaware): SUM or MAX over consecutive groups of channels, N x num_channels x H x W."""
-import numpy as np
 import torch
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, legacy_shape
 from caffe_layers.formats.proto import pb
+from caffe_layers.ops.geometry import flt_max
 
-NEG_FLT_MAX = -float(np.finfo(np.float32).max)
 
 
 @register("ChannelReduce")
@@ -48,7 +47,7 @@ class ChannelReduce(Layer):
             return groups.sum(2)
         # MAX: start at -FLT_MAX and take a channel only if strictly greater, so ties keep the first
         # channel and inputs never above -FLT_MAX give -FLT_MAX with no gradient
-        top = torch.full((n, self.num_channels, h, w), NEG_FLT_MAX, dtype=x.dtype, device=x.device)
+        top = torch.full((n, self.num_channels, h, w), -flt_max(x.dtype), dtype=x.dtype, device=x.device)
         for j in range(groups.shape[2]):
             xj = groups[:, :, j]
             top = torch.where(xj > top, xj, top)

@@ -40,8 +40,9 @@ class DistLoss(Layer):
         return [()]
 
     def forward(self, dist, parity):
-        if self.true_gradient:
-            return dist_loss(dist, parity, self.alpha, self.beta, self.ignore_label, true_gradient=True)
+        if self.true_gradient or torch.compiler.is_exporting():
+            # an exported program keeps no state between calls; the stale buffer only ever changes the backward
+            return dist_loss(dist, parity, self.alpha, self.beta, self.ignore_label, true_gradient=self.true_gradient)
         stale = self._stale
         n = dist.numel()
         # Caffe's Blob keeps its memory when the count does not grow (zeroed when it reallocates)

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, check_4d
 from caffe_layers.formats.proto import TRAIN, pb
+from caffe_layers.ops.geometry import flt_max
 
-FLT_MAX = 3.4028234663852886e38
 FLT_MIN = 1.1754943508222875e-38
 PP = pb.PoolingParameter
 
@@ -147,23 +147,23 @@ class Pooling(Layer):
         # Every torch window overlaps the image here; only -inf inputs fall below Caffe's start, -FLT_MAX.
         if not self.mask_top:
             return self._pool(F.max_pool2d, x, kernel, self.stride, self.pad,
-                              ceil_mode=self.ceil_mode).clamp_min(-FLT_MAX)
+                              ceil_mode=self.ceil_mode).clamp_min(-flt_max(x.dtype))
         val, idx = self._pool(F.max_pool2d, x, kernel, self.stride, self.pad, ceil_mode=self.ceil_mode,
                               return_indices=True)
-        mask = torch.where(val > -FLT_MAX, idx, -1).to(x.dtype)  # torch's index is Caffe's h * W + w
-        return val.clamp_min(-FLT_MAX), mask
+        mask = torch.where(val > -flt_max(x.dtype), idx, -1).to(x.dtype)  # torch's index is Caffe's h * W + w
+        return val.clamp_min(-flt_max(x.dtype)), mask
 
     def _max(self, x, kernel, out):
         win = self._windows(x, kernel, out, float("-inf"))
         val, idx = win.reshape(win.shape[:4] + (-1,)).max(-1)  # first maximum, as Caffe's strict '>'
         # Caffe starts from -FLT_MAX; a window with nothing above it gives -FLT_MAX, mask -1, no gradient.
-        top = val.clamp_min(-FLT_MAX)
+        top = val.clamp_min(-flt_max(x.dtype))
         if not self.mask_top:
             return top
         (kh, kw), (ph, pw), (sh, sw) = kernel, self.pad, self.stride
         rows = torch.arange(out[0], device=x.device).view(-1, 1) * sh - ph + torch.div(idx, kw, rounding_mode="floor")
         cols = torch.arange(out[1], device=x.device).view(1, -1) * sw - pw + idx % kw
-        mask = torch.where(val > -FLT_MAX, rows * x.shape[3] + cols, torch.full_like(idx, -1))
+        mask = torch.where(val > -flt_max(x.dtype), rows * x.shape[3] + cols, torch.full_like(idx, -1))
         return top, mask.to(x.dtype)
 
     def _ave(self, x, kernel, out):

@@ -57,7 +57,9 @@ def dist_loss(dist, parity, alpha, beta, ignore_label=None, true_gradient=False,
     """
     keep, same = _masks(dist, parity, ignore_label)
     hinge = torch.where(same, (dist - alpha).clamp_min(0), (beta - dist).clamp_min(0))
-    loss = torch.where(keep, hinge, torch.zeros_like(hinge)).sum() / dist.numel()
+    # the sum in at least float32 (a float16 sum overflows), the loss in dist's dtype
+    acc = torch.promote_types(dist.dtype, torch.float32)
+    loss = (torch.where(keep, hinge, torch.zeros_like(hinge)).sum(dtype=acc) / dist.numel()).to(dist.dtype)
     if true_gradient:
         return loss
     if diff is None:

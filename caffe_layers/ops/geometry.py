@@ -1,9 +1,22 @@
 """Patch geometry shared by the im2* operations (Caffe's convolution arithmetic)."""
 import numpy as np
+import torch
 
 # What the fork writes for removed neighbours: FLT_MAX / 100 evaluated in float (3.4028235e36),
 # "to give room for the grad check"; the same float value is used in float64 nets.
 FLT_MAX_100 = float(np.float32(np.finfo(np.float32).max) / np.float32(100))
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def flt_max(dtype):
+    """Caffe's FLT_MAX sentinel in `dtype`: FLT_MAX, or the largest finite value of a narrower type
+    (float16, bfloat16), where FLT_MAX itself overflows."""
+    return min(FLT_MAX, float(torch.finfo(dtype).max))
+
+
+def flt_max_100(dtype):
+    """The fork's FLT_MAX / 100 for removed neighbours, scaled down the same way for a narrower type."""
+    return FLT_MAX_100 if flt_max(dtype) == FLT_MAX else flt_max(dtype) / 100
 
 
 def pair(value, what="value"):

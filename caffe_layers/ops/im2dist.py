@@ -19,7 +19,7 @@ Reproduces caffe/src/caffe/util/im2dist.cpp (the CPU code; the goldens come from
 """
 import torch
 
-from caffe_layers.ops.geometry import FLT_MAX_100, check_geometry, inside, pad_windows, window
+from caffe_layers.ops.geometry import check_geometry, flt_max_100, inside, pad_windows, window
 
 NORMS = ("L1", "L2")
 
@@ -38,7 +38,7 @@ def _dist(x, kernel, pad, stride, dilation, norm, remove_center, remove_bounds):
     kernel, pad, stride, dilation, out, xp, centre, rows, cols = _setup(x, kernel, pad, stride, dilation)
     c_val = window(xp, *centre, stride, dilation, out)
     c_in = rows[centre[0]][:, None] & cols[centre[1]][None, :]
-    big = torch.tensor(FLT_MAX_100, dtype=x.dtype, device=x.device)
+    big = torch.tensor(flt_max_100(x.dtype), dtype=x.dtype, device=x.device)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     dists = []
     for i in range(kernel[0]):

@@ -20,6 +20,7 @@ COMMANDS = {
     "compare": ("caffe_layers.tools.compare", "layer-by-layer comparison against reference blobs"),
     "draw": ("caffe_layers.pycaffe.draw", "draw a net as .png/.svg"),
     "demo": ("caffe_layers.tools.demo", "the segmentation-aware demo on the shipped sample"),
+    "export": ("caffe_layers.tools.export", "export a net as ONNX (onnxruntime, no custom ops) or a torch.export .pt2"),
     "run": ("caffe_layers.tools.run", "run an unchanged pycaffe script (`import caffe` is caffe_layers)"),
 }
 GLOBAL_FLAGS = ("--debug", "--version")

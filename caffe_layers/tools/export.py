@@ -1,0 +1,174 @@
+"""`caffe-layers export`: a net as ONNX (onnxruntime runs it with no custom-op library) or as a torch.export
+ExportedProgram (.pt2).
+
+  caffe-layers export MODEL.prototxt [WEIGHTS.caffemodel] -o net.onnx
+  caffe-layers export MODEL.prototxt [WEIGHTS.caffemodel] --format pt2 -o net.pt2
+
+Both trace the net under `native.disabled()`, so every layer is its pure-PyTorch reference: standard aten ops,
+which the TorchScript ONNX exporter lowers to standard ONNX operators. Inputs and outputs are the net's input and
+output blobs, by name. The batch axis is dynamic, and the spatial axes too where the net runs at another size.
+A .pt2 holds only aten ops (it loads with plain `torch.export.load`); an ExportedProgram made by
+`torch.export.export` outside `native.disabled()` may hold our custom ops: then `import caffe_layers.native`
+before loading it.
+"""
+import os
+
+import torch
+from torch import nn
+
+from caffe_layers import native
+
+
+class _Positional(nn.Module):
+    """The net with positional inputs and a tuple of outputs, in the order of net.inputs / net.outputs."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.outputs = [name for name in net.outputs if name not in net.inputs]  # an input passed through: not an output
+
+    def forward(self, *inputs):
+        tops = self.net(*inputs)
+        return tuple(tops[name] for name in self.outputs)
+
+
+def example_inputs(net, batch=None):
+    """Random inputs at the net's Input shapes (batch replaced when given)."""
+    generator = torch.Generator().manual_seed(0)
+    out = {}
+    for name in net.inputs:
+        shape = list(net.blob_shapes[name])
+        if batch is not None and shape:
+            shape[0] = batch
+        out[name] = torch.rand(shape, generator=generator)
+    return out
+
+
+def _trace_inputs(net, dynamic):
+    """Example inputs to trace with: batch 2 for a dynamic export where the net runs at it (torch.export fixes
+    an axis traced at size 1), else the net's own sizes."""
+    if dynamic:
+        doubled = example_inputs(net, batch=2)
+        if _runs_at(net, doubled):
+            return doubled
+    return example_inputs(net)
+
+
+def _runs_at(net, inputs):
+    try:
+        with torch.no_grad(), native.disabled():
+            net(**inputs)
+        return True
+    except Exception:
+        return False
+
+
+def dynamic_axes_for(net, inputs):
+    """{blob: {axis: name}}: batch where the net runs at another batch, H and W where it runs at another size."""
+    def grown(spatial):
+        out = {}
+        for name, x in inputs.items():
+            shape = list(x.shape)
+            if shape:
+                shape[0] += 1
+            if spatial:
+                shape[2:] = [s + 8 for s in shape[2:]]
+            out[name] = torch.rand(shape)
+        return out
+
+    axes = {}
+    spatial = _runs_at(net, grown(True))
+    if spatial or _runs_at(net, grown(False)):
+        for name, x in inputs.items():
+            if x.dim():
+                axes[name] = {0: "batch"}
+                if spatial:
+                    axes[name].update({d: f"{name}_{'hw'[d - 2] if d < 4 else d}" for d in range(2, x.dim())})
+    return axes
+
+
+def _write_atomic(path, write, force):
+    path = os.fspath(path)
+    if os.path.exists(path) and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _dynamic_shapes(net, inputs, dynamic):
+    """torch.export's dynamic_shapes ({blob: {axis: Dim}}) and the axes they stand for."""
+    axes = dynamic_axes_for(net, inputs) if dynamic else {}
+    return {name: {axis: torch.export.Dim.AUTO for axis in axes.get(name, {})} for name in net.inputs}, axes
+
+
+def export_onnx(net, path, inputs=None, dynamic=True, opset=18, force=False):
+    """Write `net` (a TorchNet) as ONNX at `path` through the torch.export-based exporter (needs onnxscript);
+    returns the dynamic axes ({blob: {axis: name}})."""
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's exporter imports it lazily, with a long message)
+    except ImportError:
+        raise ImportError("ONNX export needs onnxscript: pip install 'caffe_layers[onnx]' (or onnxscript)") from None
+    inputs = inputs if inputs is not None else _trace_inputs(net, dynamic)
+    shapes, axes = _dynamic_shapes(net, inputs, dynamic)
+    wrapper = _Positional(net)
+    wrapper.training = net.training  # the net's own mode (set without recursing into it)
+
+    def write(tmp):
+        with torch.no_grad(), native.disabled():
+            program = torch.onnx.export(wrapper, tuple(inputs[name] for name in net.inputs), dynamo=True,
+                                        input_names=list(net.inputs), output_names=wrapper.outputs,
+                                        dynamic_shapes=(tuple(shapes[name] for name in net.inputs),),
+                                        opset_version=opset, verbose=False)
+        program.save(tmp)
+
+    _write_atomic(path, write, force)
+    return axes
+
+
+def export_program(net, inputs=None, dynamic=True):
+    """torch.export of `net` under native.disabled(): an ExportedProgram of aten ops only."""
+    inputs = inputs if inputs is not None else _trace_inputs(net, dynamic)
+    shapes, _ = _dynamic_shapes(net, inputs, dynamic)
+    with torch.no_grad(), native.disabled():
+        return torch.export.export(net, (), inputs, dynamic_shapes=shapes)
+
+
+def export_pt2(net, path, inputs=None, dynamic=True, force=False):
+    """Write `net` as a .pt2 (torch.export.save of export_program); load it with torch.export.load."""
+    program = export_program(net, inputs, dynamic)
+    _write_atomic(path, lambda tmp: torch.export.save(program, tmp), force)
+    return program
+
+
+def add_arguments(parser, command):
+    parser.add_argument("model", help="net prototxt")
+    parser.add_argument("weights", nargs="?", help=".caffemodel / .caffemodel.h5 (default: the fillers)")
+    parser.add_argument("-o", "--output", required=True, help="net.onnx or net.pt2")
+    parser.add_argument("--format", default=None, choices=["onnx", "pt2"],
+                        help="output format (default: from the output's extension, else onnx)")
+    parser.add_argument("--phase", default="test", type=str.lower, choices=["train", "test"])
+    parser.add_argument("--static", action="store_true", help="fixed input sizes (no dynamic batch or spatial axes)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def run(args):
+    from caffe_layers.engine.graph import TorchNet
+
+    fmt = args.format or ("pt2" if args.output.endswith(".pt2") else "onnx")
+    if os.path.exists(args.output) and not args.force:
+        raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
+    net = TorchNet(args.model, weights=args.weights, phase=args.phase, fuse=False)
+    if fmt == "onnx":
+        axes = export_onnx(net, args.output, dynamic=not args.static, opset=args.opset, force=args.force)
+    else:
+        export_pt2(net, args.output, dynamic=not args.static, force=args.force)
+        axes = None
+    print(f"wrote {args.output} ({fmt}; inputs {list(net.inputs)}, outputs {list(net.outputs)}"
+          + (f"; dynamic {axes}" if axes else "") + ")")
+    return 0
