@@ -26,6 +26,11 @@ def generate_caffe_pb2():
     args = ["protoc", f"-I{proto.parent}", f"--python_out={ROOT / 'caffe_layers' / 'formats'}", str(proto)]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {proto}")
+    # the classes' __module__ is the module protoc names ('caffe_pb2'): name the package's, so pickle finds them
+    generated = ROOT / "caffe_layers" / "formats" / "caffe_pb2.py"
+    text = generated.read_text()
+    generated.write_text(text.replace("(DESCRIPTOR, 'caffe_pb2', _globals)",
+                                      "(DESCRIPTOR, 'caffe_layers.formats.caffe_pb2', _globals)"))
 
 
 def _pybind11_include():

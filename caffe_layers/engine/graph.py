@@ -15,7 +15,7 @@ from torch import fx, nn
 from caffe_layers.engine.folding import FoldedConvolution, fold_batchnorm, folded_convolution
 from caffe_layers.engine.fusion import FusedSegawareConv, fuse_steps
 from caffe_layers.engine.plan import Plan, filter_net
-from caffe_layers.formats.proto import TEST, pb, phase_value
+from caffe_layers.formats.proto import TEST, TRAIN, pb, phase_value
 from caffe_layers.formats.prototxt import read_net
 from caffe_layers.native import segaware_conv
 
@@ -130,6 +130,22 @@ class TorchNet(fx.GraphModule):
         loaded = self.copy_from(weights, strict=strict_weights).loaded if weights is not None else ()
         plan.fill_blobs(loaded)
         self.train(plan.phase != TEST)
+
+    def train(self, mode=True):
+        """nn.Module's train()/eval(), driving Caffe's phase: every layer runs as in TRAIN (Dropout drops,
+        BatchNorm without an explicit use_global_stats uses the batch's statistics) or in TEST."""
+        super().train(mode)
+        if "plan" not in self.__dict__:
+            return self
+        if mode and any(n.target is folded_convolution for n in self.graph.nodes):
+            raise ValueError(f"net {self.name!r}: BatchNorm is folded into the convolutions (a TEST net); "
+                             f"build it with fold=False to train it")
+        for layer in self.plan.layers:
+            layer.phase = TRAIN if mode else TEST
+            if layer.param.type == "BatchNorm" and not layer.param.batch_norm_param.HasField("use_global_stats"):
+                layer.use_global_stats = not mode
+        self.phase = TRAIN if mode else TEST
+        return self
 
     # ---- what the plan knows --------------------------------------------------------------
     @property
