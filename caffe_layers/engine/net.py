@@ -404,15 +404,22 @@ class Net(nn.Module):
         self.reshape()
 
     def reshape(self):
-        """Infer every blob shape again from the current input shapes."""
-        for step in self.steps:
-            if step.layer.param.type == "Input" and not step.bottoms:
+        """Infer the blob shapes again from the current input shapes: only the layers whose bottom shapes
+        changed since they were last inferred; a blob whose shape changes gets new storage."""
+        seen = self.__dict__.setdefault("_inferred_from", {})
+        for i, step in enumerate(self.steps):
+            if not step.bottoms:
                 continue
-            shapes = step.layer.top_shapes([self.blob_shapes[b] for b in step.bottoms])
-            for name, shape in zip(step.tops, shapes):
+            bottom_shapes = [self.blob_shapes[b] for b in step.bottoms]
+            if seen.get(i) == bottom_shapes:
+                continue
+            seen[i] = bottom_shapes
+            for name, shape in zip(step.tops, step.layer.top_shapes(bottom_shapes)):
                 if self.blob_shapes.get(name) != tuple(shape) and name not in step.bottoms:
                     self._data.pop(name, None)
+                    self._diff.pop(name, None)
                 self.blob_shapes[name] = tuple(shape)
+        self._graphs = {}
 
     @property
     def blobs(self):
