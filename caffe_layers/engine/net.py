@@ -210,9 +210,7 @@ class Net(nn.Module):
         return values
 
     def _top_weights(self):
-        """(top, loss weight) for every step's tops, in step order (a top written in place repeats)."""
-        for step in self.steps:
-            yield from zip(step.tops, step.loss_weights)
+        return self.plan.top_weights()
 
     @property
     def top_loss_weights(self):
@@ -445,15 +443,11 @@ class Net(nn.Module):
 
     @property
     def inputs(self):
-        return [t for s in self.steps if s.layer.param.type == "Input" and not s.bottoms for t in s.tops]
+        return self.plan.inputs
 
     @property
     def outputs(self):
-        available = []
-        for step in self.steps:
-            available = [b for b in available if b not in step.bottoms]
-            available += [t for t in step.tops if t not in available]
-        return available
+        return self.plan.outputs
 
     @property
     def top_names(self):
