@@ -42,8 +42,7 @@ def substitute(text, variables, source="<string>"):
             if match.group(1) not in variables:
                 missing.append(f"{source}:{lineno}: ${{{match.group(1)}}} is not set")
     if missing:
-        raise PrototxtError("unset template variables (pass them with variables= or --set NAME=value):\n  "
-                            + "\n  ".join(missing))
+        raise PrototxtError("; ".join(missing) + " (pass template variables with variables= or --set NAME=value)")
     out = []
     for line in lines:  # a ${NAME} inside a comment stays as it is
         cut = comment_start(line)

@@ -18,7 +18,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from caffe_layers.errors import WeightsError, atomic_path, check_readable_file
-from caffe_layers.formats.proto import pb
+from caffe_layers.formats.proto import check_blob_shape, pb
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,6 @@ _NET_LAYER = 100  # NetParameter.layer
 _LAYER_BLOBS = 7  # LayerParameter.blobs
 # BlobProto fields
 _NUM, _CHANNELS, _HEIGHT, _WIDTH, _DATA, _DIFF, _SHAPE, _DOUBLE_DATA, _DOUBLE_DIFF = range(1, 10)
-INT_MAX = 2**31 - 1
-MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
 # what protobuf's decoder raises on bad bytes (invalid UTF-8 in a string field is a UnicodeDecodeError)
 _DECODE_ERRORS = (DecodeError, UnicodeDecodeError, ValueError, RecursionError)
 
@@ -142,18 +140,6 @@ def _scan_blob(buf, start, end, path, where):
         rec.legacy = [legacy.get(k, 0) for k in (_NUM, _CHANNELS, _HEIGHT, _WIDTH)]
     check_blob_shape(rec.dims, f"{path}: {where}", WeightsError)
     return rec
-
-
-def check_blob_shape(dims, where, error):
-    """Caffe's Blob::Reshape checks: at most 32 axes, each >= 0, the count (up to the first 0 axis)
-    at most INT_MAX."""
-    count, valid = 1, len(dims) <= MAX_BLOB_AXES
-    for d in dims:
-        valid = valid and d >= 0 and (count == 0 or d <= INT_MAX // count)
-        count *= d
-    if not valid:
-        raise error(f"{where}: invalid blob shape {list(dims)} (expected at most {MAX_BLOB_AXES} "
-                    f"axes, each >= 0, at most {INT_MAX} values)")
 
 
 @dataclass

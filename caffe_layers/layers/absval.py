@@ -7,5 +7,8 @@ from caffe_layers.layers.base import Layer
 
 @register("AbsVal")
 class AbsVal(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def forward(self, x):
         return torch.abs(x)

@@ -4,6 +4,7 @@ import math
 import torch
 from torch import nn
 
+from caffe_layers.errors import PrototxtError
 from caffe_layers.layers.fillers import fill
 
 
@@ -18,6 +19,12 @@ class Layer(nn.Module):
     """
 
     is_loss = False  # loss layers get loss_weight 1 on their first top by default
+    # Caffe's ExactNumBottomBlobs / MinBottomBlobs / MaxBottomBlobs and the same for tops, from the
+    # original layer's header (None: not constrained); checked once here, as Layer::CheckBlobCounts.
+    # Tops are not checked for a layer built without any (a module used on its own), nor their
+    # minimum for loss layers (Caffe's AutoTopBlobs adds the missing ones).
+    exact_bottoms = min_bottoms = max_bottoms = None
+    exact_tops = min_tops = max_tops = None
 
     def __init__(self, param, bottom_shapes, phase):
         super().__init__()
@@ -26,6 +33,25 @@ class Layer(nn.Module):
         self.phase = phase
         self.blobs = nn.ParameterList()
         self.bottom_shapes = [tuple(s) for s in bottom_shapes]
+        self._check_blob_counts(len(self.bottom_shapes), len(param.top))
+
+    def _check_blob_counts(self, bottoms, tops):
+        checks = [("bottom", bottoms, self.exact_bottoms, self.min_bottoms, self.max_bottoms)]
+        if tops:
+            auto = self.is_loss and tops < (self.exact_tops or self.min_tops or 0)
+            if not auto:
+                checks.append(("top", tops, self.exact_tops, self.min_tops, self.max_tops))
+        for what, n, exact, low, high in checks:
+            if exact is not None and n != exact:
+                expected, number = "exactly", exact
+            elif low is not None and n < low:
+                expected, number = "at least", low
+            elif high is not None and n > high:
+                expected, number = "at most", high
+            else:
+                continue
+            raise PrototxtError(f"layer {self.name!r} ({self.param.type}): takes {expected} {number} {what} "
+                                f"blob{'' if number == 1 else 's'}, got {n}")
 
     def add_blob(self, shape, filler_param=None, value=None):
         """Append a learnable blob, filled by a FillerParameter or a constant."""

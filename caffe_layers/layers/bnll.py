@@ -24,5 +24,8 @@ class _BNLL(torch.autograd.Function):
 
 @register("BNLL")
 class BNLL(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def forward(self, x):
         return _BNLL.apply(x)

@@ -1,6 +1,7 @@
 """Data: Datum records from an LMDB database (data_param.source, backend LMDB)."""
 import numpy as np
 
+from caffe_layers.errors import DataError
 from caffe_layers.training.data import DataLayer
 from caffe_layers.training.data.transformer import Transformer
 from caffe_layers.layers import register
@@ -27,6 +28,9 @@ def datum_image(datum, force_color=False, force_gray=False):
 
 @register("Data")
 class Data(DataLayer):
+    exact_bottoms = 0
+    min_tops, max_tops = 1, 2
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.data_param
@@ -41,6 +45,8 @@ class Data(DataLayer):
         except lmdb.Error as err:
             raise ValueError(f"layer {self.name!r}: cannot open LMDB {p.source!r}: {err}") from None
         self.batch_size = p.batch_size
+        if self.batch_size < 1:
+            raise DataError(f"layer {self.name!r}: data_param.batch_size must be >= 1")
         self.tp = param.transform_param
         self.transform = Transformer(self.tp, phase, self.rng, self.name)
         self.txn = self.env.begin()

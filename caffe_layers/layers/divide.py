@@ -43,10 +43,11 @@ class _Reciprocal(torch.autograd.Function):
 
 @register("Divide")
 class Divide(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
-        if len(bottom_shapes) != 1:
-            raise ValueError(f"layer {self.name!r} (Divide): takes 1 bottom, got {len(bottom_shapes)}")
         p = param.divide_param
         self.clamp = pb.DivideParameter.Clamp.Name(p.clamp).lower()  # "device", "cpu" or "gpu"
         self.modify_bottom, self.true_gradient = p.modify_bottom, p.true_gradient

@@ -12,6 +12,9 @@ from caffe_layers.formats.proto import TRAIN
 
 @register("Dropout")
 class Dropout(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         self.ratio = param.dropout_param.dropout_ratio

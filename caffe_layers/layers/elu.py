@@ -10,6 +10,9 @@ from caffe_layers.layers.base import Layer
 
 @register("ELU")
 class ELU(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         self.alpha = param.elu_param.alpha

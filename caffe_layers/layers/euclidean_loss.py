@@ -5,12 +5,9 @@ from caffe_layers.layers.base import Layer
 
 @register("EuclideanLoss")
 class EuclideanLoss(Layer):
+    exact_bottoms = 2
+    exact_tops = 1
     is_loss = True
-
-    def __init__(self, param, bottom_shapes, phase):
-        super().__init__(param, bottom_shapes, phase)
-        if len(bottom_shapes) != 2:
-            raise ValueError(f"layer {self.name!r}: EuclideanLoss takes 2 bottoms")
 
     def forward(self, a, b):
         if a.shape[0] != b.shape[0] or a.numel() != b.numel():

@@ -30,6 +30,9 @@ def check_base(layer_name, kind, base):
 
 @register("Exp")
 class Exp(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.exp_param

@@ -20,6 +20,8 @@ def fill(shape, param, dtype=torch.float32):
     kind = param.type
     if kind not in FILLERS:
         raise ValueError(f"unknown filler type {kind!r}; known: {sorted(FILLERS)}")
+    if math.prod(shape) == 0 and kind != "xy":  # nothing to draw (and fan_in / fan_out would be 0)
+        return torch.empty(tuple(shape), dtype=dtype)
     return FILLERS[kind](tuple(shape), param, dtype)
 
 

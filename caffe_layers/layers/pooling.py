@@ -23,6 +23,9 @@ def pooled_size(size, kernel, pad, stride, ceil_mode):
 
 @register("Pooling")
 class Pooling(Layer):
+    exact_bottoms = 1
+    min_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.pooling_param
@@ -48,9 +51,9 @@ class Pooling(Layer):
         self.pad = (p.pad_h, p.pad_w) if has("pad_h") else (p.pad, p.pad)
         self.stride = (p.stride_h, p.stride_w) if has("stride_h") else (p.stride, p.stride)
         self.ceil_mode = p.round_mode == PP.CEIL
-        if len(bottom_shapes) != 1 or len(bottom_shapes[0]) != 4:
-            raise ValueError(f"{what}: needs one bottom with 4 axes (num, channels, height, width), "
-                             f"got shapes {[list(s) for s in bottom_shapes]}")
+        if len(bottom_shapes[0]) != 4:
+            raise ValueError(f"{what}: needs a bottom with 4 axes (num, channels, height, width), "
+                             f"got {list(bottom_shapes[0])}")
         if self.global_pooling:
             self.kernel = tuple(bottom_shapes[0][2:])
             if self.pad != (0, 0) or self.stride != (1, 1):

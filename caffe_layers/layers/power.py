@@ -52,6 +52,9 @@ def _forward(x, power, scale, shift):
 
 @register("Power")
 class Power(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.power_param

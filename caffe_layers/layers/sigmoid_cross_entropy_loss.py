@@ -30,6 +30,8 @@ class _SigmoidCE(torch.autograd.Function):
 
 @register("SigmoidCrossEntropyLoss")
 class SigmoidCrossEntropyLoss(Layer):
+    exact_bottoms = 2
+    exact_tops = 1
     is_loss = True
 
     def __init__(self, param, bottom_shapes, phase):
@@ -39,8 +41,6 @@ class SigmoidCrossEntropyLoss(Layer):
         # BVLC's rule; the segaware fork has no options and always divides by the batch size,
         # which is also the default here.
         self.mode = loss_normalization(lp, default=NORM.BATCH_SIZE)
-        if len(bottom_shapes) != 2:
-            raise ValueError(f"layer {self.name!r}: SigmoidCrossEntropyLoss takes 2 bottoms (scores, targets)")
 
     def forward(self, x, target):
         if x.shape[0] != target.shape[0] or x.numel() != target.numel():

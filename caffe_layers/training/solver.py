@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from caffe_layers.engine.net import Net
 from caffe_layers.errors import PrototxtError, SolverStateError, atomic_path, check_readable_file, write_atomic
-from caffe_layers.formats.proto import pb
+from caffe_layers.formats.proto import check_blob_shape, pb
 from caffe_layers.formats.prototxt import read_net, read_solver
 
 log = logging.getLogger("caffe_layers.training.solver")
@@ -505,8 +505,6 @@ def loss_suffix(weight, value):
 
 def blob_array(blob, source="?", error=SolverStateError):
     """The values of a BlobProto as a float array of its shape (legacy 4-D fields too)."""
-    from caffe_layers.formats.weights import check_blob_shape
-
     if blob.HasField("shape"):
         shape = tuple(blob.shape.dim)
     elif any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
@@ -587,7 +585,8 @@ def _solverstate_fields(f, path, expected_shapes):
             if d.size != math.prod(expected_shapes[i]):
                 raise SolverStateError(f"{path}: history blob {i} has {d.size} values, expected "
                                        f"{math.prod(expected_shapes[i])} (shape {list(expected_shapes[i])})")
-        history.append(np.asarray(d[()]))
+        values = np.asarray(d[()])
+        history.append(values.astype(values.dtype.newbyteorder("="), copy=False))  # big-endian too
     return it, learned, step, history
 
 
