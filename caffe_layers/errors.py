@@ -42,6 +42,12 @@ def check_readable_file(path, what):
     return path
 
 
+def check_overwrite(path, force):
+    """A user's file is replaced only when asked (--force)."""
+    if os.path.exists(path) and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path in the folder of `path`; on success it is fsynced and renamed to

@@ -149,3 +149,35 @@ def test_blob_counts_are_caffes(text, bottoms, message):
 def test_a_loss_layer_may_leave_its_top_out():
     layer = make_layer('name: "l" type: "EuclideanLoss"', [(2, 3), (2, 3)])
     assert float(layer(torch.ones(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64))) == 1.5
+
+
+def test_a_top_too_large_for_a_blob_is_refused_by_the_net():
+    with pytest.raises(PrototxtError, match=r"layer 'up' \(Interp\): top 'big': invalid blob shape \[1, 1, 65537, 65537\]"):
+        Net('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 1 dim: 2 dim: 2 } } }'
+            'layer { name: "up" type: "Interp" bottom: "x" top: "big" interp_param { height: 65537 width: 65537 } }')
+
+
+def test_divide_gpu_rule_compares_in_double():
+    from caffe_layers.layers.divide import clamp_mask
+
+    x = torch.tensor([-1e-6, 1e-6, -2e-6, 0.0], dtype=torch.float32)  # float32(+-1e-6) are inside +-1e-6
+    mask, eps = clamp_mask(x, "gpu")
+    assert mask.tolist() == [True, True, False, True] and eps == 1e-6
+
+
+def test_set_device_without_a_gpu_refuses(monkeypatch):
+    import caffe_layers
+    from caffe_layers.errors import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    with pytest.raises(DeviceError, match=r"caffe.set_device\(0\): no CUDA device is available to torch"):
+        caffe_layers.set_device(0)
+
+
+def test_set_device_past_the_last_gpu_refuses():
+    import caffe_layers
+    from caffe_layers.errors import DeviceError
+
+    with pytest.raises(DeviceError, match=r"caffe.set_device\(99\)"):
+        caffe_layers.set_device(99)

@@ -8,7 +8,8 @@ from torch import nn
 
 from caffe_layers.pycaffe import mode
 from caffe_layers.layers import layer_class
-from caffe_layers.formats.proto import TEST, pb, phase_value
+from caffe_layers.errors import PrototxtError
+from caffe_layers.formats.proto import TEST, check_blob_shape, pb, phase_value
 from caffe_layers.formats.prototxt import read_net
 
 
@@ -237,6 +238,7 @@ class Net(nn.Module):
                 raise ValueError(f"layer {lp.name!r} ({lp.type}) produces {len(top_shapes)} tops, "
                                  f"but the prototxt names {len(lp.top)}")
             for name, shape in zip(lp.top, top_shapes):
+                check_blob_shape(shape, f"layer {lp.name!r} ({lp.type}): top {name!r}", PrototxtError)
                 self.blob_shapes[name] = tuple(shape)
             self._share_params(lp, layer, owners)
             self.layer_modules.append(layer)

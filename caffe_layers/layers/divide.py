@@ -21,7 +21,8 @@ def clamp_mask(x, rule):
     """(mask of clamped entries, replacement value) for rule 'cpu' or 'gpu'."""
     if rule == "cpu":
         return x == 0, 1e-4
-    return (x < 1e-6) & (x > -1e-6), 1e-6
+    wide = x.double()  # the kernel compares a float with the double literals 1e-6 and -1e-6
+    return (wide < 1e-6) & (wide > -1e-6), 1e-6
 
 
 class _Reciprocal(torch.autograd.Function):
