@@ -181,3 +181,27 @@ def test_set_device_past_the_last_gpu_refuses():
 
     with pytest.raises(DeviceError, match=r"caffe.set_device\(99\)"):
         caffe_layers.set_device(99)
+
+
+@pytest.mark.parametrize("filler,message", [('type: "uniform" min: 2 max: 1', "uniform filler needs min <= max"),
+                                            ('type: "gaussian" std: -1', "gaussian filler needs std > 0")])
+def test_filler_settings_are_checked(filler, message):
+    with pytest.raises(ValueError, match=rf"layer 'ip' \(InnerProduct\).*{message}"):
+        Net('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }'
+            f'layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "y" '
+            f'        inner_product_param {{ num_output: 4 weight_filler {{ {filler} }} }} }}')
+
+
+def test_settings_too_large_for_the_bottoms_name_the_layer():
+    with pytest.raises(PrototxtError, match=r"layer 'c': its settings make a blob too large"):
+        make_layer('name: "c" type: "Convolution" top: "y" convolution_param { num_output: 1 kernel_size: 1 '
+                   'pad: 2147483647 }', [(1, 1, 2, 2)]).top_shapes([(1, 1, 2, 2)])
+    with pytest.raises(PrototxtError, match=r"layer 'ip': parameter blob 0: invalid blob shape \[4000000000, 3\]"):
+        make_layer('name: "ip" type: "InnerProduct" top: "y" inner_product_param { num_output: 4000000000 }',
+                   [(2, 3)])
+
+
+def test_max_pooling_an_empty_batch():
+    layer = make_layer('name: "p" type: "Pooling" top: "y" pooling_param { pool: MAX kernel_size: 2 }',
+                       [(0, 4, 4, 4)])
+    assert layer.top_shapes([(0, 4, 4, 4)]) == [(0, 4, 3, 3)]

@@ -323,15 +323,21 @@ def test_snapshot_write_failure_leaves_the_previous_snapshot(solver, tmp_path, m
     before = open(state, "rb").read()
     before_files = sorted(os.listdir(tmp_path))
     solver.history[0].fill_(7.0)
-    import caffe_layers.training.solver as solver_module
+    # interrupted while the state file is being written (its weights file is written first)
     if hdf5:
-        monkeypatch.setattr(solver_module.h5py.Group, "create_group",
-                            lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    else:
-        monkeypatch.setattr(solver_module.pb.SolverState, "SerializeToString",
-                            lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
-        solver.snapshot()
+        create_group = h5py.Group.create_group
+
+        def interrupted(self, name, *args, **kwargs):
+            if name == "history":
+                raise KeyboardInterrupt
+            return create_group(self, name, *args, **kwargs)
+        monkeypatch.setattr(h5py.Group, "create_group", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            solver.snapshot()
+    else:  # the old in-place write never reached an fsync: it had already replaced the file
+        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            solver.snapshot()
     assert open(state, "rb").read() == before
     assert sorted(os.listdir(tmp_path)) == before_files
 

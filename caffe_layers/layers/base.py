@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from caffe_layers.errors import PrototxtError
+from caffe_layers.formats.proto import check_blob_shape
 from caffe_layers.layers.fillers import fill
 
 
@@ -55,10 +56,17 @@ class Layer(nn.Module):
 
     def add_blob(self, shape, filler_param=None, value=None):
         """Append a learnable blob, filled by a FillerParameter or a constant."""
-        if filler_param is not None:
-            data = fill(shape, filler_param)
-        else:
-            data = torch.full(tuple(shape), 0.0 if value is None else value)
+        check_blob_shape(shape, f"layer {self.name!r}: parameter blob {len(self.blobs)}", PrototxtError)
+        try:
+            if filler_param is not None:
+                data = fill(shape, filler_param)
+            else:
+                data = torch.full(tuple(shape), 0.0 if value is None else value)
+        except RuntimeError as err:
+            if not _too_large(err):
+                raise
+            raise PrototxtError(f"layer {self.name!r}: parameter blob {len(self.blobs)} of shape "
+                                f"{list(shape)} cannot be allocated") from err
         self.blobs.append(nn.Parameter(data))
         return self.blobs[-1]
 
@@ -67,13 +75,24 @@ class Layer(nn.Module):
         metas = tuple(torch.empty(s, dtype=dtype, device="meta") for s in bottom_shapes)
         state = {k: torch.empty_like(v, device="meta") for k, v in self.named_parameters()}
         state.update({k: torch.empty_like(v, device="meta") for k, v in self.named_buffers()})
-        tops = torch.func.functional_call(self, state, metas)
+        try:
+            tops = torch.func.functional_call(self, state, metas)
+        except RuntimeError as err:  # shapes only: what fails here is a size, e.g. a huge pad
+            if not _too_large(err):
+                raise
+            raise PrototxtError(f"layer {self.name!r}: its settings make a blob too large for these "
+                                f"bottoms ({err})") from err
         if isinstance(tops, torch.Tensor):
             tops = (tops,)
         return [tuple(t.shape) for t in tops]
 
     def extra_repr(self):
         return f"{self.name!r}"
+
+
+def _too_large(err):
+    text = str(err)
+    return "Storage size calculation overflowed" in text or "can't allocate memory" in text
 
 
 def count(shape, start=0, end=None):

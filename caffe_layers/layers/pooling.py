@@ -100,7 +100,7 @@ class Pooling(Layer):
 
     def _max(self, x, kernel, out):
         win = self._windows(x, kernel, out, float("-inf"))
-        val, idx = win.reshape(win.shape[:4] + (-1,)).max(-1)  # first maximum, as Caffe's strict '>'
+        val, idx = win.flatten(4).max(-1)  # first maximum, as Caffe's strict '>'
         # Caffe starts from -FLT_MAX; a window with nothing above it gives -FLT_MAX, mask -1, no gradient.
         top = val.clamp_min(-FLT_MAX)
         if len(self.param.top) < 2:
