@@ -186,16 +186,18 @@ def test_set_device_past_the_last_gpu_refuses():
 @pytest.mark.parametrize("filler,message", [('type: "uniform" min: 2 max: 1', "uniform filler needs min <= max"),
                                             ('type: "gaussian" std: -1', "gaussian filler needs std > 0")])
 def test_filler_settings_are_checked(filler, message):
-    with pytest.raises(ValueError, match=rf"layer 'ip' \(InnerProduct\).*{message}"):
+    with pytest.raises(ValueError, match=rf"layer 'ip': parameter blob 0: {message}"):
         Net('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }'
             f'layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "y" '
             f'        inner_product_param {{ num_output: 4 weight_filler {{ {filler} }} }} }}')
 
 
 def test_settings_too_large_for_the_bottoms_name_the_layer():
-    with pytest.raises(PrototxtError, match=r"layer 'c': its settings make a blob too large"):
-        make_layer('name: "c" type: "Convolution" top: "y" convolution_param { num_output: 1 kernel_size: 1 '
-                   'pad: 2147483647 }', [(1, 1, 2, 2)]).top_shapes([(1, 1, 2, 2)])
+    for layer in ('type: "Convolution" convolution_param { num_output: 1 kernel_size: 1 pad: 2147483647 }',
+                  'type: "Im2col" convolution_param { kernel_size: 1 pad: 2147483647 }'):
+        with pytest.raises(ValueError, match=r"layer 'c'.*(invalid blob shape|settings make a blob too large)"):
+            Net('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 1 dim: 2 dim: 2 } } }'
+                f'layer {{ name: "c" bottom: "x" top: "y" {layer} }}')
     with pytest.raises(PrototxtError, match=r"layer 'ip': parameter blob 0: invalid blob shape \[4000000000, 3\]"):
         make_layer('name: "ip" type: "InnerProduct" top: "y" inner_product_param { num_output: 4000000000 }',
                    [(2, 3)])

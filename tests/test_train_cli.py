@@ -66,9 +66,12 @@ def test_resume_and_weights_are_exclusive(files, caplog):
         main(["train", "--solver", "s", "--weights", "w", "--snapshot", "s"])
 
 
-def test_unset_variable_is_a_clear_error(files):
-    with pytest.raises(ValueError, match=r"\$\{ITERS\} is not set"):
-        main(["train", "--solver", str(files / "solver.prototxt"), "--no-progress"])
+def test_unset_variable_is_a_clear_error(files, capsys):
+    assert main(["train", "--solver", str(files / "solver.prototxt"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("caffe-layers train: error: ") and "${ITERS} is not set" in err and "\n" not in err
+    with pytest.raises(ValueError, match=r"\$\{ITERS\} is not set"):  # --debug: the exception itself
+        main(["--debug", "train", "--solver", str(files / "solver.prototxt"), "--no-progress"])
 
 
 def test_test_and_time_commands(files, caplog):

@@ -6,6 +6,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from caffe_layers.errors import PrototxtError, check_readable_file
+from caffe_layers.formats.layer_context import unknown_field_hint
 from caffe_layers.formats.proto import pb
 
 __all__ = ["PrototxtError", "substitute", "is_path", "parse_text", "read_net", "read_solver"]
@@ -92,8 +93,12 @@ def parse_text(text, message, source="<string>"):
     """Parse prototxt text into `message`; errors carry the file name, line and column."""
     try:
         text_format.Parse(text, message)
-    except (text_format.ParseError, ValueError, TypeError, UnicodeError, RecursionError) as err:
-        raise PrototxtError(f"{source}:{err} (while reading a {message.DESCRIPTOR.name})") from err
+    except text_format.ParseError as err:
+        hint = unknown_field_hint(text, err.GetLine(), str(err)) if err.GetLine() else ""
+        what = str(err).rstrip(".") + hint if hint else err
+        raise PrototxtError(f"{source}:{what} (while reading a {message.DESCRIPTOR.name})") from err
+    except (ValueError, TypeError, UnicodeError, RecursionError) as err:  # protobuf's other failures
+        raise PrototxtError(f"{source}: {err} (while reading a {message.DESCRIPTOR.name})") from err
     return message
 
 

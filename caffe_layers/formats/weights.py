@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
-from caffe_layers.errors import WeightsError, atomic_path, check_readable_file
+from caffe_layers.errors import CaffeLayersError, WeightsError, atomic_path, check_readable_file
 from caffe_layers.formats.proto import check_blob_shape, pb
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ _NET_LAYER = 100  # NetParameter.layer
 _LAYER_BLOBS = 7  # LayerParameter.blobs
 # BlobProto fields
 _NUM, _CHANNELS, _HEIGHT, _WIDTH, _DATA, _DIFF, _SHAPE, _DOUBLE_DATA, _DOUBLE_DIFF = range(1, 10)
+_RAW_DATA_TYPE, _RAW_DATA = 10, 12  # OpenCV's proto (NVIDIA caffe's fp16 storage)
+_RAW_TYPES = {0: np.float64, 1: np.float32, 2: np.float16}
 # what protobuf's decoder raises on bad bytes (invalid UTF-8 in a string field is a UnicodeDecodeError)
 _DECODE_ERRORS = (DecodeError, UnicodeDecodeError, ValueError, RecursionError)
 
@@ -92,6 +94,8 @@ class BlobRecord:
     double_data: list = field(default_factory=list)
     diff: list = field(default_factory=list)
     double_diff: list = field(default_factory=list)
+    raw_data: list = field(default_factory=list)  # NVIDIA caffe / OpenCV: raw_data_type values
+    raw_data_type: int = 0  # BlobProto.raw_data_type (Type: DOUBLE 0, FLOAT 1, FLOAT16 2)
 
     @property
     def dims(self):
@@ -102,6 +106,11 @@ class BlobRecord:
         """(segments, numpy dtype, count): double_* wins when present, as in Blob::FromProto."""
         doubles, floats = (self.double_diff, self.diff) if diff else (self.double_data, self.data)
         segments, dtype = (doubles, np.float64) if doubles else (floats, np.float32)
+        if not diff and not segments and self.raw_data:  # only when data is empty, as OpenCV reads it
+            segments, dtype = self.raw_data, _RAW_TYPES.get(self.raw_data_type)
+            if dtype is None:
+                raise WeightsError(f"blob raw_data of type {self.raw_data_type}: only DOUBLE, FLOAT and "
+                                   f"FLOAT16 values can be read")
         nbytes = sum(e - s for s, e in segments)
         return segments, dtype, nbytes // np.dtype(dtype).itemsize
 
@@ -136,6 +145,10 @@ def _scan_blob(buf, start, end, path, where):
             if (e - s) % 8:
                 raise WeightsError(f"{path}: corrupt {where}: {e - s} bytes of double data")
             target.append((s, e))
+        elif number == _RAW_DATA and wire == 2:
+            rec.raw_data.append((s, e))
+        elif number == _RAW_DATA_TYPE and wire == 0:
+            rec.raw_data_type = _varint(buf, s, e, path)[0]
     if legacy:
         rec.legacy = [legacy.get(k, 0) for k in (_NUM, _CHANNELS, _HEIGHT, _WIDTH)]
     check_blob_shape(rec.dims, f"{path}: {where}", WeightsError)
@@ -308,26 +321,34 @@ _HDF5_ERRORS = (OSError, KeyError, ValueError, TypeError, AttributeError, Runtim
 
 
 @contextlib.contextmanager
-def _hdf5_data(path):
-    """The /data group of Caffe HDF5 weights, the file open for reading. A file h5py cannot open or
-    read, or one without /data, is a WeightsError naming the file."""
+def reading_hdf5(path, error, what):
+    """An HDF5 file open for reading; h5py's failures, at the open or while the body reads corrupt
+    objects, become `error` naming the file."""
     import h5py
 
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise WeightsError(f"{path}: cannot read HDF5 weights: {err}") from err
+        raise error(f"{path}: cannot read {what}: {err}") from err
     with f:
         try:
-            data = f.get("data")
-            if not isinstance(data, h5py.Group):
-                raise WeightsError(f"{path}: an HDF5 file without the /data group Caffe's weights have")
-            yield data
-        except WeightsError:
+            yield f
+        except CaffeLayersError:
             raise
         except _HDF5_ERRORS as err:
-            raise WeightsError(f"{path}: cannot read HDF5 weights (corrupt file?): "
-                               f"{type(err).__name__}: {err}") from err
+            raise error(f"{path}: cannot read {what} (corrupt file?): {type(err).__name__}: {err}") from err
+
+
+@contextlib.contextmanager
+def _hdf5_data(path):
+    """The /data group of Caffe HDF5 weights, the file open for reading."""
+    import h5py
+
+    with reading_hdf5(path, WeightsError, "HDF5 weights") as f:
+        data = f.get("data")
+        if not isinstance(data, h5py.Group):
+            raise WeightsError(f"{path}: an HDF5 file without the /data group Caffe's weights have")
+        yield data
 
 
 def _hdf5_layer_blobs(path, name, group):
@@ -401,6 +422,7 @@ class LoadReport:
     ignored: list = field(default_factory=list)
     ignored_empty: list = field(default_factory=list)
     missing: list = field(default_factory=list)
+    loaded: set = field(default_factory=set)  # ids of the parameter tensors written
 
     @property
     def complete(self):
@@ -465,6 +487,7 @@ def load_weights(net, path, strict=False, progress=False):
             for name, copies in plan:
                 for param, fetch in copies:
                     fetch(param)
+                    report.loaded.add(id(param))
                     bar.update(param.numel() * param.element_size())
                 if copies and name not in report.copied:
                     report.copied.append(name)

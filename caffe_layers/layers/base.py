@@ -1,4 +1,5 @@
 """The base class of every layer."""
+import contextlib
 import math
 
 import torch
@@ -9,14 +10,39 @@ from caffe_layers.formats.proto import check_blob_shape
 from caffe_layers.layers.fillers import fill
 
 
+_deferring = [False]
+
+
+class _BlobList(nn.ParameterList):
+    """A layer's parameter blobs; the layer itself writes and reads them in state dicts (as "<i>")."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        pass
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        pass
+
+
+@contextlib.contextmanager
+def deferred_fills():
+    """Inside this block add_blob only allocates; the net fills what its weights do not give (fill_blobs)."""
+    old, _deferring[0] = _deferring[0], True
+    try:
+        yield
+    finally:
+        _deferring[0] = old
+
+
 class Layer(nn.Module):
     """One Caffe layer as a torch module.
 
     A subclass reads its settings from `param` (a caffe LayerParameter) in __init__, creating its
     parameter blobs with `add_blob`; `forward(*bottoms)` returns one top tensor or a tuple of them.
     `bottom_shapes` are the shapes of the bottoms, known when the net is built (Caffe's
-    LayerSetUp). Top shapes are found by running forward on meta tensors; a layer whose forward
-    cannot run on meta tensors overrides `top_shapes`.
+    LayerSetUp); forward must not depend on them (a net may run at other input sizes).
+    `top_shapes(bottom_shapes)` is Caffe's Reshape: plain arithmetic on the shapes (it validates them
+    too). Elementwise layers set `same_shape = True`; a layer without a rule falls back to running
+    forward on meta tensors (`meta_top_shapes`, slow: keep it for rare types).
     """
 
     is_loss = False  # loss layers get loss_weight 1 on their first top by default
@@ -26,16 +52,28 @@ class Layer(nn.Module):
     # minimum for loss layers (Caffe's AutoTopBlobs adds the missing ones).
     exact_bottoms = min_bottoms = max_bottoms = None
     exact_tops = min_tops = max_tops = None
+    same_shape = False  # one top of bottom 0's shape
 
     def __init__(self, param, bottom_shapes, phase):
         super().__init__()
         self.param = param
         self.name = param.name
         self.phase = phase
-        self.blobs = nn.ParameterList()
+        self.blobs = _BlobList()
         self.bottom_shapes = [tuple(s) for s in bottom_shapes]
+        self.shared_blobs = set()  # indices of blobs that are another layer's (ParamSpec sharing)
+        self._fills = []  # per blob: (filler_param, value), run by fill_blobs
         self._check_blob_counts(len(self.bottom_shapes), len(param.top))
 
+    def add_blob(self, shape, filler_param=None, value=None):
+        """Append a learnable blob, to be filled by a FillerParameter or a constant (a number or a tensor).
+
+        The values are written by fill_blobs, which the net runs for the blobs its weights do not give, so
+        that a net built with weights draws no random numbers it would throw away."""
+        self.blobs.append(nn.Parameter(torch.empty(tuple(shape))))
+        self._fills.append((filler_param, value))
+        if not _deferring[0]:
+            self._fill(len(self.blobs) - 1)
     def _check_blob_counts(self, bottoms, tops):
         checks = [("bottom", bottoms, self.exact_bottoms, self.min_bottoms, self.max_bottoms)]
         if tops:
@@ -55,36 +93,78 @@ class Layer(nn.Module):
                                 f"blob{'' if number == 1 else 's'}, got {n}")
 
     def add_blob(self, shape, filler_param=None, value=None):
-        """Append a learnable blob, filled by a FillerParameter or a constant."""
+        """Append a learnable blob, to be filled by a FillerParameter or a constant (a number or a tensor).
+
+        The values are written by fill_blobs, which the net runs for the blobs its weights do not give, so
+        that a net built with weights draws no random numbers it would throw away."""
         check_blob_shape(shape, f"layer {self.name!r}: parameter blob {len(self.blobs)}", PrototxtError)
         try:
-            if filler_param is not None:
-                data = fill(shape, filler_param)
-            else:
-                data = torch.full(tuple(shape), 0.0 if value is None else value)
+            self.blobs.append(nn.Parameter(torch.empty(tuple(shape))))
         except RuntimeError as err:
             if not _too_large(err):
                 raise
             raise PrototxtError(f"layer {self.name!r}: parameter blob {len(self.blobs)} of shape "
                                 f"{list(shape)} cannot be allocated") from err
-        self.blobs.append(nn.Parameter(data))
+        self._fills.append((filler_param, value))
+        if not _deferring[0]:
+            self._fill(len(self.blobs) - 1)
         return self.blobs[-1]
 
+    def param_blobs(self):
+        """The parameter blobs as a tuple, for forward: indexing the ParameterList costs microseconds.
+        (A blob shared under another shape is a parametrization, not in _parameters: the slow way.)"""
+        blobs = self._modules["blobs"]  # (no Module.__getattr__: this runs in every forward)
+        plain = blobs._parameters
+        return tuple(plain.values()) if len(plain) == len(blobs) else tuple(blobs)
+
+    @torch.no_grad()
+    def fill_blobs(self, loaded=()):
+        """Fill every own blob whose id is not in `loaded`, in blob order."""
+        for i in range(len(self._fills)):
+            if i not in self.shared_blobs and id(self.blobs[i]) not in loaded:
+                self._fill(i)
+
+    @torch.no_grad()
+    def _fill(self, i):
+        filler_param, value = self._fills[i]
+        blob = self.blobs[i]
+        if filler_param is not None:
+            try:
+                blob.copy_(fill(blob.shape, filler_param))
+            except ValueError as err:  # the filler's settings; the net may fill after its build
+                raise PrototxtError(f"layer {self.name!r}: parameter blob {i}: {err}") from err
+        elif isinstance(value, torch.Tensor):
+            blob.copy_(value)
+        else:
+            blob.fill_(0.0 if value is None else value)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # keys "<layer>.<i>", Caffe's blob order (not "<layer>.blobs.<i>")
+        for i, blob in enumerate(self.blobs):
+            destination[prefix + str(i)] = blob if keep_vars else blob.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        with torch.no_grad():
+            for i, blob in enumerate(self.blobs):
+                key = prefix + str(i)
+                if key not in state_dict:
+                    missing_keys.append(key)
+                    continue
+                value = torch.as_tensor(state_dict[key])
+                if tuple(value.shape) != tuple(blob.shape):
+                    error_msgs.append(f"{key}: shape {list(value.shape)} does not fit {list(blob.shape)}")
+                    continue
+                blob.copy_(value)
+        if strict:
+            own = {prefix + str(i) for i in range(len(self.blobs))}
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in own
+                                   and "." not in k[len(prefix):])
+
     def top_shapes(self, bottom_shapes):
-        dtype = self.blobs[0].dtype if len(self.blobs) else torch.float32
-        metas = tuple(torch.empty(s, dtype=dtype, device="meta") for s in bottom_shapes)
-        state = {k: torch.empty_like(v, device="meta") for k, v in self.named_parameters()}
-        state.update({k: torch.empty_like(v, device="meta") for k, v in self.named_buffers()})
-        try:
-            tops = torch.func.functional_call(self, state, metas)
-        except RuntimeError as err:  # shapes only: what fails here is a size, e.g. a huge pad
-            if not _too_large(err):
-                raise
-            raise PrototxtError(f"layer {self.name!r}: its settings make a blob too large for these "
-                                f"bottoms ({err})") from err
-        if isinstance(tops, torch.Tensor):
-            tops = (tops,)
-        return [tuple(t.shape) for t in tops]
+        if self.same_shape:
+            return [tuple(bottom_shapes[0])]
+        return meta_top_shapes(self, bottom_shapes)
 
     def extra_repr(self):
         return f"{self.name!r}"
@@ -93,6 +173,25 @@ class Layer(nn.Module):
 def _too_large(err):
     text = str(err)
     return "Storage size calculation overflowed" in text or "can't allocate memory" in text
+
+
+def meta_top_shapes(layer, bottom_shapes):
+    """The top shapes found by running the layer's forward on meta tensors (parameters and buffers
+    replaced by meta copies); the fallback of `Layer.top_shapes` and the tests' check of the rules."""
+    dtype = layer.blobs[0].dtype if len(layer.blobs) else torch.float32
+    metas = tuple(torch.empty(s, dtype=dtype, device="meta") for s in bottom_shapes)
+    state = {k: torch.empty_like(v, device="meta") for k, v in layer.named_parameters()}
+    state.update({k: torch.empty_like(v, device="meta") for k, v in layer.named_buffers()})
+    try:
+        tops = torch.func.functional_call(layer, state, metas) if state else layer.forward(*metas)
+    except RuntimeError as err:  # shapes only: what fails here is a size, e.g. a huge pad
+        if not _too_large(err):
+            raise
+        raise PrototxtError(f"layer {layer.name!r}: its settings make a blob too large for these "
+                            f"bottoms ({err})") from err
+    if isinstance(tops, torch.Tensor):
+        tops = (tops,)
+    return [tuple(t.shape) for t in tops]
 
 
 def count(shape, start=0, end=None):

@@ -26,6 +26,7 @@ class _BNLL(torch.autograd.Function):
 class BNLL(Layer):
     exact_bottoms = 1
     exact_tops = 1
+    same_shape = True
 
     def forward(self, x):
         return _BNLL.apply(x)

@@ -46,6 +46,7 @@ class _Reciprocal(torch.autograd.Function):
 class Divide(Layer):
     exact_bottoms = 1
     exact_tops = 1
+    same_shape = True
 
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)

@@ -32,6 +32,7 @@ def check_base(layer_name, kind, base):
 class Exp(Layer):
     exact_bottoms = 1
     exact_tops = 1
+    same_shape = True
 
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)

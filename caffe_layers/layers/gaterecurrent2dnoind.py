@@ -10,7 +10,7 @@ Extension (ours): gaterecurrent2dnoind_param { connection: ONE } is the paper's 
 """
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.ops.spn import gate_recurrent
+from caffe_layers.native import gate_recurrent
 from caffe_layers.formats.proto import pb
 
 
@@ -36,6 +36,13 @@ class GateRecurrent2dnoind(Layer):
         if len(shapes[0]) != 4 or any(s != shapes[0] for s in shapes):
             raise ValueError(f"layer {self.name!r} (GateRecurrent2dnoind): all bottoms must have one "
                              f"(N, C, H, W) shape, got {[list(s) for s in shapes]}")
+
+    def top_shapes(self, bottom_shapes):
+        shapes = [tuple(s) for s in bottom_shapes]
+        if any(s != shapes[0] for s in shapes):
+            raise ValueError(f"layer {self.name!r} (GateRecurrent2dnoind): all bottoms must have one "
+                             f"(N, C, H, W) shape, got {[list(s) for s in shapes]}")
+        return [shapes[0]]
 
     def forward(self, x, *gates):
         if self.connection == "one":

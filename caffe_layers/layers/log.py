@@ -12,6 +12,7 @@ from caffe_layers.layers.exp import check_base
 class Log(Layer):
     exact_bottoms = 1
     exact_tops = 1
+    same_shape = True
 
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)

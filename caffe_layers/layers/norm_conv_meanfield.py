@@ -16,8 +16,7 @@ import torch
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.ops.im2dist import im2dist
-from caffe_layers.ops.norm_conv import norm_conv_filter
+from caffe_layers.native import im2dist, norm_conv_filter
 from caffe_layers.formats.proto import pb
 
 
@@ -78,9 +77,12 @@ class NormConvMeanfield(Layer):
                                      f"{h}x{w} size")
         self.channels = c
         eye = torch.eye(c).reshape(1, 1, c, c)
-        self.add_blob((1, 1, c, c)).data.copy_(eye)   # spatial kernel weights
-        self.add_blob((1, 1, c, c)).data.copy_(eye)   # bilateral kernel weights
-        self.add_blob((1, 1, c, c)).data.copy_(-eye)  # compatibility: Potts
+        self.add_blob((1, 1, c, c), value=eye)   # spatial kernel weights
+        self.add_blob((1, 1, c, c), value=eye)   # bilateral kernel weights
+        self.add_blob((1, 1, c, c), value=-eye)  # compatibility: Potts
+
+    def top_shapes(self, bottom_shapes):
+        return [tuple(bottom_shapes[0])]
 
     def _overwrite_param_diffs(self):
         for blob in self.blobs:

@@ -54,6 +54,7 @@ def _forward(x, power, scale, shift):
 class Power(Layer):
     exact_bottoms = 1
     exact_tops = 1
+    same_shape = True
 
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)

@@ -9,6 +9,7 @@ from caffe_layers.layers.base import Layer
 class TanH(Layer):
     exact_bottoms = 1
     exact_tops = 1
+    same_shape = True
 
     def forward(self, x):
         return torch.tanh(x)

@@ -135,6 +135,7 @@ class Solver:
         self.requested_early_exit = False
         self.action = lambda: None  # returns None, "snapshot" or "stop" (signals)
         self.callbacks = []  # called as fn(solver, loss) after each iteration
+        self.on_start, self.on_gradients = [], []  # pycaffe's add_callback: fn() before forward, before update
         for layer in self.net.layer_modules:
             if hasattr(layer, "set_shard"):
                 layer.set_shard(self.rank, self.world)
@@ -199,13 +200,16 @@ class Solver:
         self.losses, self.smoothed_loss = [], 0.0
         p = self.param
         while self.iter < stop_iter:
-            for q in self.params:
-                q.grad = None
+            for q in self.params:  # zeroed in place: pycaffe's param diff views stay valid
+                if q.grad is not None:
+                    q.grad.zero_()
             if (p.test_interval and self.iter % p.test_interval == 0
                     and (self.iter > 0 or p.test_initialization) and self.rank == 0):
                 self.test_all()
                 if self.requested_early_exit:
                     break
+            for fn in self.on_start:
+                fn()
             display = p.display and self.iter % p.display == 0
             loss = 0.0
             for _ in range(p.iter_size):
@@ -215,11 +219,15 @@ class Solver:
             if display and self.rank == 0:
                 log.info("Iteration %d, loss = %.6g", self.iter, self.smoothed_loss)
                 self._log_outputs()
+            for fn in self.on_gradients:
+                fn()
             self._all_reduce_grads()
             self.apply_update(display)
             self.iter += 1
             for cb in self.callbacks:
                 cb(self, loss)
+            if self.iter == stop_iter or self.requested_early_exit:
+                self.net.store_values(self.last_values)  # pycaffe: the blobs hold the last iteration's values
             request = self._request()
             if (p.snapshot and self.iter % p.snapshot == 0 and self.rank == 0) or request == "snapshot":
                 self.snapshot()
@@ -387,10 +395,7 @@ class Solver:
         """Run test net i for test_iter[i] batches; returns {output: mean value}."""
         net = self.test_nets[i]
         log.info("Iteration %d, Testing net (#%d)", self.iter, i)
-        own = dict(self.net.state_dict())
-        theirs = net.state_dict()
-        net.load_state_dict({k: v for k, v in own.items() if k in theirs and v.shape == theirs[k].shape},
-                            strict=False)  # Caffe's ShareTrainedLayersWith, by layer name
+        share_trained_layers(net, self.net)
         scores, total_loss = {}, 0.0
         n = self.param.test_iter[i]
         for _ in range(n):
@@ -497,6 +502,27 @@ class Solver:
                     layer.next_batch()
 
 
+def share_trained_layers(target, source):
+    """Caffe's Net::ShareTrainedLayersWith: each layer of `target` named as a layer of `source` reads
+    that layer's parameter data (the same storage, so later updates show; diffs stay apart)."""
+    by_name = {}
+    for layer in target.layer_modules:
+        by_name.setdefault(layer.name, layer)
+    for src in source.layer_modules:
+        dst = by_name.get(src.name)
+        if dst is None:
+            continue
+        if len(dst.blobs) != len(src.blobs):
+            raise ValueError(f"cannot share layer {src.name!r}: incompatible number of blobs "
+                             f"({len(src.blobs)} in the source net, {len(dst.blobs)} in the target)")
+        for j, (s, d) in enumerate(zip(src.blobs, dst.blobs)):
+            if s.shape != d.shape:
+                raise ValueError(f"cannot share param {j} weights from layer {src.name!r}; shape mismatch: "
+                                 f"source param shape is {list(s.shape)}; target param shape is {list(d.shape)}")
+            if d.data_ptr() != s.data_ptr():
+                d.data = s.data
+
+
 def loss_suffix(weight, value):
     """Caffe's " (* weight = weighted loss)" after a net output with a loss weight; "" without one.
     (For floats "g" is ".6g", as the solver's output lines have it.)"""
@@ -541,18 +567,10 @@ def read_solverstate(path):
 def read_solverstate_hdf5(path, expected_shapes=None):
     """(iter, learned_net, current_step, [history arrays]) of a .solverstate.h5; with
     `expected_shapes`, each history dataset's size is checked before it is read."""
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise SolverStateError(f"{path}: cannot read the HDF5 solver state: {err}") from err
-    with f:
-        try:
-            return _solverstate_fields(f, path, expected_shapes)
-        except SolverStateError:
-            raise
-        except (OSError, KeyError, ValueError, TypeError, AttributeError, RuntimeError) as err:
-            raise SolverStateError(f"{path}: cannot read the HDF5 solver state (corrupt file?): "
-                                   f"{type(err).__name__}: {err}") from err
+    from caffe_layers.formats.weights import reading_hdf5
+
+    with reading_hdf5(path, SolverStateError, "the HDF5 solver state") as f:
+        return _solverstate_fields(f, path, expected_shapes)
 
 
 def _solverstate_fields(f, path, expected_shapes):
