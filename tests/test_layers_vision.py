@@ -460,7 +460,7 @@ def test_crop_errors():
             [(1, 1, 5, 5), (1, 1, 3, 3)])
     with pytest.raises(ValueError, match="number of offsets"):
         make_layer('type: "Crop" crop_param { axis: 1 offset: 1 offset: 1 }', [(1, 3, 5, 5), (1, 1, 3, 3)])
-    with pytest.raises(ValueError, match="2 bottoms"):
+    with pytest.raises(ValueError, match="takes exactly 2 bottom blobs, got 1"):
         make_layer('type: "Crop"', [(1, 3, 5, 5)])
 
 

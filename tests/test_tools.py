@@ -269,9 +269,9 @@ def test_draw_dot_source(setup):
     assert '"data_blob" [label="data", shape=octagon' in dot
     assert '"sum_blob" [label="sum"];' in dot  # draw_net leaves blobs last seen as a top unstyled
     assert "drop_Dropout" in dot  # ALL phases by default
-    assert main(["draw", str(model), "-o", str(out), "--phase", "TEST"]) == 0
+    assert main(["draw", str(model), "-o", str(out), "--phase", "TEST", "--force"]) == 0
     assert "drop_Dropout" not in out.read_text()
-    assert main(["draw", str(model), "-o", str(out), "--style-tops", "--rankdir", "TB"]) == 0
+    assert main(["draw", str(model), "-o", str(out), "--style-tops", "--rankdir", "TB", "--force"]) == 0
     text = out.read_text()
     assert '"sum_blob" [label="sum", shape=octagon' in text and "kernel size: 3 stride: 1 pad: 1" in text
 
@@ -285,3 +285,41 @@ def test_draw_png_and_svg(setup):
     svg = (tmp / "n.svg").read_text()
     assert "<svg" in svg
     assert main(["draw", str(model), "-o", str(tmp / "n.gif")]) == 2
+
+
+# ---- no silent overwrite, atomic writes -------------------------------------------------------------
+@pytest.mark.parametrize("command,name", [("dump", "b.npz"), ("dump", "b.h5"), ("draw", "n.dot"), ("draw", "n.svg")])
+def test_dump_and_draw_refuse_to_overwrite_without_force(setup, capsys, command, name):
+    tmp, model, weights, _ = setup
+    out = tmp / name
+    out.write_bytes(b"the user's file")
+    args = [command, str(model)] + ([str(weights), "--input", f"data={tmp / 'x.npy'}"] if command == "dump" else [])
+    assert main(args + ["-o", str(out)]) == 2
+    assert f"{out} exists; pass --force to overwrite it" in capsys.readouterr().err
+    assert out.read_bytes() == b"the user's file"
+    assert main(args + ["-o", str(out), "--force"]) == 0
+    assert out.read_bytes() != b"the user's file"
+    assert sorted(p.name for p in tmp.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def test_failed_writes_leave_the_old_file(setup, monkeypatch):
+    from caffe_layers.tools import dump as dump_module
+    from caffe_layers.tools.convert import save_pt
+
+    tmp, model, _, _ = setup
+    out = tmp / "b.npz"
+    out.write_bytes(b"old")
+
+    def broken_savez(f, **data):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(dump_module.np, "savez", broken_savez)
+    with pytest.raises(KeyboardInterrupt):
+        dump_module.write_dump(out, {"a": np.zeros(2)})
+    monkeypatch.setattr(torch, "save", lambda obj, f: (open(f, "wb").write(b"partial"), 1 / 0))
+    pt = tmp / "n.pt"
+    pt.write_bytes(b"old")
+    with pytest.raises(ZeroDivisionError):
+        save_pt(Net(str(model)), pt)
+    assert out.read_bytes() == b"old" and pt.read_bytes() == b"old"
+    assert [p.name for p in tmp.iterdir() if p.name.startswith(".")] == []

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from caffe_layers.formats.proto import pb
+from caffe_layers.errors import PrototxtError
+from caffe_layers.formats.proto import check_blob_shape, pb
 from caffe_layers.layers import layer_class
 from caffe_layers.layers.base import deferred_fills
 
@@ -122,6 +123,7 @@ class Plan:
                 raise ValueError(f"layer {lp.name!r} ({lp.type}) produces {len(top_shapes)} tops, "
                                  f"but the prototxt names {len(lp.top)}")
             for name, shape in zip(lp.top, top_shapes):
+                check_blob_shape(shape, f"layer {lp.name!r} ({lp.type}): top {name!r}", PrototxtError)
                 self.blob_shapes[name] = tuple(shape)
                 written_by.setdefault(name, lp.name)
             self._share_params(lp, layer, owners)

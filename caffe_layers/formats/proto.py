@@ -9,6 +9,20 @@ except ImportError as err:  # pragma: no cover - only without a build
 
 TRAIN = pb.TRAIN
 TEST = pb.TEST
+INT_MAX = 2**31 - 1
+MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
+
+
+def check_blob_shape(dims, where, error):
+    """Caffe's Blob::Reshape checks: at most 32 axes, each >= 0, the count (up to the first 0 axis)
+    at most INT_MAX."""
+    count, valid = 1, len(dims) <= MAX_BLOB_AXES
+    for d in dims:
+        valid = valid and d >= 0 and (count == 0 or d <= INT_MAX // count)
+        count *= d
+    if not valid:
+        raise error(f"{where}: invalid blob shape {list(dims)} (expected at most {MAX_BLOB_AXES} "
+                    f"axes, each >= 0, at most {INT_MAX} values)")
 
 
 def phase_value(phase):

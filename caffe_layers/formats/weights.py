@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
-from caffe_layers.formats.proto import pb
+from caffe_layers.errors import CaffeLayersError, WeightsError, atomic_path, check_readable_file
+from caffe_layers.formats.proto import check_blob_shape, pb
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,8 @@ _LAYER_BLOBS = 7  # LayerParameter.blobs
 _NUM, _CHANNELS, _HEIGHT, _WIDTH, _DATA, _DIFF, _SHAPE, _DOUBLE_DATA, _DOUBLE_DIFF = range(1, 10)
 _RAW_DATA_TYPE, _RAW_DATA = 10, 12  # OpenCV's proto (NVIDIA caffe's fp16 storage)
 _RAW_TYPES = {0: np.float64, 1: np.float32, 2: np.float16}
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be read or does not fit the net; the message names the file."""
+# what protobuf's decoder raises on bad bytes (invalid UTF-8 in a string field is a UnicodeDecodeError)
+_DECODE_ERRORS = (DecodeError, UnicodeDecodeError, ValueError, RecursionError)
 
 
 # ---- wire-format scanning ----------------------------------------------------------------------
@@ -134,8 +133,8 @@ def _scan_blob(buf, start, end, path, where):
         elif number == _SHAPE and wire == 2:
             try:
                 rec.shape = tuple(pb.BlobShape.FromString(bytes(buf[s:e])).dim)
-            except DecodeError as err:
-                raise WeightsError(f"{path}: corrupt shape of {where}: {err}") from None
+            except _DECODE_ERRORS as err:
+                raise WeightsError(f"{path}: corrupt shape of {where}: {err}") from err
         elif number in (_DATA, _DIFF) and wire in (2, 5):
             target = rec.data if number == _DATA else rec.diff
             if (e - s) % 4:
@@ -152,6 +151,7 @@ def _scan_blob(buf, start, end, path, where):
             rec.raw_data_type = _varint(buf, s, e, path)[0]
     if legacy:
         rec.legacy = [legacy.get(k, 0) for k in (_NUM, _CHANNELS, _HEIGHT, _WIDTH)]
+    check_blob_shape(rec.dims, f"{path}: {where}", WeightsError)
     return rec
 
 
@@ -198,18 +198,21 @@ def index_caffemodel(buf, path="<bytes>"):
                 rest.append(bytes(buf[bfirst:be]))
         try:
             lp = pb.LayerParameter.FromString(b"".join(rest))
-        except DecodeError as err:
-            raise WeightsError(f"{path}: corrupt definition of {where}: {err}") from None
+        except _DECODE_ERRORS as err:
+            raise WeightsError(f"{path}: corrupt definition of {where}: {err}") from err
         layers.append(SourceLayer(lp, records))
     try:
         net = pb.NetParameter.FromString(b"".join(header))
-    except DecodeError as err:
+    except _DECODE_ERRORS as err:
         raise WeightsError(f"{path}: not a binary Caffe NetParameter, or corrupt: {err}"
-                           f"{_text_hint(buf)}") from None
+                           f"{_text_hint(buf)}") from err
     if len(net.layers):
         if layers:  # BVLC refuses; segaware's fork logs and drops the `layer` entries instead
             raise WeightsError(f"{path}: the file has both V2 'layer' and V1 'layers' entries")
-        upgraded = upgrade_net(net, path)
+        try:
+            upgraded = upgrade_net(net, path)
+        except ValueError as err:
+            raise WeightsError(f"{path}: cannot upgrade its V0/V1 layers: {err}") from err
         for lp in upgraded.layer:
             records = _blob_records_from_messages(lp.blobs, path, lp.name)
             lp.ClearField("blobs")
@@ -229,10 +232,11 @@ class _Source:
         if isinstance(source, (bytes, bytearray, memoryview)):
             self.buf, self.path = source, "<bytes>"
             return
-        self.path = os.fspath(source)
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"weights file not found: {self.path}")
-        self.file = open(self.path, "rb")
+        self.path = check_readable_file(source, "weights file")
+        try:
+            self.file = open(self.path, "rb")
+        except OSError as err:
+            raise WeightsError(f"{self.path}: cannot open the weights file: {err.strerror}") from err
         if os.fstat(self.file.fileno()).st_size == 0:
             self.buf = b""
         else:
@@ -294,7 +298,7 @@ def read_caffemodel(path, with_definition=False):
     with _Source(path) as src:
         if src.is_hdf5():
             src.close()
-            weights = _read_hdf5(os.fspath(path))
+            weights = _read_hdf5(src.path)
             net = pb.NetParameter()
             for name in weights:
                 net.layer.add(name=name)
@@ -312,35 +316,83 @@ def read_caffemodel(path, with_definition=False):
     return (weights, net) if with_definition else weights
 
 
-def _hdf5_unreadable(path, err):
-    return WeightsError(f"{path}: cannot read HDF5 weights: {err}")
+# what h5py raises on corrupt files, dangling links and objects of the wrong kind
+_HDF5_ERRORS = (OSError, KeyError, ValueError, TypeError, AttributeError, RuntimeError, MemoryError)
 
 
 @contextlib.contextmanager
-def _hdf5_data(path):
-    """The /data group of Caffe HDF5 weights, the file open for reading; a file h5py cannot open, or
-    one without /data, is a WeightsError."""
+def reading_hdf5(path, error, what):
+    """An HDF5 file open for reading; h5py's failures, at the open or while the body reads corrupt
+    objects, become `error` naming the file."""
     import h5py
 
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise _hdf5_unreadable(path, err) from None
+        raise error(f"{path}: cannot read {what}: {err}") from err
     with f:
-        if "data" not in f:
+        try:
+            yield f
+        except CaffeLayersError:
+            raise
+        except _HDF5_ERRORS as err:
+            raise error(f"{path}: cannot read {what} (corrupt file?): {type(err).__name__}: {err}") from err
+
+
+@contextlib.contextmanager
+def _hdf5_data(path):
+    """The /data group of Caffe HDF5 weights, the file open for reading."""
+    import h5py
+
+    with reading_hdf5(path, WeightsError, "HDF5 weights") as f:
+        data = f.get("data")
+        if not isinstance(data, h5py.Group):
             raise WeightsError(f"{path}: an HDF5 file without the /data group Caffe's weights have")
-        yield f["data"]
+        yield data
+
+
+def _hdf5_layer_blobs(path, name, group):
+    """{blob index: dataset} of /data/<name>, each checked (a group of datasets named 0, 1, ...,
+    numeric, of a valid blob shape) before anything is read."""
+    import h5py
+
+    where = f"{path}: /data/{name}"
+    if not isinstance(group, h5py.Group):
+        raise WeightsError(f"{where} is not a group (expected a group of blobs 0, 1, ...)")
+    blobs = {}
+    for key in group.keys():
+        if not key.isdigit():
+            raise WeightsError(f"{where}/{key}: blob names must be 0, 1, 2...")
+        dataset = group.get(key)
+        if not isinstance(dataset, h5py.Dataset):
+            kind = "a dangling link" if dataset is None else "not a dataset"
+            raise WeightsError(f"{where}/{key} is {kind} (expected a blob's dataset)")
+        if dataset.dtype.kind not in "fiu":
+            raise WeightsError(f"{where}/{key} has unsupported dtype {dataset.dtype}")
+        check_blob_shape(dataset.shape, f"{where}/{key}", WeightsError)
+        blobs[int(key)] = dataset
+    return dict(sorted(blobs.items()))
+
+
+def _read_dataset(path, name, i, dataset):
+    """A dataset's values in native byte order (Caffe reads big-endian files too)."""
+    try:
+        array = np.asarray(dataset[()])
+    except MemoryError as err:
+        raise WeightsError(f"{path}: /data/{name}/{i}: shape {list(dataset.shape)} needs "
+                           f"{dataset.size * dataset.dtype.itemsize} bytes, more than can be "
+                           f"allocated") from err
+    return array.astype(array.dtype.newbyteorder("="), copy=False)
 
 
 def _read_hdf5(path):
     weights = OrderedDict()
-    try:
-        with _hdf5_data(path) as data:
-            for name, group in data.items():  # h5py iterates in name order, as Caffe does
-                keys = sorted(group.keys(), key=int)
-                weights[name] = [np.asarray(group[k]) for k in keys]
-    except OSError as err:  # a dataset that cannot be read
-        raise _hdf5_unreadable(path, err) from None
+    with _hdf5_data(path) as data:
+        for name, group in data.items():  # h5py iterates in name order, as Caffe does
+            blobs = _hdf5_layer_blobs(path, name, group)
+            if list(blobs) != list(range(len(blobs))):
+                raise WeightsError(f"{path}: /data/{name}: blobs {list(blobs)}, expected 0..{len(blobs) - 1}")
+            weights[name] = [_read_dataset(path, name, i, d) for i, d in blobs.items()]
     return weights
 
 
@@ -421,9 +473,11 @@ def load_weights(net, path, strict=False, progress=False):
                           if any(own for _, own in blobs) and n not in found]
         for name in report.ignored + report.ignored_empty:
             log.info("%s: ignoring source layer %s (not in net %r)", src.path, name, net.name)
-        for name in report.missing:
-            log.warning("%s: learnable layer %s of net %r is not in the file; it keeps its values",
-                        src.path, name, net.name)
+        if report.missing:  # one line: Caffe's loading is lenient, and a truncated file looks like this
+            log.warning("%s: %d learnable layer(s) of net %r not in the file keep their values: %s "
+                        "(a file cut short loads like this; strict=True, Net(strict_weights=True) or "
+                        "convert --strict refuse it)", src.path, len(report.missing), net.name,
+                        ", ".join(report.missing))
         if strict and not report.complete:
             raise WeightsError(f"{src.path}: strict load into net {net.name!r}: layers in the file "
                                f"but not in the net: {report.ignored}; learnable layers of the net "
@@ -484,38 +538,38 @@ def _copy_into(param, src, rec):
 
 
 def _plan_hdf5(targets, path, report):
+    """Every blob is read and converted before anything is copied: a load is all or nothing."""
     plan = []
     with _hdf5_data(path) as data:
         for name, group in data.items():
+            blobs = _hdf5_layer_blobs(path, name, group)
             if name not in targets:
-                (report.ignored if len(group) else report.ignored_empty).append(name)
+                (report.ignored if blobs else report.ignored_empty).append(name)
                 continue
-            _, blobs = targets[name]
-            if len(group) > len(blobs):
+            _, params = targets[name]
+            if len(blobs) > len(params) or any(i >= len(params) for i in blobs):
                 raise WeightsError(f"{path}: incompatible number of blobs for layer {name!r}: the "
-                                   f"net has {len(blobs)}, the file has {len(group)}")
+                                   f"net has {len(params)}, the file has {len(blobs)}")
             copies = []
-            for i, (param, owns) in enumerate(blobs):
-                if str(i) not in group:
+            for i, (param, owns) in enumerate(params):
+                if i not in blobs:
                     if not owns:  # a shared blob: its owner layer carries the values
                         continue
                     raise WeightsError(f"{path}: incompatible number of blobs for layer {name!r}: "
                                        f"blob {i} is missing")
-                data = group[str(i)]
                 # the original fork reshapes the blob to the dataset (hdf5_load_nd_dataset with
                 # reshape); BVLC checks the shape, and so do we, as a mismatch is a user error
-                if tuple(data.shape) != tuple(param.shape):
-                    raise _mismatch(path, name, i, param.shape, data.shape)
-                if data.dtype.kind not in "fiu":
-                    raise WeightsError(f"{path}: /data/{name}/{i} has unsupported dtype {data.dtype}")
-                copies.append((param, np.asarray(data)))
-            plan.append((name, [(p, _array_fetch(a)) for p, a in copies]))
+                if tuple(blobs[i].shape) != tuple(param.shape):
+                    raise _mismatch(path, name, i, param.shape, blobs[i].shape)
+                value = torch.from_numpy(np.ascontiguousarray(_read_dataset(path, name, i, blobs[i])))
+                copies.append((param, _tensor_fetch(value.to(param.dtype))))
+            plan.append((name, copies))
     return plan
 
 
-def _array_fetch(array):
+def _tensor_fetch(value):
     def fetch(param):
-        param.detach().copy_(torch.from_numpy(np.ascontiguousarray(array)).to(param.dtype))
+        param.detach().copy_(value)
     return fetch
 
 
@@ -539,7 +593,7 @@ def _key(number, wire=2):
 def _blob_chunks(array):
     """The BlobProto of one array as Caffe's Blob::ToProto writes it (field order included):
     float32 -> data then shape; float64 -> shape then double_data."""
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
     if array.dtype not in (np.float32, np.float64):
         array = array.astype(np.float32)
     array = array.astype(array.dtype.newbyteorder("<"), copy=False)
@@ -571,14 +625,8 @@ def _layer_chunks(lp, arrays):
 
 def _write_atomic(path, write):
     """Write through a temporary file so a failure never leaves a partial weights file."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_caffemodel(path, layers, name="", progress=False):

@@ -7,6 +7,8 @@ from caffe_layers.layers.base import Layer
 
 @register("AbsVal")
 class AbsVal(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
     same_shape = True
 
     def forward(self, x):

@@ -37,14 +37,15 @@ def labels_per_prediction(scores, label, axis, ignore_label, name):
 
 @register("Accuracy")
 class Accuracy(Layer):
+    exact_bottoms = 2
+    min_tops, max_tops = 1, 2
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.accuracy_param
         self.top_k, self.axis = p.top_k, p.axis
         self.ignore_label = optional(p, "ignore_label")
         self.num_tops = len(param.top)
-        if len(bottom_shapes) != 2:
-            raise ValueError(f"layer {self.name!r}: Accuracy takes 2 bottoms (scores, labels)")
 
     def top_shapes(self, bottom_shapes):
         scores, label = bottom_shapes

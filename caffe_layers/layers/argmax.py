@@ -21,6 +21,9 @@ def top_k_desc(x, k, dim):
 
 @register("ArgMax")
 class ArgMax(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.argmax_param

@@ -5,6 +5,8 @@ import math
 import torch
 from torch import nn
 
+from caffe_layers.errors import PrototxtError
+from caffe_layers.formats.proto import check_blob_shape
 from caffe_layers.layers.fillers import fill
 
 
@@ -44,6 +46,12 @@ class Layer(nn.Module):
     """
 
     is_loss = False  # loss layers get loss_weight 1 on their first top by default
+    # Caffe's ExactNumBottomBlobs / MinBottomBlobs / MaxBottomBlobs and the same for tops, from the
+    # original layer's header (None: not constrained); checked once here, as Layer::CheckBlobCounts.
+    # Tops are not checked for a layer built without any (a module used on its own), nor their
+    # minimum for loss layers (Caffe's AutoTopBlobs adds the missing ones).
+    exact_bottoms = min_bottoms = max_bottoms = None
+    exact_tops = min_tops = max_tops = None
     same_shape = False  # one top of bottom 0's shape
 
     def __init__(self, param, bottom_shapes, phase):
@@ -55,6 +63,7 @@ class Layer(nn.Module):
         self.bottom_shapes = [tuple(s) for s in bottom_shapes]
         self.shared_blobs = set()  # indices of blobs that are another layer's (ParamSpec sharing)
         self._fills = []  # per blob: (filler_param, value), run by fill_blobs
+        self._check_blob_counts(len(self.bottom_shapes), len(param.top))
 
     def add_blob(self, shape, filler_param=None, value=None):
         """Append a learnable blob, to be filled by a FillerParameter or a constant (a number or a tensor).
@@ -62,6 +71,40 @@ class Layer(nn.Module):
         The values are written by fill_blobs, which the net runs for the blobs its weights do not give, so
         that a net built with weights draws no random numbers it would throw away."""
         self.blobs.append(nn.Parameter(torch.empty(tuple(shape))))
+        self._fills.append((filler_param, value))
+        if not _deferring[0]:
+            self._fill(len(self.blobs) - 1)
+    def _check_blob_counts(self, bottoms, tops):
+        checks = [("bottom", bottoms, self.exact_bottoms, self.min_bottoms, self.max_bottoms)]
+        if tops:
+            auto = self.is_loss and tops < (self.exact_tops or self.min_tops or 0)
+            if not auto:
+                checks.append(("top", tops, self.exact_tops, self.min_tops, self.max_tops))
+        for what, n, exact, low, high in checks:
+            if exact is not None and n != exact:
+                expected, number = "exactly", exact
+            elif low is not None and n < low:
+                expected, number = "at least", low
+            elif high is not None and n > high:
+                expected, number = "at most", high
+            else:
+                continue
+            raise PrototxtError(f"layer {self.name!r} ({self.param.type}): takes {expected} {number} {what} "
+                                f"blob{'' if number == 1 else 's'}, got {n}")
+
+    def add_blob(self, shape, filler_param=None, value=None):
+        """Append a learnable blob, to be filled by a FillerParameter or a constant (a number or a tensor).
+
+        The values are written by fill_blobs, which the net runs for the blobs its weights do not give, so
+        that a net built with weights draws no random numbers it would throw away."""
+        check_blob_shape(shape, f"layer {self.name!r}: parameter blob {len(self.blobs)}", PrototxtError)
+        try:
+            self.blobs.append(nn.Parameter(torch.empty(tuple(shape))))
+        except RuntimeError as err:
+            if not _too_large(err):
+                raise
+            raise PrototxtError(f"layer {self.name!r}: parameter blob {len(self.blobs)} of shape "
+                                f"{list(shape)} cannot be allocated") from err
         self._fills.append((filler_param, value))
         if not _deferring[0]:
             self._fill(len(self.blobs) - 1)
@@ -86,7 +129,10 @@ class Layer(nn.Module):
         filler_param, value = self._fills[i]
         blob = self.blobs[i]
         if filler_param is not None:
-            blob.copy_(fill(blob.shape, filler_param))
+            try:
+                blob.copy_(fill(blob.shape, filler_param))
+            except ValueError as err:  # the filler's settings; the net may fill after its build
+                raise PrototxtError(f"layer {self.name!r}: parameter blob {i}: {err}") from err
         elif isinstance(value, torch.Tensor):
             blob.copy_(value)
         else:
@@ -124,6 +170,11 @@ class Layer(nn.Module):
         return f"{self.name!r}"
 
 
+def _too_large(err):
+    text = str(err)
+    return "Storage size calculation overflowed" in text or "can't allocate memory" in text
+
+
 def meta_top_shapes(layer, bottom_shapes):
     """The top shapes found by running the layer's forward on meta tensors (parameters and buffers
     replaced by meta copies); the fallback of `Layer.top_shapes` and the tests' check of the rules."""
@@ -131,7 +182,13 @@ def meta_top_shapes(layer, bottom_shapes):
     metas = tuple(torch.empty(s, dtype=dtype, device="meta") for s in bottom_shapes)
     state = {k: torch.empty_like(v, device="meta") for k, v in layer.named_parameters()}
     state.update({k: torch.empty_like(v, device="meta") for k, v in layer.named_buffers()})
-    tops = torch.func.functional_call(layer, state, metas) if state else layer.forward(*metas)
+    try:
+        tops = torch.func.functional_call(layer, state, metas) if state else layer.forward(*metas)
+    except RuntimeError as err:  # shapes only: what fails here is a size, e.g. a huge pad
+        if not _too_large(err):
+            raise
+        raise PrototxtError(f"layer {layer.name!r}: its settings make a blob too large for these "
+                            f"bottoms ({err})") from err
     if isinstance(tops, torch.Tensor):
         tops = (tops,)
     return [tuple(t.shape) for t in tops]

@@ -30,6 +30,9 @@ from caffe_layers.formats.proto import TEST, TRAIN
 
 @register("BatchNorm")
 class BatchNorm(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.batch_norm_param
@@ -42,6 +45,8 @@ class BatchNorm(Layer):
         self.eps = p.eps
         shape = self.bottom_shapes[0]
         self.channels = 1 if len(shape) == 1 else shape[1]
+        if self.channels == 0:
+            raise ValueError(f"layer {self.name!r} (BatchNorm): the bottom {list(shape)} has 0 channels")
         self.add_blob((self.channels,))
         self.add_blob((self.channels,))
         self.add_blob((1,))

@@ -42,6 +42,9 @@ def broadcast_operand(x, operand, axis):
 
 @register("Bias")
 class Bias(Layer):
+    min_bottoms, max_bottoms = 1, 2
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.bias_param

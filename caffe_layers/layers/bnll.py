@@ -24,6 +24,8 @@ class _BNLL(torch.autograd.Function):
 
 @register("BNLL")
 class BNLL(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
     same_shape = True
 
     def forward(self, x):

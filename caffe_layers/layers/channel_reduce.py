@@ -10,6 +10,9 @@ from caffe_layers.ops.geometry import flt_max
 
 @register("ChannelReduce")
 class ChannelReduce(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.channel_reduce_param

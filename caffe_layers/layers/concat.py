@@ -25,6 +25,9 @@ class LegacyAxis:
 
 @register("Concat")
 class Concat(Layer):
+    min_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         self._axis = LegacyAxis(self.name, param.concat_param, "concat_dim")

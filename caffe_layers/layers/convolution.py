@@ -78,6 +78,9 @@ def each_bottom(layer, bottoms, conv):
 
 @register("Convolution")
 class Convolution(Layer):
+    min_bottoms = 1
+    min_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p, channels = conv_setup(self, param, bottom_shapes, "Convolution")

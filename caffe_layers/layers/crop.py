@@ -5,12 +5,13 @@ from caffe_layers.layers.base import Layer, canonical_axis
 
 @register("Crop")
 class Crop(Layer):
+    exact_bottoms = 2
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.crop_param
         self.what = f"layer {param.name!r} (Crop)"
-        if len(bottom_shapes) != 2:
-            raise ValueError(f"{self.what}: needs 2 bottoms (data, reference shape), got {len(bottom_shapes)}")
         ndim = len(bottom_shapes[0])
         self.axis = canonical_axis(p.axis, ndim, param.name)
         if len(p.offset) > 1 and self.axis + len(p.offset) != ndim:

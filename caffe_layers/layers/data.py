@@ -3,6 +3,7 @@ from functools import partial
 
 import numpy as np
 
+from caffe_layers.errors import DataError
 from caffe_layers.training.data import DataLayer, release_lmdb, shared_lmdb
 from caffe_layers.training.data.transformer import Transformer
 from caffe_layers.layers import register
@@ -29,6 +30,9 @@ def datum_image(datum, force_color=False, force_gray=False):
 
 @register("Data")
 class Data(DataLayer):
+    exact_bottoms = 0
+    min_tops, max_tops = 1, 2
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.data_param
@@ -44,6 +48,8 @@ class Data(DataLayer):
             raise ValueError(f"layer {self.name!r}: cannot open LMDB {p.source!r}: {err}") from None
         self.on_close(partial(release_lmdb, p.source))
         self.batch_size = p.batch_size
+        if self.batch_size < 1:
+            raise DataError(f"layer {self.name!r}: data_param.batch_size must be >= 1")
         self.tp = param.transform_param
         self.transform = Transformer(self.tp, phase, self.rng, self.name)
         self.txn = self.env.begin()

@@ -6,6 +6,9 @@ from caffe_layers.layers.convolution import _DECONV, conv_setup, conv_top_shapes
 
 @register("Deconvolution")
 class Deconvolution(Layer):
+    min_bottoms = 1
+    min_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p, channels = conv_setup(self, param, bottom_shapes, "Deconvolution")

@@ -15,6 +15,8 @@ from caffe_layers.ops.dist_loss import dist_loss, dist_loss_diff
 
 @register("DistLoss")
 class DistLoss(Layer):
+    exact_bottoms = 2
+    exact_tops = 1
     is_loss = True
 
     def __init__(self, param, bottom_shapes, phase):

@@ -21,7 +21,8 @@ def clamp_mask(x, rule):
     """(mask of clamped entries, replacement value) for rule 'cpu' or 'gpu'."""
     if rule == "cpu":
         return x == 0, 1e-4
-    return (x < 1e-6) & (x > -1e-6), 1e-6
+    wide = x.double()  # the kernel compares a float with the double literals 1e-6 and -1e-6
+    return (wide < 1e-6) & (wide > -1e-6), 1e-6
 
 
 class _Reciprocal(torch.autograd.Function):
@@ -43,12 +44,12 @@ class _Reciprocal(torch.autograd.Function):
 
 @register("Divide")
 class Divide(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
     same_shape = True
 
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
-        if len(bottom_shapes) != 1:
-            raise ValueError(f"layer {self.name!r} (Divide): takes 1 bottom, got {len(bottom_shapes)}")
         p = param.divide_param
         self.clamp = pb.DivideParameter.Clamp.Name(p.clamp).lower()  # "device", "cpu" or "gpu"
         self.modify_bottom, self.true_gradient = p.modify_bottom, p.true_gradient

@@ -13,6 +13,8 @@ from caffe_layers.formats.proto import TRAIN
 
 @register("Dropout")
 class Dropout(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
     same_shape = True
 
     def __init__(self, param, bottom_shapes, phase):

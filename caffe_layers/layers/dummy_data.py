@@ -4,20 +4,24 @@ import torch
 from caffe_layers.layers.fillers import FILLERS, fill
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.formats.proto import pb
+from caffe_layers.errors import PrototxtError
+from caffe_layers.formats.proto import check_blob_shape, pb
 
 
 @register("DummyData")
 class DummyData(Layer):
+    exact_bottoms = 0
+    min_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.dummy_data_param
         tops = len(param.top)
-        if bottom_shapes:
-            raise ValueError(f"layer {self.name!r}: DummyData takes no bottoms")
         if len(p.data_filler) not in (0, 1, tops):
             raise ValueError(f"layer {self.name!r}: give 0, 1 or {tops} data_filler, got {len(p.data_filler)}")
         self.shapes = self._shapes(p, tops)
+        for top, shape in zip(param.top, self.shapes):
+            check_blob_shape(shape, f"layer {self.name!r}: top {top!r}", PrototxtError)
         if len(p.data_filler) == 0:
             fillers = [pb.FillerParameter(type="constant", value=0)]
         else:

@@ -34,6 +34,9 @@ class _ProdByDivision(torch.autograd.Function):
 
 @register("Eltwise")
 class Eltwise(Layer):
+    min_bottoms = 2
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.eltwise_param

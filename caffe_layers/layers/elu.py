@@ -10,6 +10,8 @@ from caffe_layers.layers.base import Layer
 
 @register("ELU")
 class ELU(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
     same_shape = True
 
     def __init__(self, param, bottom_shapes, phase):

@@ -5,12 +5,9 @@ from caffe_layers.layers.base import Layer, count
 
 @register("EuclideanLoss")
 class EuclideanLoss(Layer):
+    exact_bottoms = 2
+    exact_tops = 1
     is_loss = True
-
-    def __init__(self, param, bottom_shapes, phase):
-        super().__init__(param, bottom_shapes, phase)
-        if len(bottom_shapes) != 2:
-            raise ValueError(f"layer {self.name!r}: EuclideanLoss takes 2 bottoms")
 
     def top_shapes(self, bottom_shapes):
         a, b = (tuple(s) for s in bottom_shapes)

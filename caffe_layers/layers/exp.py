@@ -30,6 +30,8 @@ def check_base(layer_name, kind, base):
 
 @register("Exp")
 class Exp(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
     same_shape = True
 
     def __init__(self, param, bottom_shapes, phase):

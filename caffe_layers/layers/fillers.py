@@ -20,6 +20,8 @@ def fill(shape, param, dtype=torch.float32):
     kind = param.type
     if kind not in FILLERS:
         raise ValueError(f"unknown filler type {kind!r}; known: {sorted(FILLERS)}")
+    if math.prod(shape) == 0 and kind != "xy":  # nothing to draw (and fan_in / fan_out would be 0)
+        return torch.empty(tuple(shape), dtype=dtype)
     return FILLERS[kind](tuple(shape), param, dtype)
 
 
@@ -57,11 +59,15 @@ def constant(shape, param, dtype):
 
 @filler("uniform")
 def uniform(shape, param, dtype):
+    if not param.min <= param.max:  # caffe_rng_uniform: CHECK_LE(a, b)
+        raise ValueError(f"uniform filler needs min <= max, got min {param.min:g}, max {param.max:g}")
     return torch.empty(shape, dtype=dtype).uniform_(param.min, param.max)
 
 
 @filler("gaussian")
 def gaussian(shape, param, dtype):
+    if not param.std > 0:  # caffe_rng_gaussian: CHECK_GT(sigma, 0)
+        raise ValueError(f"gaussian filler needs std > 0, got {param.std:g}")
     x = torch.empty(shape, dtype=dtype).normal_(param.mean, param.std)
     return _sparsify(x, shape, param)
 

@@ -7,6 +7,9 @@ from caffe_layers.layers.base import Layer, canonical_axis
 
 @register("Flatten")
 class Flatten(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         self.axis, self.end_axis = param.flatten_param.axis, param.flatten_param.end_axis

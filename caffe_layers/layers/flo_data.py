@@ -5,28 +5,23 @@ batch_size, shuffle, rand_skip. One top of shape (batch_size, 2, H, W).
 """
 import numpy as np
 
-from caffe_layers.training.data import DataLayer
+from caffe_layers.training.data import DataLayer, read_list_lines
 from caffe_layers.formats.flo import read_flo, read_flo_header
 from caffe_layers.layers import register
 
 
 @register("FloData")
 class FloData(DataLayer):
+    exact_bottoms = 0
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = self.ip = param.image_data_param
-        if len(param.top) != 1:
-            raise ValueError(f"layer {self.name!r} (FloData): expected exactly 1 top, got {len(param.top)}")
         if p.batch_size < 1:
             raise ValueError(f"layer {self.name!r}: image_data_param.batch_size must be >= 1")
-        try:
-            with open(p.source) as f:
-                # every whitespace-separated token is a file, as the original reads `infile >> filename`
-                files = f.read().split()
-        except OSError:
-            raise FileNotFoundError(f"layer {self.name!r}: cannot open source list {p.source!r}") from None
-        if not files:
-            raise ValueError(f"layer {self.name!r}: source list {p.source!r} is empty")
+        # every whitespace-separated token is a file, as the original reads `infile >> filename`
+        files = [token for _, text in read_list_lines(p.source, self.name) for token in text.split()]
         self._start_list(files, "files")
         w, h = self._header(self.pos)
         self.shapes = [(p.batch_size, 2, h, w)]

@@ -16,6 +16,8 @@ from caffe_layers.formats.proto import pb
 
 @register("GateRecurrent2dnoind")
 class GateRecurrent2dnoind(Layer):
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.gaterecurrent2dnoind_param

@@ -2,12 +2,16 @@
 import h5py
 import numpy as np
 
+from caffe_layers.errors import DataError
 from caffe_layers.training.data import DataLayer, read_list, resolve
 from caffe_layers.layers import register
 
 
 @register("HDF5Data")
 class HDF5Data(DataLayer):
+    exact_bottoms = 0
+    min_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.hdf5_data_param
@@ -25,19 +29,32 @@ class HDF5Data(DataLayer):
         self.shapes = [(self.batch_size,) + a.shape[1:] for a in self.arrays]
 
     def _load(self, path):
+        where = f"layer {self.name!r}: HDF5 file {str(path)!r}"
         try:
             with h5py.File(path, "r") as f:
-                missing = [t for t in self.tops if t not in f]
+                missing = [t for t in self.tops if not isinstance(f.get(t), h5py.Dataset)]
                 if missing:
-                    raise KeyError(f"datasets {missing} missing (has {list(f)})")
-                self.arrays = [np.asarray(f[t], dtype=np.float32) for t in self.tops]
-        except (OSError, KeyError) as err:
-            raise ValueError(f"layer {self.name!r}: cannot read HDF5 file {str(path)!r}: {err}") from None
-        num = self.arrays[0].shape[0]
-        for t, a in zip(self.tops, self.arrays):
-            if a.ndim < 1 or a.shape[0] != num:
-                raise ValueError(f"layer {self.name!r}: {path}: dataset {t!r} has shape {a.shape}; "
-                                 f"every dataset needs {num} rows")
+                    raise DataError(f"{where}: datasets {missing} missing (has {list(f)})")
+                for t in self.tops:
+                    if f[t].ndim < 1 or f[t].dtype.kind not in "fiub":
+                        raise DataError(f"{where}: dataset {t!r} ({f[t].dtype}, shape {list(f[t].shape)}) "
+                                        f"is not a numeric array of rows")
+                arrays = [np.asarray(f[t], dtype=np.float32) for t in self.tops]
+        except DataError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError, MemoryError) as err:
+            raise DataError(f"{where}: cannot read it: {type(err).__name__}: {err}") from err
+        num = arrays[0].shape[0]
+        for t, a in zip(self.tops, arrays):
+            if a.shape[0] != num:
+                raise DataError(f"{where}: dataset {t!r} has shape {list(a.shape)}; every dataset "
+                                f"needs {num} rows")
+        if num == 0:
+            raise DataError(f"{where}: the datasets have no rows")
+        if hasattr(self, "arrays") and [a.shape[1:] for a in arrays] != [a.shape[1:] for a in self.arrays]:
+            raise DataError(f"{where}: rows of shapes {[list(a.shape[1:]) for a in arrays]}, but the "
+                            f"first file's are {[list(a.shape[1:]) for a in self.arrays]}")
+        self.arrays = arrays
         self.rows = np.arange(num)
         if self.shuffle:
             self.rng.shuffle(self.rows)

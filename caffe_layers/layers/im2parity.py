@@ -11,6 +11,9 @@ from caffe_layers.native import im2parity
 
 @register("Im2parity")
 class Im2parity(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         self.axis, self.kernel, self.pad, self.stride, self.dilation = patch_geometry(param, bottom_shapes[0])

@@ -7,6 +7,9 @@ from caffe_layers.layers.base import Layer, canonical_axis, count
 
 @register("InnerProduct")
 class InnerProduct(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.inner_product_param

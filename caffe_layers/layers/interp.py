@@ -29,6 +29,9 @@ def interp_matrix(size_in, offset, size_eff, size_out):
 
 @register("Interp")
 class Interp(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.interp_param

@@ -9,6 +9,9 @@ from caffe_layers.formats.proto import pb
 
 @register("LRN")
 class LRN(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.lrn_param

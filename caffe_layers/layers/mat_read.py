@@ -32,11 +32,12 @@ def read_name_list(source, strip, what):
 
 @register("MatRead")
 class MatRead(Layer):
+    exact_bottoms = 0
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.mat_read_param
-        if bottom_shapes or len(param.top) != 1:
-            raise ValueError(f"MatRead layer {self.name!r} takes no bottoms and exactly one top")
         if p.batch_size <= 0:
             raise ValueError(f"MatRead layer {self.name!r}: batch_size must be positive, got {p.batch_size}")
         self.prefix, self.batch_size = p.prefix, p.batch_size

@@ -18,11 +18,11 @@ log = logging.getLogger(__name__)
 
 @register("MatWrite")
 class MatWrite(Layer):
+    exact_tops = 0
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.mat_write_param
-        if len(param.top):
-            raise ValueError(f"MatWrite layer {self.name!r} has no tops, got {list(param.top)}")
         if p.period <= 0:
             raise ValueError(f"MatWrite layer {self.name!r}: period must be positive, got {p.period}")
         self.prefix, self.period = p.prefix, p.period

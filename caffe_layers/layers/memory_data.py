@@ -7,6 +7,9 @@ from caffe_layers.layers import register
 
 @register("MemoryData")
 class MemoryData(DataLayer):
+    exact_bottoms = 0
+    exact_tops = 2
+
     prefetch = 0  # the arrays can be replaced between batches
 
     def __init__(self, param, bottom_shapes, phase):

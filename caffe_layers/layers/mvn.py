@@ -38,6 +38,9 @@ def _normalize(x, eps):
 
 @register("MVN")
 class MVN(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.mvn_param

@@ -13,11 +13,12 @@ from caffe_layers.formats.proto import pb
 
 @register("NormConv")
 class NormConv(Layer):
+    exact_bottoms = 2
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         cp, ncp = param.convolution_param, param.norm_conv_param
-        if len(bottom_shapes) != 2:
-            raise ValueError(f"NormConv layer {self.name!r} needs 2 bottoms (image, embeddings)")
         img, emb = bottom_shapes
         if len(img) != 4 or len(emb) != 4 or img[0] != emb[0] or img[2:] != emb[2:]:
             raise ValueError(f"NormConv layer {self.name!r}: image {list(img)} and embeddings {list(emb)} must be "

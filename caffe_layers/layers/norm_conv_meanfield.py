@@ -22,12 +22,13 @@ from caffe_layers.formats.proto import pb
 
 @register("NormConvMeanfield")
 class NormConvMeanfield(Layer):
+    exact_bottoms = 4
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.norm_conv_meanfield_param
         what = f"NormConvMeanfield layer {self.name!r}"
-        if len(bottom_shapes) != 4:
-            raise ValueError(f"{what} needs 4 bottoms (unary, q0, rgbxy, xy)")
         unary, q0, rgbxy, xy = bottom_shapes
         if any(len(s) != 4 for s in bottom_shapes) or q0 != unary or any(
                 s[0] != unary[0] or s[2:] != unary[2:] for s in (rgbxy, xy)):

@@ -48,6 +48,9 @@ def torch_pooled_size(size, kernel, pad, stride, ceil_mode):
 
 @register("Pooling")
 class Pooling(Layer):
+    exact_bottoms = 1
+    min_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.pooling_param
@@ -73,9 +76,9 @@ class Pooling(Layer):
         self.pad = (p.pad_h, p.pad_w) if has("pad_h") else (p.pad, p.pad)
         self.stride = (p.stride_h, p.stride_w) if has("stride_h") else (p.stride, p.stride)
         self.ceil_mode = p.round_mode == PP.CEIL and p.ceil_mode  # ceil_mode: OpenCV's proto (false: floor)
-        if len(bottom_shapes) != 1 or len(bottom_shapes[0]) != 4:
-            raise ValueError(f"{what}: needs one bottom with 4 axes (num, channels, height, width), "
-                             f"got shapes {[list(s) for s in bottom_shapes]}")
+        if len(bottom_shapes[0]) != 4:
+            raise ValueError(f"{what}: needs a bottom with 4 axes (num, channels, height, width), "
+                             f"got {list(bottom_shapes[0])}")
         if self.global_pooling:
             self.kernel = tuple(bottom_shapes[0][2:])
             if self.pad != (0, 0) or self.stride != (1, 1):
@@ -155,7 +158,7 @@ class Pooling(Layer):
 
     def _max(self, x, kernel, out):
         win = self._windows(x, kernel, out, float("-inf"))
-        val, idx = win.reshape(win.shape[:4] + (-1,)).max(-1)  # first maximum, as Caffe's strict '>'
+        val, idx = win.flatten(4).max(-1)  # first maximum, as Caffe's strict '>'
         # Caffe starts from -FLT_MAX; a window with nothing above it gives -FLT_MAX, mask -1, no gradient.
         top = val.clamp_min(-flt_max(x.dtype))
         if not self.mask_top:

@@ -52,6 +52,8 @@ def _forward(x, power, scale, shift):
 
 @register("Power")
 class Power(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
     same_shape = True
 
     def __init__(self, param, bottom_shapes, phase):

@@ -8,6 +8,9 @@ OPS = pb.ReductionParameter
 
 @register("Reduction")
 class Reduction(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.reduction_param

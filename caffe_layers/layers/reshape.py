@@ -7,6 +7,9 @@ from caffe_layers.layers.base import Layer
 
 @register("Reshape")
 class Reshape(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.reshape_param

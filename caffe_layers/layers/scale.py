@@ -18,6 +18,9 @@ from caffe_layers.formats.proto import pb
 
 @register("Scale")
 class Scale(Layer):
+    min_bottoms, max_bottoms = 1, 2
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.scale_param

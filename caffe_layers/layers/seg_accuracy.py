@@ -11,10 +11,11 @@ from caffe_layers.layers.base import Layer, legacy_shape
 
 @register("SegAccuracy")
 class SegAccuracy(Layer):
+    exact_bottoms = 2
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
-        if len(bottom_shapes) != 2:
-            raise ValueError(f"layer {self.name!r} (SegAccuracy): needs 2 bottoms (scores, labels)")
         s, l = (legacy_shape(x) for x in self.bottom_shapes)
         if len(self.bottom_shapes[0]) > 4 or len(self.bottom_shapes[1]) > 4:
             raise ValueError(f"layer {self.name!r} (SegAccuracy): needs bottoms of at most 4 axes")

@@ -32,6 +32,8 @@ class _SigmoidCE(torch.autograd.Function):
 
 @register("SigmoidCrossEntropyLoss")
 class SigmoidCrossEntropyLoss(Layer):
+    exact_bottoms = 2
+    exact_tops = 1
     is_loss = True
 
     def __init__(self, param, bottom_shapes, phase):
@@ -41,8 +43,6 @@ class SigmoidCrossEntropyLoss(Layer):
         # BVLC's rule; the segaware fork has no options and always divides by the batch size,
         # which is also the default here.
         self.mode = loss_normalization(lp, default=NORM.BATCH_SIZE)
-        if len(bottom_shapes) != 2:
-            raise ValueError(f"layer {self.name!r}: SigmoidCrossEntropyLoss takes 2 bottoms (scores, targets)")
 
     def top_shapes(self, bottom_shapes):
         x, target = (tuple(s) for s in bottom_shapes)

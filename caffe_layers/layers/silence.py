@@ -5,6 +5,9 @@ from caffe_layers.layers.base import Layer
 
 @register("Silence")
 class Silence(Layer):
+    min_bottoms = 1
+    exact_tops = 0
+
     def top_shapes(self, bottom_shapes):
         return []
 

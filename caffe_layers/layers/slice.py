@@ -6,6 +6,9 @@ from caffe_layers.layers.concat import LegacyAxis
 
 @register("Slice")
 class Slice(Layer):
+    exact_bottoms = 1
+    min_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.slice_param

@@ -7,6 +7,9 @@ from caffe_layers.layers.base import Layer, canonical_axis
 
 @register("Softmax")
 class Softmax(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         self.axis = param.softmax_param.axis

@@ -63,6 +63,8 @@ class _SoftmaxLoss(torch.autograd.Function):
 
 @register("SoftmaxWithLoss")
 class SoftmaxWithLoss(Layer):
+    exact_bottoms = 2
+    min_tops, max_tops = 1, 2
     is_loss = True
 
     def __init__(self, param, bottom_shapes, phase):
@@ -72,8 +74,6 @@ class SoftmaxWithLoss(Layer):
         self.mode = loss_normalization(lp)
         self.axis = param.softmax_param.axis
         self.num_tops = len(param.top)
-        if len(bottom_shapes) != 2:
-            raise ValueError(f"layer {self.name!r}: SoftmaxWithLoss takes 2 bottoms (scores, labels)")
 
     def top_shapes(self, bottom_shapes):
         scores, label = (tuple(s) for s in bottom_shapes)

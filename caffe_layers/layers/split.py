@@ -5,6 +5,9 @@ from caffe_layers.layers.base import Layer
 
 @register("Split")
 class Split(Layer):
+    exact_bottoms = 1
+    min_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         self.num_tops = len(param.top)

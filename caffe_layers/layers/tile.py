@@ -5,6 +5,9 @@ from caffe_layers.layers.base import Layer, canonical_axis
 
 @register("Tile")
 class Tile(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.tile_param

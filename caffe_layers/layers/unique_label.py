@@ -11,6 +11,9 @@ from caffe_layers.layers.base import Layer
 
 @register("UniqueLabel")
 class UniqueLabel(Layer):
+    exact_bottoms = 1
+    exact_tops = 1
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.unique_label_param

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from caffe_layers.errors import atomic_path, check_overwrite, write_atomic
 from caffe_layers.formats.proto import pb, phase_value
 from caffe_layers.formats.prototxt import read_net
 
@@ -256,7 +257,7 @@ def draw(model, path, phase=None, rankdir="LR", engine="auto", style_tops=False)
     if fmt not in ("png", "svg", "pdf", "dot"):
         raise ValueError(f"draw: output {path} must end in .png, .svg, .pdf or .dot")
     if fmt == "dot":
-        path.write_text(to_dot(net_param, phase, rankdir, style_tops=style_tops))
+        write_atomic(path, to_dot(net_param, phase, rankdir, style_tops=style_tops), "w")
         return "dot-source"
     if engine == "auto":
         engine = "graphviz" if shutil.which("dot") else "matplotlib"
@@ -265,9 +266,10 @@ def draw(model, path, phase=None, rankdir="LR", engine="auto", style_tops=False)
             raise ValueError("draw: Graphviz's `dot` is not installed (use --engine matplotlib)")
         image = subprocess.run(["dot", f"-T{fmt}"], input=to_dot(net_param, phase, rankdir, style_tops=style_tops).encode(),
                                capture_output=True, check=True).stdout
-        path.write_bytes(image)
+        write_atomic(path, image)
     else:
-        render_matplotlib(net_param, path, phase, rankdir, style_tops)
+        with atomic_path(path) as tmp:
+            render_matplotlib(net_param, tmp, phase, rankdir, style_tops, fmt)
     return engine
 
 
@@ -279,6 +281,7 @@ def add_arguments(parser, command):
     parser.add_argument("--rankdir", default="LR", choices=["LR", "TB", "BT", "RL"], help="graph direction")
     parser.add_argument("--engine", default="auto", choices=["auto", "graphviz", "matplotlib"],
                         help="renderer (auto: Graphviz's dot when installed)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     parser.add_argument("--style-tops", action="store_true",
                         help="draw every blob as an octagon (draw_net leaves blobs last seen as tops plain)")
 
@@ -286,8 +289,9 @@ def add_arguments(parser, command):
 def run(args):
     phase = None if args.phase == "ALL" else phase_value(args.phase)
     try:
+        check_overwrite(args.output, args.force)
         engine = draw(args.model, args.output, phase, args.rankdir, args.engine, args.style_tops)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"caffe-layers draw: error: {err}", file=sys.stderr)
         return 2
     print(f"drew {args.model} to {args.output} ({engine})")

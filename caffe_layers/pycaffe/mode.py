@@ -4,6 +4,8 @@ import logging
 
 import torch
 
+from caffe_layers.errors import DeviceError
+
 _state = {"gpu": False, "device_id": 0, "solver_count": 1, "solver_rank": 0, "multiprocess": False}
 _log = logging.getLogger("caffe")
 
@@ -19,7 +21,15 @@ def set_mode_gpu():
 
 
 def set_device(device_id):
-    _state["device_id"] = int(device_id)
+    """As Caffe::SetDevice: a device that is not there is an error (Caffe's cudaSetDevice, or its
+    CPU-only build, stops there), not something found out at the first GPU net."""
+    device_id = int(device_id)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not 0 <= device_id < count:
+        raise DeviceError(f"caffe.set_device({device_id}): "
+                          + (f"torch sees {count} CUDA device(s), 0..{count - 1}" if count
+                             else "no CUDA device is available to torch"))
+    _state["device_id"] = device_id
 
 
 def device():

@@ -11,14 +11,10 @@ import os
 import torch
 from google.protobuf import text_format
 
+from caffe_layers.errors import atomic_path, check_overwrite
 from caffe_layers.formats.proto import phase_value, pb
 
 PT_FORMAT = "caffe_layers.engine.net/1"
-
-
-def _overwrite_check(path, force):
-    if os.path.exists(path) and not force:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
 
 
 def save_pt(net, path):
@@ -28,9 +24,10 @@ def save_pt(net, path):
     for layer in definition.layer:
         layer.ClearField("blobs")
     definition.ClearField("state")
-    torch.save({"format": PT_FORMAT, "net": text_format.MessageToString(definition),
-                "phase": int(net.phase),
-                "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}, path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": PT_FORMAT, "net": text_format.MessageToString(definition),
+                    "phase": int(net.phase),
+                    "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}, tmp)
 
 
 def read_pt(path):
@@ -64,7 +61,7 @@ def convert_to_pt(prototxt, weights, out, phase="test", force=False, strict=Fals
     from caffe_layers.engine.net import Net
     from caffe_layers.formats.weights import load_weights
 
-    _overwrite_check(out, force)
+    check_overwrite(out, force)
     net = Net(prototxt, phase=phase_value(phase))
     report = load_weights(net, weights, strict=strict, progress=progress and _large(weights))
     save_pt(net, out)
@@ -74,7 +71,7 @@ def convert_to_pt(prototxt, weights, out, phase="test", force=False, strict=Fals
 def convert_from_pt(pt, out, force=False, progress=False):
     from caffe_layers.formats.weights import save_weights
 
-    _overwrite_check(out, force)
+    check_overwrite(out, force)
     save_weights(load_pt(pt), out, progress=progress and _large(pt))
 
 

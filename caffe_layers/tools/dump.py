@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from caffe_layers.errors import atomic_path, check_overwrite
 from caffe_layers.formats.proto import pb
 
 
@@ -223,21 +224,23 @@ def dump_dict(net, entries, inputs):
 def write_dump(path, data):
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".npz":
-        np.savez(path, **data)
-    elif suffix in (".h5", ".hdf5"):
-        import h5py
-
-        from caffe_layers.tools.reference import h5_name
-
-        with h5py.File(path, "w") as f:
-            for key, value in data.items():
-                if value.dtype.kind == "U":
-                    f.create_dataset(h5_name(key), data=value.astype(object), dtype=h5py.string_dtype())
-                else:
-                    f.create_dataset(h5_name(key), data=value)
-    else:
+    if suffix not in (".npz", ".h5", ".hdf5"):
         raise ValueError(f"dump: output {path} must end in .npz, .h5 or .hdf5")
+    with atomic_path(path) as tmp:
+        if suffix == ".npz":
+            with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to the temporary name
+                np.savez(f, **data)
+        else:
+            import h5py
+
+            from caffe_layers.tools.reference import h5_name
+
+            with h5py.File(tmp, "w") as f:
+                for key, value in data.items():
+                    if value.dtype.kind == "U":
+                        f.create_dataset(h5_name(key), data=value.astype(object), dtype=h5py.string_dtype())
+                    else:
+                        f.create_dataset(h5_name(key), data=value)
 
 
 def add_arguments(parser, command):
@@ -246,16 +249,18 @@ def add_arguments(parser, command):
     parser.add_argument("-o", "--output", required=True, help="blobs.npz or blobs.h5")
     parser.add_argument("--phase", default="TEST", type=str.upper, choices=["TEST", "TRAIN"])
     parser.add_argument("--splits", action="store_true", help="also list the Split layers Caffe would insert")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     add_input_arguments(parser)
 
 
 def run(args):
     try:
+        check_overwrite(args.output, args.force)
         net = build_net(args)
         inputs = load_inputs(args, net)
         entries = capture(net, inputs, splits=args.splits)
         write_dump(args.output, dump_dict(net, entries, inputs))
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, OSError) as err:
         print(f"caffe-layers dump: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {len(entries)} tops of {len(net.steps)} layers to {args.output}")

@@ -7,6 +7,7 @@ into an update with the local rate (rate x lr_mult) folded in before momentum, a
 """
 import logging
 import math
+import os
 import signal
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from caffe_layers.engine.net import Net
-from caffe_layers.formats.proto import pb
+from caffe_layers.errors import PrototxtError, SolverStateError, atomic_path, check_readable_file, write_atomic
+from caffe_layers.formats.proto import check_blob_shape, pb
 from caffe_layers.formats.prototxt import read_net, read_solver
 
 log = logging.getLogger("caffe_layers.training.solver")
@@ -25,37 +27,58 @@ SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
 _LEGACY_TYPES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
 
 
+def _pow(base, exponent):
+    """C's pow() on doubles: overflow gives inf, a negative base to a fractional power nan."""
+    with np.errstate(all="ignore"):
+        return float(np.power(np.float64(base), np.float64(exponent)))
+
+
+def _exp(x):
+    """C's exp() on a double: overflow gives inf."""
+    with np.errstate(all="ignore"):
+        return float(np.exp(np.float64(x)))
+
+
+def _f32(x):
+    """A double rounded to float, as C++ does (out-of-range values become inf)."""
+    with np.errstate(all="ignore"):
+        return float(np.float32(x))
+
+
 def learning_rate(param, it, current_step):
-    """(rate, current_step) of Caffe's SGDSolver::GetLearningRate at iteration `it`."""
+    """(rate, current_step) of Caffe's SGDSolver::GetLearningRate at iteration `it`, computed as the
+    C++ does: float settings, double pow/exp, so overflow gives inf or 0 and never an exception."""
     policy = param.lr_policy
     base = param.base_lr
     if policy == "fixed":
         rate = base
     elif policy == "step":
-        if param.stepsize <= 0:
-            raise ValueError("solver: lr_policy 'step' needs stepsize > 0")
-        current_step = it // param.stepsize
-        rate = base * param.gamma ** current_step
+        if param.stepsize <= 0:  # Caffe divides by zero
+            raise PrototxtError("solver: lr_policy 'step' needs stepsize > 0")
+        current_step = int(np.trunc(it / param.stepsize))  # C++ integer division truncates
+        rate = base * _pow(param.gamma, current_step)
     elif policy == "exp":
-        rate = base * param.gamma ** it
+        rate = base * _pow(param.gamma, it)
     elif policy == "inv":
-        rate = base * (1.0 + param.gamma * it) ** (-param.power)
+        rate = base * _pow(_f32(1.0 + _f32(param.gamma * _f32(it))), -param.power)
     elif policy == "multistep":
         # Quirk: at most one step is taken per call, so two stepvalues passed in one
         # iteration (e.g. after a resume) take effect on consecutive iterations.
         if current_step < len(param.stepvalue) and it >= param.stepvalue[current_step]:
             current_step += 1
             log.info("MultiStep Status: Iteration %d, step = %d", it, current_step)
-        rate = base * param.gamma ** current_step
+        rate = base * _pow(param.gamma, current_step)
     elif policy == "poly":
-        frac = float(np.float32(it) / np.float32(param.max_iter))
-        rate = base * (1.0 - frac) ** param.power
+        with np.errstate(all="ignore"):  # max_iter 0: inf or nan, as in C++
+            frac = float(np.float32(it) / np.float32(param.max_iter))
+        rate = base * _pow(_f32(1.0 - frac), param.power)
     elif policy == "sigmoid":
-        rate = base / (1.0 + math.exp(-param.gamma * (it - param.stepsize)))
+        with np.errstate(all="ignore"):
+            rate = base * (1.0 / (1.0 + _exp(-param.gamma * _f32(_f32(it) - _f32(param.stepsize)))))
     else:
-        raise ValueError(f"solver: unknown lr_policy {policy!r}; expected fixed, step, exp, inv, "
-                         f"multistep, poly or sigmoid")
-    return float(np.float32(rate)), current_step  # Caffe computes the rate as a float
+        raise PrototxtError(f"solver: unknown lr_policy {policy!r}; expected fixed, step, exp, inv, "
+                            f"multistep, poly or sigmoid")
+    return _f32(rate), current_step  # Caffe computes the rate as a float
 
 
 def solver_type(param):
@@ -326,7 +349,8 @@ class Solver:
             m, v = h, self.history[len(self.params) + i]
             b1, b2 = p.momentum, p.momentum2
             t = self.iter + 1
-            correction = float(np.float32(math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)))
+            with np.errstate(all="ignore"):  # C++ arithmetic: nan or inf, never an exception
+                correction = _f32(np.sqrt(np.float64(1.0 - _pow(b2, t))) / np.float64(1.0 - _pow(b1, t)))
             m.mul_(b1).add_(g, alpha=1.0 - b1)
             v.mul_(b2).add_(g * g, alpha=1.0 - b2)
             return (local_rate * correction) * (m / (v.sqrt() + p.delta))
@@ -421,7 +445,7 @@ class Solver:
         state = self.snapshot_filename(".solverstate.h5" if hdf5 else ".solverstate")
         log.info("Snapshotting solver state to %s file %s", "HDF5" if hdf5 else "binary proto", state)
         if hdf5:
-            with h5py.File(state, "w") as f:
+            with atomic_path(state) as tmp, h5py.File(tmp, "w") as f:
                 f["iter"] = np.int32(self.iter)
                 f["learned_net"] = np.bytes_(model)
                 f["current_step"] = np.int32(self.current_step)
@@ -434,46 +458,41 @@ class Solver:
                 blob = msg.history.add()
                 blob.shape.dim.extend(h.shape)
                 blob.data.extend(h.detach().cpu().float().reshape(-1).tolist())
-            Path(state).write_bytes(msg.SerializeToString())
+            write_atomic(state, msg.SerializeToString())
         return model, state
 
     def restore(self, state_file):
         """Continue from a .solverstate(.h5): iteration, step, history and the learned net."""
         from caffe_layers.formats.weights import load_weights
 
-        state_file = str(state_file)
+        state_file = check_readable_file(state_file, "solver state")
         if state_file.endswith(".h5"):
-            with h5py.File(state_file, "r") as f:
-                it = int(f["iter"][()])
-                learned = f["learned_net"][()].decode() if "learned_net" in f else ""
-                step = int(f["current_step"][()])
-                group = f["history"]
-                history = [np.asarray(group[str(i)]) for i in range(len(group))]
+            it, learned, step, history = read_solverstate_hdf5(state_file, self._history_shapes())
         else:
-            msg = pb.SolverState()
-            try:
-                msg.ParseFromString(Path(state_file).read_bytes())
-            except Exception as err:
-                raise ValueError(f"{state_file}: not a SolverState binary proto ({err})") from None
-            it, learned, step = msg.iter, msg.learned_net, msg.current_step
-            history = [blob_array(b, state_file) for b in msg.history]
+            it, learned, step, history = read_solverstate(state_file)
         if len(history) != len(self.history):
-            raise ValueError(f"{state_file}: {len(history)} history blobs, but this {self.type} solver "
-                             f"over this net has {len(self.history)}")
+            raise SolverStateError(f"{state_file}: {len(history)} history blobs, but this {self.type} "
+                                   f"solver over this net has {len(self.history)}")
+        for i, (h, values) in enumerate(zip(self.history, history)):
+            if values.size != h.numel():
+                raise SolverStateError(f"{state_file}: history blob {i} has {values.size} values, "
+                                       f"expected {h.numel()} (shape {list(h.shape)})")
         if learned:
-            path = Path(learned)
-            if not path.exists() and (Path(state_file).parent / learned).exists():
-                path = Path(state_file).parent / learned  # snapshot moved together with its model
-            load_weights(self.net, str(path))
+            moved = os.path.join(os.path.dirname(state_file), learned)
+            if not os.path.exists(learned) and os.path.exists(moved):
+                learned = moved  # snapshot moved together with its model
+            if not os.path.isfile(learned):
+                raise SolverStateError(f"{state_file}: its learned_net {learned!r} is not found")
+            load_weights(self.net, learned)
         with torch.no_grad():
-            for i, (h, values) in enumerate(zip(self.history, history)):
-                if values.size != h.numel():
-                    raise ValueError(f"{state_file}: history blob {i} has {values.size} values, "
-                                     f"expected {h.numel()} (shape {list(h.shape)})")
+            for h, values in zip(self.history, history):
                 h.copy_(torch.as_tensor(values.reshape(h.shape), dtype=h.dtype))
         self.iter, self.current_step = it, step
         if self.resume_data == "skip":
             self.skip_batches(it * self.param.iter_size)
+
+    def _history_shapes(self):
+        return [tuple(h.shape) for h in self.history]
 
     def skip_batches(self, n):
         """Advance every data layer of the train net by n batches (read and dropped, not turned into tensors)."""
@@ -510,7 +529,7 @@ def loss_suffix(weight, value):
     return f" (* {weight:g} = {weight * value:g} loss)" if weight else ""
 
 
-def blob_array(blob, source="?"):
+def blob_array(blob, source="?", error=SolverStateError):
     """The values of a BlobProto as a float array of its shape (legacy 4-D fields too)."""
     if blob.HasField("shape"):
         shape = tuple(blob.shape.dim)
@@ -518,10 +537,75 @@ def blob_array(blob, source="?"):
         shape = (blob.num, blob.channels, blob.height, blob.width)
     else:
         shape = (len(blob.data) or len(blob.double_data),)
+    check_blob_shape(shape, source, error)
     values = np.asarray(blob.double_data if len(blob.double_data) else blob.data, dtype=np.float32)
-    if values.size != int(np.prod(shape)):
-        raise ValueError(f"{source}: BlobProto with shape {list(shape)} holds {values.size} values")
+    if values.size != math.prod(shape):
+        raise error(f"{source}: BlobProto with shape {list(shape)} holds {values.size} values")
     return values.reshape(shape)
+
+
+def read_solverstate(path):
+    """(iter, learned_net, current_step, [history arrays]) of a binary .solverstate. Caffe's
+    snapshot writes every field, so a missing iter or current_step means a file cut short."""
+    msg = pb.SolverState()
+    try:
+        msg.ParseFromString(Path(path).read_bytes())
+    except OSError as err:
+        raise SolverStateError(f"{path}: cannot read the solver state: {err.strerror or err}") from err
+    except Exception as err:  # protobuf's DecodeError, or a UnicodeDecodeError in a string field
+        raise SolverStateError(f"{path}: not a SolverState binary proto ({err})") from err
+    for name in ("iter", "current_step"):
+        if not msg.HasField(name):
+            raise SolverStateError(f"{path}: SolverState without {name} (Caffe always writes it: "
+                                   f"the file is truncated or not a solver state)")
+    if not isinstance(msg.learned_net, str):  # protobuf gives bytes for invalid UTF-8
+        raise SolverStateError(f"{path}: learned_net is not a UTF-8 path")
+    history = [blob_array(b, f"{path}: history blob {i}") for i, b in enumerate(msg.history)]
+    return msg.iter, msg.learned_net, msg.current_step, history
+
+
+def read_solverstate_hdf5(path, expected_shapes=None):
+    """(iter, learned_net, current_step, [history arrays]) of a .solverstate.h5; with
+    `expected_shapes`, each history dataset's size is checked before it is read."""
+    from caffe_layers.formats.weights import reading_hdf5
+
+    with reading_hdf5(path, SolverStateError, "the HDF5 solver state") as f:
+        return _solverstate_fields(f, path, expected_shapes)
+
+
+def _solverstate_fields(f, path, expected_shapes):
+    def dataset(name, kinds):
+        d = f.get(name)
+        if not isinstance(d, h5py.Dataset) or d.shape != () or d.dtype.kind not in kinds:
+            raise SolverStateError(f"{path}: /{name} must be a scalar dataset "
+                                   f"({'integer' if kinds == 'iu' else 'string'})")
+        return d[()]
+
+    it = int(dataset("iter", "iu"))
+    step = int(dataset("current_step", "iu"))
+    learned = dataset("learned_net", "SOU") if "learned_net" in f else b""
+    if isinstance(learned, bytes):
+        try:
+            learned = learned.decode()
+        except UnicodeDecodeError as err:
+            raise SolverStateError(f"{path}: /learned_net is not a UTF-8 path") from err
+    group = f.get("history")
+    if not isinstance(group, h5py.Group):
+        raise SolverStateError(f"{path}: no /history group")
+    if sorted(group.keys(), key=lambda k: (len(k), k)) != [str(i) for i in range(len(group))]:
+        raise SolverStateError(f"{path}: /history holds {sorted(group.keys())}, expected 0..{len(group) - 1}")
+    history = []
+    for i in range(len(group)):
+        d = group.get(str(i))
+        if not isinstance(d, h5py.Dataset) or d.dtype.kind not in "fiu":
+            raise SolverStateError(f"{path}: /history/{i} must be a numeric dataset")
+        if expected_shapes is not None and i < len(expected_shapes):
+            if d.size != math.prod(expected_shapes[i]):
+                raise SolverStateError(f"{path}: history blob {i} has {d.size} values, expected "
+                                       f"{math.prod(expected_shapes[i])} (shape {list(expected_shapes[i])})")
+        values = np.asarray(d[()])
+        history.append(values.astype(values.dtype.newbyteorder("="), copy=False))  # big-endian too
+    return it, learned, step, history
 
 
 def _distributed():

@@ -7,6 +7,7 @@ collected (a weakref.finalize; the thread holds the layer only weakly, between b
 """
 import os
 import queue
+import re
 import threading
 import weakref
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from caffe_layers.errors import DataError
 from caffe_layers.training.data.transformer import read_image
 from caffe_layers.layers.base import Layer
 
@@ -151,7 +153,7 @@ class DataLayer(Layer):
             self.rng.shuffle(self.lines)
         self.pos = self.rng.randint(p.rand_skip) if p.rand_skip else 0
         if self.pos >= len(self.lines):
-            raise ValueError(f"layer {self.name!r}: rand_skip {p.rand_skip} exceeds the {len(self.lines)} {noun}")
+            raise DataError(f"layer {self.name!r}: rand_skip {p.rand_skip} exceeds the {len(self.lines)} {noun}")
 
     def _read_image(self, i):
         """The image named in the first column of entry i, read as image_data_param says."""
@@ -199,20 +201,56 @@ class DataLayer(Layer):
         return tops if len(tops) != 1 else tops[0]
 
 
-def read_list(source, layer_name, columns=None):
-    """The lines of a list file split on whitespace; errors name the layer and the file."""
+def read_list_lines(source, layer_name):
+    """[(line number, text)] of the non-blank lines of a list file; errors name the layer and the file."""
     path = Path(source)
+    if path.is_dir():
+        raise FileNotFoundError(f"layer {layer_name!r}: source list {source!r} is a directory")
     if not path.is_file():
         raise FileNotFoundError(f"layer {layer_name!r}: cannot open source list {source!r}")
-    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
-    if not rows:
-        raise ValueError(f"layer {layer_name!r}: source list {source!r} is empty")
+    lines = []
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"layer {layer_name!r}: {source}:{n}: not UTF-8 text ({err.reason} at "
+                            f"column {err.start + 1})") from err
+        if text.strip():
+            lines.append((n, text))
+    if not lines:
+        raise DataError(f"layer {layer_name!r}: source list {source!r} is empty")
+    return lines
+
+
+def read_list(source, layer_name, columns=None):
+    """The lines of a list file split on whitespace; errors name the layer and the file."""
+    rows = [(n, text.split()) for n, text in read_list_lines(source, layer_name)]
     if columns is not None:
-        for n, row in enumerate(rows, 1):
+        for n, row in rows:
             if len(row) < columns:
-                raise ValueError(f"layer {layer_name!r}: {source}:{n}: expected {columns} columns, "
-                                 f"got {' '.join(row)!r}")
-    return rows
+                raise DataError(f"layer {layer_name!r}: {source}:{n}: expected {columns} columns, "
+                                f"got {' '.join(row)!r}")
+    return [row for _, row in rows]
+
+
+def read_labelled_list(source, layer_name):
+    """[(path, integer label)] of an ImageData list: as BVLC's ImageDataLayer, each line is split at
+    its last space (or tab), so paths may hold spaces; a line without one is a path with label 0. A
+    label that is not an integer is an error naming its line (Caffe's atoi would read it as 0)."""
+    entries = []
+    for n, text in read_list_lines(source, layer_name):
+        text = text.strip()
+        match = re.fullmatch(r"(.*\S)\s+(\S+)", text)
+        if match is None:
+            entries.append((text, 0))
+            continue
+        try:
+            label = int(match.group(2))
+        except ValueError:
+            raise DataError(f"layer {layer_name!r}: {source}:{n}: expected 'path label' with an integer "
+                            f"label, got {text!r}") from None
+        entries.append((match.group(1), label))
+    return entries
 
 
 def resolve(path, list_file):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from caffe_layers.errors import DataError
 from caffe_layers.formats.proto import TRAIN, pb
 
 
@@ -28,19 +29,40 @@ def load_mean(path, layer_name):
     return array.reshape(array.shape[-3:]) if array.ndim >= 3 else array
 
 
+_MAX_PIXELS = 2**31 - 1  # more than OpenCV's imread or a Caffe blob takes
+
+
+def _open_image(path, mode, what, layer_name, new_height, new_width, resample):
+    """A Pillow image in `mode`, resized when both sizes are given; any failure to decode it
+    (Pillow raises many kinds) or to allocate it is a DataError naming the layer and the file."""
+    if new_height > 0 and new_width > 0 and new_height * new_width > _MAX_PIXELS:
+        raise DataError(f"layer {layer_name!r}: new_height x new_width {new_height}x{new_width} is "
+                        f"too large")
+    try:
+        img = Image.open(path)
+        img = img.convert(mode) if img.mode != mode else img
+        if new_height > 0 and new_width > 0:
+            img = img.resize((new_width, new_height), resample)
+        return np.asarray(img)
+    except FileNotFoundError as err:
+        raise DataError(f"layer {layer_name!r}: {what} {str(path)!r} not found") from err
+    except Image.DecompressionBombError as err:
+        raise DataError(f"layer {layer_name!r}: {what} {str(path)!r} is too large to decode: {err}") from err
+    except MemoryError as err:
+        raise DataError(f"layer {layer_name!r}: {what} {str(path)!r}: out of memory while decoding "
+                        f"or resizing it") from err
+    except Exception as err:
+        raise DataError(f"layer {layer_name!r}: could not load {what} {str(path)!r}: "
+                        f"{type(err).__name__}: {err}") from err
+
+
 def read_image(path, new_height=0, new_width=0, is_color=True, layer_name="?"):
     """An image as HxWxC uint8 in BGR order (OpenCV's imread), resized when both sizes are given.
 
     Deviation: Pillow's bilinear resize, not OpenCV's (they differ slightly when shrinking).
     """
-    try:
-        img = Image.open(path)
-        img = img.convert("RGB" if is_color else "L")
-    except OSError as err:
-        raise ValueError(f"layer {layer_name!r}: could not load image {str(path)!r}: {err}") from None
-    if new_height > 0 and new_width > 0:
-        img = img.resize((new_width, new_height), Image.BILINEAR)
-    a = np.asarray(img)
+    a = _open_image(path, "RGB" if is_color else "L", "image", layer_name, new_height, new_width,
+                    Image.BILINEAR)
     return a[:, :, ::-1].copy() if is_color else a[:, :, None].copy()
 
 
@@ -48,15 +70,19 @@ def read_label_image(path, new_height=0, new_width=0, layer_name="?"):
     """A label map as HxW uint8 (palette indices for palette PNGs, as OpenCV's grayscale read of
     VOC labels is not; the original reads them with cv::imread gray, which VOC's own scripts avoid
     by storing plain index PNGs)."""
+    mode = None
     try:
-        img = Image.open(path)
-        if img.mode not in ("L", "P"):
-            img = img.convert("L")
-    except OSError as err:
-        raise ValueError(f"layer {layer_name!r}: could not load label {str(path)!r}: {err}") from None
-    if new_height > 0 and new_width > 0:
-        img = img.resize((new_width, new_height), Image.NEAREST)
-    return np.asarray(img).astype(np.uint8)
+        with Image.open(path) as probe:
+            mode = probe.mode if probe.mode in ("L", "P") else "L"
+    except Exception:
+        mode = "L"  # _open_image reports the failure
+    return _open_image(path, mode, "label", layer_name, new_height, new_width,
+                       Image.NEAREST).astype(np.uint8)
+
+
+def saturate_uint8(value):
+    """OpenCV's saturate_cast<uchar>: what a label value becomes in an 8-bit label map."""
+    return min(max(int(value), 0), 255)
 
 
 class Transformer:
@@ -111,7 +137,8 @@ class Transformer:
                 padded[:height, :width] = img
                 img = padded
                 seg = np.pad(seg, ((0, pad_h), (0, pad_w)) + ((0, 0),) * (seg.ndim - 2),
-                             constant_values=ignore_label)
+                             constant_values=saturate_uint8(ignore_label) if seg.dtype == np.uint8
+                             else ignore_label)
                 height, width = img.shape[:2]
         h_off = w_off = 0
         if self.crop_h and self.crop_w:
