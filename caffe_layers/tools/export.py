@@ -11,12 +11,12 @@ A .pt2 holds only aten ops (it loads with plain `torch.export.load`); an Exporte
 `torch.export.export` outside `native.disabled()` may hold our custom ops: then `import caffe_layers.native`
 before loading it.
 """
-import os
 
 import torch
 from torch import nn
 
 from caffe_layers import native
+from caffe_layers.errors import atomic_path, check_overwrite
 
 
 class _Positional(nn.Module):
@@ -88,16 +88,10 @@ def dynamic_axes_for(net, inputs):
 
 
 def _write_atomic(path, write, force):
-    path = os.fspath(path)
-    if os.path.exists(path) and not force:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    """write(tmp) through a temporary file renamed to `path`; an existing `path` only with force."""
+    check_overwrite(path, force)
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _dynamic_shapes(net, inputs, dynamic):
@@ -161,8 +155,7 @@ def run(args):
     from caffe_layers.engine.graph import TorchNet
 
     fmt = args.format or ("pt2" if args.output.endswith(".pt2") else "onnx")
-    if os.path.exists(args.output) and not args.force:
-        raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
+    check_overwrite(args.output, args.force)  # before the (slow) build
     net = TorchNet(args.model, weights=args.weights, phase=args.phase, fuse=False)
     if fmt == "onnx":
         axes = export_onnx(net, args.output, dynamic=not args.static, opset=args.opset, force=args.force)
