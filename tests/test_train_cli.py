@@ -100,3 +100,22 @@ def test_train_level_and_stage_set_the_train_nets_state(files, caplog):
     with caplog.at_level(logging.INFO):
         assert main(common) == 0  # level 0: the rule's min_level 1 excludes the layer
     assert "loss2" not in caplog.text
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("0,1", "--gpu 0,1: no CUDA device is available to torch (data-parallel training on NCCL needs one GPU per process)"),
+    ("all", "--gpu all: no CUDA device is available to torch (data-parallel training on NCCL needs one GPU per process)"),
+    ("0", "--gpu 0: no CUDA device is available to torch"),
+    ("0,0", "--gpu 0,0: GPU 0 named twice; data-parallel training runs one NCCL process per GPU (NCCL refuses two "
+            "ranks on one device)")])
+def test_gpu_request_without_a_gpu_refuses_in_one_line(files, monkeypatch, spec, expected):
+    """Asking for NCCL data-parallel training (several GPUs) where torch sees none, or one GPU twice, stops
+    before any process starts, with one line naming the request."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["train", "--solver", str(files / "solver.prototxt"), "--set", "ITERS=2",
+            "--set", f"LIST={files / 'list.txt'}", "--no-progress", "--gpu", spec]
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert str(err.value) == expected

@@ -48,16 +48,25 @@ def parse_set(items):
 
 
 def gpu_ids(spec):
+    """The --gpu ids; one clear line (SystemExit) where they cannot run: no GPU, an unknown id, or an id named
+    twice (NCCL runs one rank per device and refuses two ranks on one GPU)."""
     if spec is None:
         return []
+    ids = None
+    if spec != "all":
+        try:
+            ids = [int(s) for s in spec.split(",") if s.strip()]
+        except ValueError:
+            raise SystemExit(f"--gpu expects comma separated ids or 'all', got {spec!r}") from None
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise SystemExit(f"--gpu {spec}: GPU {', '.join(map(str, twice))} named twice; data-parallel training "
+                             f"runs one NCCL process per GPU (NCCL refuses two ranks on one device)")
     if not torch.cuda.is_available():
-        raise SystemExit(f"--gpu {spec}: no CUDA device is available to torch")
-    if spec == "all":
+        what = " (data-parallel training on NCCL needs one GPU per process)" if ids is None or len(ids) > 1 else ""
+        raise SystemExit(f"--gpu {spec}: no CUDA device is available to torch{what}")
+    if ids is None:
         return list(range(torch.cuda.device_count()))
-    try:
-        ids = [int(s) for s in spec.split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"--gpu expects comma separated ids or 'all', got {spec!r}") from None
     bad = [i for i in ids if not 0 <= i < torch.cuda.device_count()]
     if bad:
         raise SystemExit(f"--gpu: no device {bad}; this machine has {torch.cuda.device_count()}")
@@ -82,7 +91,14 @@ def run(args):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.start_processes(_gpu_worker, args=(args, ids, port), nprocs=len(ids), join=True, start_method="spawn")
+        try:
+            mp.start_processes(_gpu_worker, args=(args, ids, port), nprocs=len(ids), join=True, start_method="spawn")
+        except mp.ProcessRaisedException as err:  # one line, not the child's traceback
+            last = [line for line in str(err).splitlines() if line.strip()][-1].strip()
+            raise SystemExit(f"--gpu {args.gpu}: training process {err.error_index} failed: {last}") from None
+        except mp.ProcessExitedException as err:
+            raise SystemExit(f"--gpu {args.gpu}: training process {err.error_index} exited with status "
+                             f"{err.exit_code}") from None
         return 0
     device = torch.device("cuda", ids[0]) if ids else None
     return train(args, device)
