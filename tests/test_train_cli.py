@@ -119,3 +119,29 @@ def test_gpu_request_without_a_gpu_refuses_in_one_line(files, monkeypatch, spec,
     with pytest.raises(SystemExit) as err:
         main(args)
     assert str(err.value) == expected
+
+
+def test_a_backend_refusing_its_setup_stops_in_one_line(monkeypatch):
+    """NCCL refuses two ranks on one GPU at its first collective: start_group makes that one line naming the
+    rank and the device (here gloo, one rank, and a refusing all_reduce stand in for it)."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from caffe_layers.tools.train import start_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def refuse(*args, **kwargs):
+        raise dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp, invalid usage\nLast error:\n"
+                                    "Duplicate GPU detected : rank 0 and rank 1 both on CUDA device 1000")
+
+    monkeypatch.setattr(dist, "all_reduce", refuse)
+    with pytest.raises(SystemExit) as err:
+        start_group("gloo", torch.device("cpu"), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    assert str(err.value) == ("rank 0: torch.distributed (gloo) refused to start on cpu: Duplicate GPU detected : "
+                              "rank 0 and rank 1 both on CUDA device 1000")
+    assert not dist.is_initialized()

@@ -107,11 +107,26 @@ def run(args):
 def _gpu_worker(rank, args, ids, port):
     setup_logging()
     torch.cuda.set_device(ids[rank])
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(ids))
+    start_group("nccl", torch.device("cuda", ids[rank]), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                world_size=len(ids))
     try:
         train(args, torch.device("cuda", ids[rank]))
     finally:
         dist.destroy_process_group()
+
+
+def start_group(backend, device, **kwargs):
+    """init_process_group, then one all_reduce so that a backend refusing this setup (NCCL: two ranks on one
+    GPU) stops here, in one line naming the rank, instead of a traceback at the first gradient."""
+    dist.init_process_group(backend, **kwargs)
+    rank = dist.get_rank()
+    try:
+        dist.all_reduce(torch.ones(1, device=device))
+    except (RuntimeError, ValueError) as err:  # DistBackendError is a RuntimeError
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        dist.destroy_process_group()
+        raise SystemExit(f"rank {rank}: torch.distributed ({backend}) refused to start on {device}: "
+                         f"{lines[-1] if lines else type(err).__name__}") from None
 
 
 def train(args, device=None):
@@ -126,7 +141,7 @@ def train(args, device=None):
             local = int(os.environ.get("LOCAL_RANK", 0))
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)
-        dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo")
+        start_group("nccl" if device is not None and device.type == "cuda" else "gloo", device or torch.device("cpu"))
         own_group = True
     if device is not None and device.type == "cuda":
         mode.set_mode_gpu()
