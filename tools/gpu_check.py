@@ -603,7 +603,11 @@ def prepare(folder, python_version="3.12"):
 
     if folder.exists() and any(folder.iterdir()):
         raise Refusal(f"gpu_check: --prepare {folder}: the folder exists and is not empty; give a new one")
-    pins = [f"{name}=={metadata.version(name)}" for name in BUNDLE_PACKAGES]
+    try:
+        pins = [f"{name}=={metadata.version(name)}" for name in BUNDLE_PACKAGES]
+    except metadata.PackageNotFoundError as err:
+        raise Refusal(f"gpu_check: --prepare: {err.name} is not installed here, so its version is unknown "
+                      f"(pip install -e '.[test]' first)") from None
     platforms = [f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
                                              "manylinux2014_x86_64", "manylinux1_x86_64")]
     for pin in pins:
