@@ -35,8 +35,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def emulated_cuda(tmp_path_factory):
-    """cuda/native_cuda.cu compiled by the host C++ compiler with cuda/cuda_emulation.h: each launch runs
-    its grid's threads one after another (no races, no device limits beyond the launch shape)."""
+    """cuda/native_cuda.cu compiled by the host C++ compiler with cuda/cuda_emulation.h: a launch runs its
+    grid's threads one after another, or, for kernels with barriers, a block's threads as std::threads."""
     import importlib.util
     import os
     import shutil
@@ -49,7 +49,7 @@ def emulated_cuda(tmp_path_factory):
     assert cxx is not None, "no C++ compiler (CXX or c++) to build the emulated CUDA kernels"
     src = Path(__file__).resolve().parents[1] / "cuda"
     out = tmp_path_factory.mktemp("cuda_emulation") / "_native_cuda.so"
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-DCL_CUDA_HOST_EMULATION", f"-I{src}",
+    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", "-DCL_CUDA_HOST_EMULATION", f"-I{src}",
            f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", "-x", "c++",
            str(src / "native_cuda.cu"), str(src / "bind_cuda.cpp"), "-o", str(out)]
     built = subprocess.run(cmd, capture_output=True, text=True)

@@ -212,6 +212,29 @@ def test_scan_float32():
     torch.testing.assert_close(native.gate_recurrent(x, *gates), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.cuda_emulated
+@pytest.mark.parametrize("shared_bytes", [None, "5000", "64"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_emulated_cuda_scan_tiles_and_fallback(direction, shared_bytes, monkeypatch):
+    """The one-launch CUDA scans stage tiles of steps in shared memory: lines outnumbering the block's threads,
+    many tiles with a partial last one (a 5000-byte budget: tiles of 1 to 3 steps), and the per-step kernels
+    where not even one step fits (64 bytes)."""
+    if shared_bytes:
+        monkeypatch.setenv("CL_EMULATED_SHARED_BYTES", shared_bytes)
+    shape = (2, 1, 37, 45)
+    x, gates = _rand(shape, 4), [0.3 * _rand(shape, 5 + i) for i in range(3)]
+    for dtype in (torch.float64, torch.float32):
+        ins = [t.to(dtype) for t in (x, *gates)]
+        for fn in (lambda *t: gate_recurrent(t[0], *t[1:], *direction),
+                   lambda *t: gate_recurrent(t[0], t[1], None, None, *direction, connection="one")):
+            (y, grads), (ry, rgrads) = _both(fn, *ins)
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            _close(y, ry, "forward", tol)
+            for i, (a, b) in enumerate(zip(grads, rgrads)):
+                if b is not None:
+                    _close(a, b, f"grad {i}", tol)
+
+
 # ---- segmentation-aware convolution ----------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("geom", GEOMETRIES)
