@@ -166,3 +166,46 @@ def test_verdict_names_each_problem(change, problem):
     fig = _figures()
     change(fig)
     assert problem in gpu_check.verdict(fig)
+
+
+def test_check_runs_each_step_reports_after_each_and_skips_past_the_budget(tmp_path, monkeypatch):
+    """The orchestration with the GPU parts stood in for: every step's command, its results in figures.json
+    and report.txt, and a step that needs more time than is left named as skipped."""
+    fig = _figures()
+    monkeypatch.setattr(gpu_check, "environment", lambda: dict(fig["environment"], nvcc="/usr/bin/nvcc",
+                                                               nvcc_version="release 13.0"))
+    monkeypatch.setattr(gpu_check, "install", lambda *a: fig["install"])
+    monkeypatch.setitem(gpu_check.STEPS, "bench_cpu", (120, 10**6))  # never enough time left
+    commands = []
+
+    def fake_run(cmd, log, timeout, env=None, cwd=None):
+        commands.append(cmd[1:])
+        if "--step" in cmd:
+            step = cmd[cmd.index("--step") + 1]
+            Path(cmd[cmd.index("--result") + 1]).write_text(json.dumps(fig[step]))
+        elif "--json" in cmd:
+            Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps({"ops": [
+                {"title": "SPN scan", "native_s": 0.001, "native_peak_bytes": 1, "reference_s": 0.05,
+                 "reference_peak_bytes": 2}], "nets": fig["nets"]}))
+        else:  # pytest
+            junit = [a for a in cmd if a.startswith("--junitxml=")][0].split("=", 1)[1]
+            Path(junit).write_text('<testsuites><testsuite><testcase classname="tests.test_spn" '
+                                   'name="test_scan_cuda_matches_cpu[d0]"/></testsuite></testsuites>')
+        log.output("ran " + " ".join(cmd[1:3]))
+        return 0, ["ok"]
+
+    monkeypatch.setattr(gpu_check, "run_command", fake_run)
+    assert gpu_check.check(tmp_path, None, False, 300) == 1  # bench_cpu skipped: not all good
+    assert [c[0] for c in commands] == [str(SCRIPT), "-m", str(SCRIPT), "benchmarks/bench_native.py", str(SCRIPT)]
+    assert commands[1][:5] == ["-m", "pytest", "-q", "-m", "gpu"]
+    assert [commands[i][2] for i in (0, 2, 4)] == ["kernels", "spn", "nccl"]
+    assert commands[3][1:3] == ["--device", "cuda"]
+    saved = json.loads((tmp_path / "figures.json").read_text())
+    assert saved["verdict"] == "step bench_cpu skipped"
+    assert saved["tests"]["counts"]["passed"] == 1 and saved["kernels"] == fig["kernels"]
+    assert saved["ops"][0]["cuda_s"] == 0.001 and saved["ops"][0]["cpu_s"] is None
+    text = (tmp_path / "report.txt").read_text()
+    assert "  bench_cpu   skipped" in text and "it needs 1000000" in text
+    assert "passed  tests.test_spn::test_scan_cuda_matches_cpu[d0]" in text
+    log = (tmp_path / "log.txt").read_text()
+    assert "step 7/7 bench_cpu: skipped (budget)" in log and "ran -m pytest" in log
