@@ -97,6 +97,7 @@ def test_flownet_config_forward_backward(tmp_path, train):
     for layer in net.layer:
         if layer.type == "FloData":
             layer.image_data_param.source = str(tmp_path / "flow_list.txt")
+    net.force_backward = not train  # a deploy net has no loss: Caffe backpropagates only when forced
     (tmp_path / "n.prototxt").write_text(str(net))
     n = Net(str(tmp_path / "n.prototxt"), phase="train" if train else "test")
     rng = np.random.RandomState(0)

@@ -132,7 +132,7 @@ def test_conv_two_bottoms_share_weights(tmp_path):
                        'convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: "gaussian" } } }'))
     a, b = torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 5)
     out = net(a=a, b=b)
-    layer = net.layer_dict["c"]
+    layer = net.layer_dict["c"].module
     torch.testing.assert_close(out["yb"], F.conv2d(b, layer.blobs[0], layer.blobs[1]))
     torch.testing.assert_close(out["ya"], F.conv2d(a, layer.blobs[0], layer.blobs[1]))
 

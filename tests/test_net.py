@@ -135,7 +135,7 @@ def test_shared_parameters_share_values_and_gradients():
     text = ('force_backward: true\n' + INPUT + ip("a", "x", "ya", extra='param { name: "w" } param { name: "b" }')
             + ip("b", "x", "yb", extra='param { name: "w" } param { name: "b" }'))
     net = caffe.Net(text, caffe.TRAIN)
-    assert net.layer_dict["a"].blobs[0] is net.layer_dict["b"].blobs[0]
+    assert net.layer_dict["a"].module.blobs[0] is net.layer_dict["b"].module.blobs[0]
     assert len(net.param_specs) == 2
     net.forward(x=np.ones((2, 3)))
     net.blobs["ya"].diff[...] = 1

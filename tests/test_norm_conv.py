@@ -50,7 +50,7 @@ def test_normconvmeanfield_sets_param_diffs_instead_of_accumulating():
                 'input: "e" input_shape { dim: 1 dim: 2 dim: 5 dim: 5 } '
                 'layer { name: "L" ' + option + ' bottom: "u" bottom: "u" bottom: "e" bottom: "e" top: "q" }')
         net = Net(text)
-        assert net.layer_dict["L"].accumulate_param_diffs == accumulate
+        assert net.layer_dict["L"].module.accumulate_param_diffs == accumulate
         for _ in range(2):
             net.forward(u=u, e=e)
             net.blobs["q"].diff[...] = top

@@ -106,7 +106,7 @@ layer { name: "loss" type: "Python" bottom: "sx" bottom: "y" top: "loss" loss_we
     net.backward()
     assert np.allclose(net.blobs["x"].diff, 2 * 3 * (3 * x - y) / 2, rtol=1e-5)
     assert np.allclose(net.blobs["y"].diff, -2 * (3 * x - y) / 2, rtol=1e-5)
-    scale = net.layer_dict["s"].py
+    scale = net.layer_dict["s"].module.py
     assert scale.k == 3 and scale.phase == caffe.TEST
     assert scale.calls == ["setup", "forward", ("backward", [True])]
 
@@ -121,7 +121,7 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "sx" bottom: "y" top: "loss" 
     net.forward(x=np.ones((2, 3)), y=np.zeros((2, 3)))
     net.backward()
     assert (net.blobs["x"].diff == 0).all()
-    assert net.layer_dict["s"].py.calls == ["setup", "forward"]
+    assert net.layer_dict["s"].module.py.calls == ["setup", "forward"]
 
 
 def test_python_data_layer(model_dir):

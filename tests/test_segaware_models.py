@@ -260,7 +260,7 @@ def test_res_train_runs_forward_backward(res_train):
     """Three ResNet-101 trunks, the CRF and the losses at three label sizes, end to end (about 15 s)."""
     model = res_train
     _random_weights(model, every_conv=True)
-    for layer in model.layers:
+    for layer in model.layer_modules:
         if layer.param.type == "BatchNorm":  # unit variance and scale factor instead of the unset zeros
             layer.blobs[1].data.fill_(1.0)
             layer.blobs[2].data.fill_(1.0)

@@ -138,7 +138,7 @@ def test_im2dist_l1_backward_zero_difference_sign():
 def test_im2dist_l1_true_gradient_option_differs_on_golden():
     case = load_case("im2dist_l1_k3p2d2")
     net = net_from_case(case)
-    net.layer_dict["L"].true_gradient = True
+    net.layer_dict["L"].module.true_gradient = True
     with pytest.raises(AssertionError):
         check_golden("im2dist_l1_k3p2d2", net=net)
 

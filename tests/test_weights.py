@@ -243,7 +243,7 @@ def test_v0_caffemodel_with_padding_layer(tmp_path):
     pad.layer.name, pad.layer.type, pad.layer.pad = "pad1", "padding", 1
     conv = v0.layers.add(bottom=["data_pad"], top=["conv1"])
     conv.layer.name, conv.layer.type, conv.layer.num_output, conv.layer.kernelsize = "conv1", "conv", 8, 3
-    for p in source.layer_dict["conv1"].blobs:
+    for p in source.layer_dict["conv1"].module.blobs:
         b = conv.layer.blobs.add()
         b.shape.dim.extend(p.shape)
         b.data.extend(p.detach().numpy().reshape(-1).tolist())
@@ -298,7 +298,7 @@ def test_diff_is_loaded(tmp_path):
     net = Net(SHARED)
     model = pb.NetParameter()
     lp = model.layer.add(name="ip3")
-    for p in net.layer_dict["ip3"].blobs:
+    for p in net.layer_dict["ip3"].module.blobs:
         b = lp.blobs.add()
         b.shape.dim.extend(p.shape)
         b.data.extend([0.5] * p.numel())

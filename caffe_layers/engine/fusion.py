@@ -25,7 +25,7 @@ class FusedSegawareConv:
     """The fused Im2col/Tile/Eltwise/Convolution as a step's layer: bottoms (x, mask), the Convolution's tops."""
 
     def __init__(self, im2col, tile, eltwise, conv):
-        self.im2col, self.conv = im2col, conv
+        self.im2col, self.tile, self.eltwise, self.conv = im2col, tile, eltwise, conv
         self.name, self.param = conv.name, conv.param
         self.layer_names = [m.name for m in (im2col, tile, eltwise, conv)]
 

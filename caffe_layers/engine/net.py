@@ -1,60 +1,44 @@
 """A Caffe net as a torch.nn.Module, with the pycaffe interface on top."""
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
 from caffe_layers.pycaffe import mode
-from caffe_layers.layers import layer_class
+from caffe_layers.engine.plan import (Plan, Step, filter_net, fused_layout, need_backward, rewritten_later,  # noqa: F401
+                                      state_meets_rule)
 from caffe_layers.formats.proto import TEST, pb, phase_value
 from caffe_layers.formats.prototxt import read_net
 
 
-def state_meets_rule(state, rule):
-    if rule.HasField("phase") and rule.phase != state.phase:
-        return False
-    if rule.HasField("min_level") and state.level < rule.min_level:
-        return False
-    if rule.HasField("max_level") and state.level > rule.max_level:
-        return False
-    stages = set(state.stage)
-    return all(s in stages for s in rule.stage) and not any(s in stages for s in rule.not_stage)
+class _Shaped:
+    """pycaffe's shape accessors over `self.shape`."""
+
+    @property
+    def count(self):
+        return int(np.prod(self.shape))
+
+    @property
+    def num(self):
+        return self.shape[0]
+
+    @property
+    def channels(self):
+        return self.shape[1]
+
+    @property
+    def height(self):
+        return self.shape[2]
+
+    @property
+    def width(self):
+        return self.shape[3]
 
 
-def filter_net(net, state):
-    """The layers of `net` that NetState `state` includes (Caffe's Net::FilterNet)."""
-    kept = []
-    for layer in net.layer:
-        if len(layer.include) and len(layer.exclude):
-            raise ValueError(f"layer {layer.name!r} specifies both include and exclude rules")
-        if len(layer.include):
-            keep = any(state_meets_rule(state, r) for r in layer.include)
-        else:
-            keep = not any(state_meets_rule(state, r) for r in layer.exclude)
-        if keep:
-            kept.append(layer)
-    out = pb.NetParameter()
-    out.CopyFrom(net)
-    del out.layer[:]
-    out.layer.extend(kept)
-    out.state.CopyFrom(state)
-    return out
-
-
-@dataclass
-class Step:
-    """One layer of the net in execution order."""
-    layer: nn.Module
-    bottoms: list
-    tops: list
-    propagate_down: list
-    loss_weights: list = field(default_factory=list)
-
-
-class Blob:
-    """pycaffe's Blob: .data and .diff as numpy arrays (views of the CPU tensors)."""
+class Blob(_Shaped):
+    """pycaffe's Blob: .data and .diff are numpy views of the net's persistent storage: a view taken once stays
+    the blob across forward, backward and (same-shape) reshape, as in Caffe."""
 
     def __init__(self, net, name):
         self._net, self._name = net, name
@@ -79,32 +63,12 @@ class Blob:
     def shape(self):
         return tuple(self._net.blob_shapes[self._name])
 
-    @property
-    def count(self):
-        return int(np.prod(self.shape))
-
-    @property
-    def num(self):
-        return self.shape[0]
-
-    @property
-    def channels(self):
-        return self.shape[1]
-
-    @property
-    def height(self):
-        return self.shape[2]
-
-    @property
-    def width(self):
-        return self.shape[3]
-
     def reshape(self, *shape):
         self._net.reshape_blob(self._name, shape)
 
 
-class ParamBlob:
-    """pycaffe's view of a parameter blob: .data and .diff as numpy arrays."""
+class ParamBlob(_Shaped):
+    """pycaffe's view of a parameter blob: .data and .diff as numpy arrays (the diff accumulates until cleared)."""
 
     def __init__(self, param):
         self._param = param
@@ -131,29 +95,24 @@ class ParamBlob:
     def shape(self):
         return tuple(self._param.shape)
 
-    @property
-    def count(self):
-        return self._param.numel()
-
     def reshape(self, *shape):
         self._param.data = self._param.data.new_zeros(shape)
 
 
-class _Reshaped(nn.Module):
-    def __init__(self, shape):
-        super().__init__()
-        self.shape = shape
+class LayerView:
+    """pycaffe's Layer: .type (the Caffe type string), .blobs (ParamBlobs), .name; `.module` is the torch layer."""
 
-    def forward(self, x):
-        return x.reshape(self.shape)
+    def __init__(self, module):
+        self.module = module
+        self.name = module.name
+        self.type = module.param.type
 
+    @property
+    def blobs(self):
+        return [ParamBlob(p) for p in self.module.blobs]
 
-def _share_reshaped(blobs, i, owner, shape):
-    """Make blobs[i] read as `owner` viewed with `shape` (gradients reach the owner)."""
-    from torch.nn.utils import parametrize
-
-    parametrize.register_parametrization(blobs, str(i), _Reshaped(shape), unsafe=True)
-    blobs.parametrizations[str(i)].original = owner
+    def __repr__(self):
+        return f"<caffe layer {self.name!r} ({self.type})>"
 
 
 def _numpy_view(tensor):
@@ -186,94 +145,33 @@ class Net(nn.Module):
         self.name = self.net_param.name
         self.force_backward = self.net_param.force_backward
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
-        self.layer_modules = nn.ModuleList()
-        self.steps = []
-        self.blob_shapes = OrderedDict()
-        self.param_specs = []  # one (parameter, lr_mult, decay_mult) per learnable blob, owners only
         from caffe_layers.layers.python_layer import module_search_path
 
         with module_search_path(prototxt):  # Python layers may import modules beside the prototxt
-            self._build()
+            self.plan = Plan(self.net_param, self.phase)
+        self.steps = self.plan.steps
+        self.blob_shapes = OrderedDict(self.plan.blob_shapes)
+        self.param_specs = self.plan.param_specs
+        self.layer_modules = nn.ModuleList(self.plan.layers)
         from caffe_layers.engine.fusion import fuse_steps
 
         # full forward passes run fused segaware convolutions (caffe_layers/engine/fusion.py); fuse=False or
         # keep_blobs (blobs to materialise) opt out; partial runs always use self.steps
         self.fused_steps = fuse_steps(self, keep_blobs) if fuse else None
         self._input_names = set(self.inputs)
-        self._data, self._diff, self._first = {}, {}, {}
+        self._data, self._diff, self._graphs = {}, {}, {}
         self._fused_away = set()  # blobs the last forward did not compute (inside fused chains)
-        if weights is not None:
-            self.copy_from(weights, strict=strict_weights)
+        self._need_backward, self._bottom_needs = need_backward(self.plan)
+        self._rewritten_later = rewritten_later(self.steps)
+        self._fused_indexed, self._fused_blobs = fused_layout(self.steps, self.fused_steps)
+        where = {id(s.layer): i for i, s in enumerate(self.steps)}  # a fused step's x and mask need diffs
+        self._fused_downs = {i: [self._bottom_needs[where[id(s.layer.im2col)]][0],  # as its Im2col and Tile's
+                                 self._bottom_needs[where[id(s.layer.tile)]][0]]
+                             for i, s in self._fused_indexed if s is not self.steps[i]}
+        loaded = self.copy_from(weights, strict=strict_weights).loaded if weights is not None else ()
+        self.plan.fill_blobs(loaded)
         if mode.device().type != "cpu":
             self.to(mode.device())
-
-    # ---- building ------------------------------------------------------------------------
-    def _build(self):
-        owners = {}  # shared parameter name -> (parameter, layer name)
-        for lp in self.net_param.layer:
-            for b in lp.bottom:
-                if b not in self.blob_shapes:
-                    raise ValueError(f"layer {lp.name!r} ({lp.type}): unknown bottom blob {b!r}; "
-                                     f"known blobs: {list(self.blob_shapes)}")
-            if len(lp.propagate_down) not in (0, len(lp.bottom)):
-                raise ValueError(f"layer {lp.name!r}: propagate_down must be given for all "
-                                 f"{len(lp.bottom)} bottoms or none")
-            lp.phase = self.phase
-            cls = layer_class(lp.type, lp.name)
-            if cls.is_loss and not len(lp.top):
-                # Caffe's AutoTopBlobs: a loss layer without a top gets an anonymous one (names may repeat)
-                name, k = f"{lp.name} (automatic)", 1
-                while name in self.blob_shapes:
-                    name, k = f"{lp.name} (automatic {k})", k + 1
-                lp.top.append(name)
-            bottom_shapes = [self.blob_shapes[b] for b in lp.bottom]
-            try:
-                layer = cls(lp, bottom_shapes, self.phase)
-                top_shapes = layer.top_shapes(bottom_shapes)
-            except Exception as err:
-                shapes = ", ".join(f"{b} {list(s)}" for b, s in zip(lp.bottom, bottom_shapes))
-                raise ValueError(f"layer {lp.name!r} ({lp.type}) with bottoms [{shapes}]: {err}") from err
-            if len(top_shapes) != len(lp.top):
-                raise ValueError(f"layer {lp.name!r} ({lp.type}) produces {len(top_shapes)} tops, "
-                                 f"but the prototxt names {len(lp.top)}")
-            for name, shape in zip(lp.top, top_shapes):
-                self.blob_shapes[name] = tuple(shape)
-            self._share_params(lp, layer, owners)
-            self.layer_modules.append(layer)
-            self.steps.append(Step(layer, list(lp.bottom), list(lp.top),
-                                   list(lp.propagate_down) or [True] * len(lp.bottom),
-                                   self._loss_weights(lp, layer)))
-
-    @staticmethod
-    def _loss_weights(lp, layer):
-        if len(lp.loss_weight):
-            if len(lp.loss_weight) != len(lp.top):
-                raise ValueError(f"layer {lp.name!r}: loss_weight must be given for each of its "
-                                 f"{len(lp.top)} tops or none")
-            return list(lp.loss_weight)
-        return [1.0 if (layer.is_loss and i == 0) else 0.0 for i in range(len(lp.top))]
-
-    def _share_params(self, lp, layer, owners):
-        if len(lp.param) > len(layer.blobs):
-            raise ValueError(f"layer {lp.name!r} ({lp.type}) has {len(layer.blobs)} parameter blobs "
-                             f"but {len(lp.param)} param specs")
-        for i, blob in enumerate(layer.blobs):
-            spec = lp.param[i] if i < len(lp.param) else pb.ParamSpec()
-            if spec.name and spec.name in owners:
-                owner, owner_layer = owners[spec.name]
-                permissive = spec.share_mode == pb.ParamSpec.PERMISSIVE
-                same = owner.numel() == blob.numel() if permissive else owner.shape == blob.shape
-                if not same:
-                    raise ValueError(f"layer {lp.name!r}: shared parameter {spec.name!r} has shape "
-                                     f"{list(blob.shape)} here but {list(owner.shape)} in layer {owner_layer!r}")
-                if tuple(owner.shape) == tuple(blob.shape):
-                    layer.blobs[i] = owner
-                else:  # PERMISSIVE: Caffe shares the owner's data and diff under this layer's shape
-                    _share_reshaped(layer.blobs, i, owner, tuple(blob.shape))
-                continue
-            if spec.name:
-                owners[spec.name] = (blob, lp.name)
-            self.param_specs.append((blob, spec.lr_mult, spec.decay_mult))
 
     # ---- running -------------------------------------------------------------------------
     @property
@@ -331,79 +229,127 @@ class Net(nn.Module):
         return total
 
     def forward(self, blobs=None, start=None, end=None, **inputs):
-        """Torch inputs give torch outputs; numpy (or no) inputs run pycaffe-style."""
-        torch_mode = any(isinstance(v, torch.Tensor) for v in inputs.values())
+        """pycaffe's forward (numpy or no inputs): layers start..end write Caffe's persistent blobs and the
+        tops of the last layer run (or the net outputs) come back as numpy views. Torch tensors as inputs
+        give the old differentiable torch call, {blob: tensor} (TorchNet is the torch face)."""
         for name in inputs:
             if name not in self.blob_shapes:
                 raise KeyError(f"{name!r} is not a blob of net {self.name!r}; inputs are {self.inputs}")
         first, last = self._range(start, end)
-        if torch_mode:
+        if any(isinstance(v, torch.Tensor) for v in inputs.values()):
             feed = {k: v.to(self.device) if isinstance(v, torch.Tensor) else
                     torch.as_tensor(np.asarray(v), dtype=self._dtype(), device=self.device)
                     for k, v in inputs.items()}
-        else:
-            for k, v in inputs.items():
-                self._store_input(k, v)
-            feed = {}
-            if self.force_backward:
-                for name in self.inputs:
-                    self._data[name] = self._blob_data(name).detach().requires_grad_(True)
-                    feed[name] = self._data[name].to(self.device)
-        self._first = {}
-
-        def remember(step, tops):
-            for name, value in zip(step.tops, tops):
-                self._first.setdefault(name, value)
-
-        values = self.run(feed, first, last, hook=remember)
-        self._fused_away = {t for s in self.steps[first:last] for t in s.tops} - values.keys()
-        for name in self._fused_away:
-            self._data.pop(name, None)
-        for name in self.inputs:
-            self._first.setdefault(name, values.get(name, self._data.get(name)))
-        self._data.update(values)
-        self._diff = {}
-        wanted = list(self.outputs if last == len(self.steps) else self.steps[last - 1].tops)
-        wanted += [b for b in (blobs or []) if b not in wanted]
-        if torch_mode:
+            values = self.run(feed, first, last)
+            wanted = self._wanted(last, blobs)
             return {name: values[name] if name in values else self._blob_data(name) for name in wanted}
-        return {name: _numpy_view(self._blob_data(name)) for name in wanted}
+        for k, v in inputs.items():
+            self._store_input(k, v)
+        full = first == 0 and last == len(self.steps) and self.fused_steps is not None
+        if full:
+            self._graphs = {}
+        for index, step in (self._fused_indexed if full else list(enumerate(self.steps))[first:last]):
+            if not step.is_input:  # each layer keeps the graph of its last forward, as a Caffe layer its state
+                record = self._forward_step(index, step)
+                if record is None:
+                    self._graphs.pop(index, None)
+                else:
+                    self._graphs[index] = record
+        self._fused_away = set(self._fused_blobs) if full else set()
+        return {name: _numpy_view(self._blob_data(name)) for name in self._wanted(last, blobs)}
 
     __call__ = nn.Module.__call__
 
-    def backward(self, diffs=None, start=None, end=None, **top_diffs):
-        """pycaffe's backward: output diffs (given, stored, or loss_weight for loss tops) flow down.
+    def _wanted(self, last, blobs):
+        wanted = list(self.outputs if last == len(self.steps) else self.steps[last - 1].tops)
+        return wanted + [b for b in (blobs or []) if b not in wanted]
 
-        Every blob's .diff and every parameter's diff are filled (parameter diffs accumulate).
-        Returns the diffs of the net inputs and of the blobs named in `diffs`.
-        """
-        tensors, grads = [], []
-        for name, weight in self._top_weights():
-            if weight and name in self._data:
-                value = self._data[name]
-                tensors.append(value)
-                grads.append(torch.full_like(value, weight))
-        loss_blobs = {id(t) for t in tensors}
-        for name in self.outputs:
-            value = self._data.get(name)
-            if value is None or id(value) in loss_blobs or not value.requires_grad:
+    def _forward_step(self, index, step):
+        """Run one step on the stored bottoms and write its tops into the stored blobs. Where Caffe would
+        backpropagate through the layer, its autograd graph is kept: (index, step, [(bottom, leaf)], tops)."""
+        need = self._need_backward[index]
+        downs = self._fused_downs[index] if step is not self.steps[index] else self._bottom_needs[index]
+        leaves, bottoms = [], []
+        fused = step is not self.steps[index]  # fusion guarantees its x and mask are not rewritten later
+        rewrites = [False] * len(step.bottoms) if fused else self._rewritten_later[index]
+        for name, down, rewritten in zip(step.bottoms, downs, rewrites):
+            value = self._blob_data(name).to(self.device)
+            if need:  # a leaf of its own; copied if a later layer rewrites the blob in place
+                value = (value.clone() if rewritten else value.detach()).requires_grad_(down and
+                                                                                        value.is_floating_point())
+                leaves.append((name, value))
+            bottoms.append(value)
+        with torch.set_grad_enabled(need):
+            tops = step.layer(*bottoms)
+        if isinstance(tops, torch.Tensor):
+            tops = (tops,)
+        if len(tops) != len(step.tops):
+            raise RuntimeError(f"layer {step.layer.name!r} returned {len(tops)} tops, expected {len(step.tops)}")
+        with torch.no_grad():
+            for name, value in zip(step.tops, tops):
+                store = self._data.get(name)
+                if store is not None and store.shape == value.shape and store.dtype == value.dtype:
+                    if store.data_ptr() != value.data_ptr():
+                        store.copy_(value)
+                elif need:
+                    self._data[name] = value.detach().clone()
+                else:
+                    self._data[name] = value.detach()
+        return (index, step, leaves, tops) if need else None
+
+    def backward(self, diffs=None, start=None, end=None, **top_diffs):
+        """pycaffe's backward: from layer `start` (default the last) down to `end` (default the first), each
+        layer Caffe would backpropagate through reads its tops' stored diffs and writes its bottoms' diffs
+        (a blob read by several layers gets the sum, as Caffe's Split layers give); parameter diffs
+        accumulate until cleared. Loss tops' diffs hold their loss_weight. Returns the diffs of the inputs and
+        of the blobs named in `diffs`."""
+        for name, diff in top_diffs.items():
+            self._blob_diff(name)[...] = torch.as_tensor(np.asarray(diff))
+        names = self._layer_names
+        hi = names.index(start) if start is not None else len(self.steps) - 1
+        lo = names.index(end) if end is not None else 0
+        written = set()
+        for index in sorted(self._graphs, reverse=True):
+            _, step, leaves, tops = self._graphs[index]
+            if not lo <= index <= hi:
                 continue
-            diff = top_diffs.get(name, self._diff.get(name))
-            if diff is None:
+            outs = [(t, self._blob_diff(n)) for n, t in zip(step.tops, tops) if t.requires_grad]
+            wrt = [leaf for _, leaf in leaves if leaf.requires_grad]
+            params = [p for p in getattr(step.layer, "conv", step.layer).parameters() if p.requires_grad]
+            if not outs or not (wrt or params):
                 continue
-            tensors.append(value)
-            grads.append(torch.as_tensor(np.asarray(diff) if not isinstance(diff, torch.Tensor) else diff,
-                                         dtype=value.dtype, device=value.device).reshape(value.shape))
-        tracked = {n: t for n, t in self._first.items() if t is not None and t.requires_grad}
-        for t in tracked.values():
-            if t.grad_fn is not None:
-                t.retain_grad()
-        if tensors:
-            torch.autograd.backward(tensors, grads)
-        self._diff = {n: (t.grad if t.grad is not None else torch.zeros_like(t)).detach()
-                      for n, t in tracked.items()}
+            for leaf in wrt:
+                leaf.grad = None
+            torch.autograd.backward([t for t, _ in outs], [d.to(t.dtype) for t, d in outs],
+                                    inputs=wrt + params, retain_graph=True)
+            with torch.no_grad():
+                for name, leaf in leaves:
+                    if leaf.grad is None:
+                        continue
+                    diff = self._blob_diff(name)
+                    if name in written and name not in step.tops:  # in place: the layer's own diff is replaced
+                        diff.add_(leaf.grad.to(diff.device))
+                    else:
+                        diff.copy_(leaf.grad)
+                        written.add(name)
         wanted = list(self.inputs) + [b for b in (diffs or []) if b not in self.inputs]
         return {name: _numpy_view(self._blob_diff(name)) for name in wanted}
+
+    def store_values(self, values):
+        """Write tensors {blob: value} (a run's result) into the persistent blobs, as a pycaffe forward would."""
+        with torch.no_grad():
+            for name, value in values.items():
+                store = self._data.get(name)
+                if store is not None and store.shape == value.shape:
+                    store.copy_(value)
+                else:
+                    self._data[name] = value.detach().clone()
+        self._fused_away = {b for b in self._fused_blobs if b not in values}
+
+    def clear_param_diffs(self):
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
 
     def _range(self, start, end):
         names = self._layer_names
@@ -420,16 +366,29 @@ class Net(nn.Module):
     def _blob_data(self, name):
         """Stored blob values; input blobs stay on the CPU so pycaffe scripts can write into them."""
         if name in self._fused_away:
-            raise KeyError(f"blob {name!r} was not computed: it is inside a fused segmentation-aware "
-                           f"convolution; build the net with keep_blobs=[{name!r}] or fuse=False")
+            self._materialize(name)
         if name not in self._data:
             device = "cpu" if name in self._input_names else self.device
             self._data[name] = torch.zeros(self.blob_shapes[name], dtype=self._dtype(), device=device)
         return self._data[name]
 
+    def _materialize(self, name):
+        """Compute a blob a fused forward skipped (inside a seg-aware chain) from the stored x and mask."""
+        chain = self._fused_blobs[name]
+        self._fused_away -= {t for i in chain for t in self.steps[i].tops}
+        with torch.no_grad():
+            for i in chain:
+                need, self._need_backward[i] = self._need_backward[i], False
+                try:
+                    self._forward_step(i, self.steps[i])
+                finally:
+                    self._need_backward[i] = need
+
     def _blob_diff(self, name):
         if name not in self._diff:
-            self._diff[name] = torch.zeros(self.blob_shapes[name], dtype=self._dtype(), device=self.device)
+            weight = self.top_loss_weights.get(name, 0.0)  # Caffe sets a loss top's diff to its loss_weight
+            self._diff[name] = torch.full(self.blob_shapes[name], float(weight), dtype=self._dtype(),
+                                          device=self.device)
         return self._diff[name]
 
     def _store_input(self, name, value):
@@ -466,7 +425,8 @@ class Net(nn.Module):
 
     @property
     def layers(self):
-        return list(self.layer_modules)
+        """pycaffe's net.layers: one LayerView (.type, .blobs) per layer; `.module` is the torch layer."""
+        return [LayerView(m) for m in self.layer_modules]
 
     @property
     def _layer_names(self):
@@ -474,7 +434,7 @@ class Net(nn.Module):
 
     @property
     def layer_dict(self):
-        return OrderedDict((layer.name, layer) for layer in self.layer_modules)
+        return OrderedDict((layer.name, layer) for layer in self.layers)
 
     @property
     def inputs(self):

@@ -357,6 +357,7 @@ class LoadReport:
     ignored: list = field(default_factory=list)
     ignored_empty: list = field(default_factory=list)
     missing: list = field(default_factory=list)
+    loaded: set = field(default_factory=set)  # ids of the parameter tensors written
 
     @property
     def complete(self):
@@ -419,6 +420,7 @@ def load_weights(net, path, strict=False, progress=False):
             for name, copies in plan:
                 for param, fetch in copies:
                     fetch(param)
+                    report.loaded.add(id(param))
                     bar.update(param.numel() * param.element_size())
                 if copies and name not in report.copied:
                     report.copied.append(name)

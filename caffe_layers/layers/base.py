@@ -1,10 +1,34 @@
 """The base class of every layer."""
+import contextlib
 import math
 
 import torch
 from torch import nn
 
 from caffe_layers.layers.fillers import fill
+
+
+_deferring = [False]
+
+
+class _BlobList(nn.ParameterList):
+    """A layer's parameter blobs; the layer itself writes and reads them in state dicts (as "<i>")."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        pass
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        pass
+
+
+@contextlib.contextmanager
+def deferred_fills():
+    """Inside this block add_blob only allocates; the net fills what its weights do not give (fill_blobs)."""
+    old, _deferring[0] = _deferring[0], True
+    try:
+        yield
+    finally:
+        _deferring[0] = old
 
 
 class Layer(nn.Module):
@@ -24,17 +48,62 @@ class Layer(nn.Module):
         self.param = param
         self.name = param.name
         self.phase = phase
-        self.blobs = nn.ParameterList()
+        self.blobs = _BlobList()
         self.bottom_shapes = [tuple(s) for s in bottom_shapes]
+        self.shared_blobs = set()  # indices of blobs that are another layer's (ParamSpec sharing)
+        self._fills = []  # per blob: (filler_param, value), run by fill_blobs
 
     def add_blob(self, shape, filler_param=None, value=None):
-        """Append a learnable blob, filled by a FillerParameter or a constant."""
-        if filler_param is not None:
-            data = fill(shape, filler_param)
-        else:
-            data = torch.full(tuple(shape), 0.0 if value is None else value)
-        self.blobs.append(nn.Parameter(data))
+        """Append a learnable blob, to be filled by a FillerParameter or a constant (a number or a tensor).
+
+        The values are written by fill_blobs, which the net runs for the blobs its weights do not give, so
+        that a net built with weights draws no random numbers it would throw away."""
+        self.blobs.append(nn.Parameter(torch.empty(tuple(shape))))
+        self._fills.append((filler_param, value))
+        if not _deferring[0]:
+            self._fill(len(self.blobs) - 1)
         return self.blobs[-1]
+
+    @torch.no_grad()
+    def fill_blobs(self, loaded=()):
+        """Fill every own blob whose id is not in `loaded`, in blob order."""
+        for i in range(len(self._fills)):
+            if i not in self.shared_blobs and id(self.blobs[i]) not in loaded:
+                self._fill(i)
+
+    @torch.no_grad()
+    def _fill(self, i):
+        filler_param, value = self._fills[i]
+        blob = self.blobs[i]
+        if filler_param is not None:
+            blob.copy_(fill(blob.shape, filler_param))
+        elif isinstance(value, torch.Tensor):
+            blob.copy_(value)
+        else:
+            blob.fill_(0.0 if value is None else value)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # keys "<layer>.<i>", Caffe's blob order (not "<layer>.blobs.<i>")
+        for i, blob in enumerate(self.blobs):
+            destination[prefix + str(i)] = blob if keep_vars else blob.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        with torch.no_grad():
+            for i, blob in enumerate(self.blobs):
+                key = prefix + str(i)
+                if key not in state_dict:
+                    missing_keys.append(key)
+                    continue
+                value = torch.as_tensor(state_dict[key])
+                if tuple(value.shape) != tuple(blob.shape):
+                    error_msgs.append(f"{key}: shape {list(value.shape)} does not fit {list(blob.shape)}")
+                    continue
+                blob.copy_(value)
+        if strict:
+            own = {prefix + str(i) for i in range(len(self.blobs))}
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in own
+                                   and "." not in k[len(prefix):])
 
     def top_shapes(self, bottom_shapes):
         dtype = self.blobs[0].dtype if len(self.blobs) else torch.float32

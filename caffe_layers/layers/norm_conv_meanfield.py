@@ -77,9 +77,9 @@ class NormConvMeanfield(Layer):
                                      f"{h}x{w} size")
         self.channels = c
         eye = torch.eye(c).reshape(1, 1, c, c)
-        self.add_blob((1, 1, c, c)).data.copy_(eye)   # spatial kernel weights
-        self.add_blob((1, 1, c, c)).data.copy_(eye)   # bilateral kernel weights
-        self.add_blob((1, 1, c, c)).data.copy_(-eye)  # compatibility: Potts
+        self.add_blob((1, 1, c, c), value=eye)   # spatial kernel weights
+        self.add_blob((1, 1, c, c), value=eye)   # bilateral kernel weights
+        self.add_blob((1, 1, c, c), value=-eye)  # compatibility: Potts
 
     def _overwrite_param_diffs(self):
         for blob in self.blobs:

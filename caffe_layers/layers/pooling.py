@@ -67,6 +67,7 @@ class Pooling(Layer):
         if len(param.top) > (2 if self.method == PP.MAX else 1):
             raise ValueError(f"{what}: at most {2 if self.method == PP.MAX else 1} tops for this method "
                              f"(MAX may output its argmax mask as a second top), got {len(param.top)}")
+        self.mask_top = len(param.top) == 2  # MAX's second top: the argmax positions
         self.out_size(bottom_shapes[0])
 
     def out_size(self, shape):
@@ -100,7 +101,7 @@ class Pooling(Layer):
         val, idx = win.reshape(win.shape[:4] + (-1,)).max(-1)  # first maximum, as Caffe's strict '>'
         # Caffe starts from -FLT_MAX; a window with nothing above it gives -FLT_MAX, mask -1, no gradient.
         top = val.clamp_min(-FLT_MAX)
-        if len(self.param.top) < 2:
+        if not self.mask_top:
             return top
         (kh, kw), (ph, pw), (sh, sw) = kernel, self.pad, self.stride
         rows = torch.arange(out[0], device=x.device).view(-1, 1) * sh - ph + torch.div(idx, kw, rounding_mode="floor")

@@ -176,8 +176,9 @@ class Solver:
         self.losses, self.smoothed_loss = [], 0.0
         p = self.param
         while self.iter < stop_iter:
-            for q in self.params:
-                q.grad = None
+            for q in self.params:  # zeroed in place: pycaffe's param diff views stay valid
+                if q.grad is not None:
+                    q.grad.zero_()
             if (p.test_interval and self.iter % p.test_interval == 0
                     and (self.iter > 0 or p.test_initialization) and self.rank == 0):
                 self.test_all()
@@ -197,6 +198,8 @@ class Solver:
             self.iter += 1
             for cb in self.callbacks:
                 cb(self, loss)
+            if self.iter == stop_iter or self.requested_early_exit:
+                self.net.store_values(self.last_values)  # pycaffe: the blobs hold the last iteration's values
             request = self._request()
             if (p.snapshot and self.iter % p.snapshot == 0 and self.rank == 0) or request == "snapshot":
                 self.snapshot()

@@ -1,0 +1,166 @@
+"""The torch face: a plan as a torch.fx GraphModule, one submodule per layer.
+
+`TorchNet(prototxt, weights)` is a plain nn.Module (an fx.GraphModule): `net(data=x)` returns {output blob:
+tensor}; parameters are the layers' blobs, state_dict keys "<layer>.<i>"; the generated forward frees each
+blob after its last reader, so inference holds only the blobs still needed; torch.compile and torch.export
+see one graph.
+"""
+import keyword
+import operator
+import re
+
+import torch
+from torch import fx, nn
+
+from caffe_layers.engine.fusion import FusedSegawareConv, fuse_steps
+from caffe_layers.engine.plan import Plan, filter_net
+from caffe_layers.formats.proto import TEST, pb, phase_value
+from caffe_layers.formats.prototxt import read_net
+from caffe_layers.ops.segaware_conv import segaware_conv
+
+
+def only_top(tops):
+    """A layer's single top, whether its forward returned the tensor or a one-element tuple."""
+    return tops[0] if isinstance(tops, (tuple, list)) else tops
+
+
+def _identifier(name, taken):
+    """A Python identifier for blob or layer `name`, unique among `taken`."""
+    ident = re.sub(r"\W", "_", name)
+    if not ident or ident[0].isdigit() or keyword.iskeyword(ident):
+        ident = "_" + ident
+    base, k = ident, 1
+    while ident in taken:
+        ident, k = f"{base}_{k}", k + 1
+    taken.add(ident)
+    return ident
+
+
+def compile_plan(prototxt, phase=TEST, variables=None, level=0, stages=()):
+    """Parse, upgrade and filter a net (path, prototxt text or NetParameter) and compile its Plan."""
+    from caffe_layers.layers.python_layer import module_search_path
+
+    phase = phase_value(phase)
+    state = pb.NetState(phase=phase, level=level)
+    state.stage.extend(stages)
+    net_param = filter_net(read_net(prototxt, variables), state)
+    with module_search_path(prototxt):  # Python layers may import modules beside the prototxt
+        return Plan(net_param, phase)
+
+
+def build_graph(plan, steps, attr_of, keep=()):
+    """An fx.Graph running `steps`: placeholders for the plan's inputs, a dict of outputs (and `keep`)."""
+    graph = fx.Graph()
+    taken = set()
+    env = {name: graph.placeholder(_identifier(name, taken)) for name in plan.inputs}
+    for step in steps:
+        if step.is_input:
+            continue
+        args = [env[b] if down else graph.call_method("detach", (env[b],))
+                for b, down in zip(step.bottoms, step.propagate_down)]
+        if isinstance(step.layer, FusedSegawareConv):
+            conv, im2col = step.layer.conv, step.layer.im2col
+            weight = graph.get_attr(f"{attr_of[id(conv)]}.blobs.0")
+            bias = graph.get_attr(f"{attr_of[id(conv)]}.blobs.1") if conv.bias_term else None
+            node = graph.call_function(segaware_conv, (*args, weight, bias, tuple(im2col.kernel), tuple(im2col.pad),
+                                                      tuple(im2col.stride), tuple(im2col.dilation)))
+        else:
+            node = graph.call_module(attr_of[id(step.layer)], tuple(args))
+        if len(step.tops) == 1:
+            env[step.tops[0]] = node if isinstance(step.layer, FusedSegawareConv) else \
+                graph.call_function(only_top, (node,))
+        else:
+            for i, top in enumerate(step.tops):
+                env[top] = graph.call_function(operator.getitem, (node, i))
+    wanted = list(plan.outputs) + [b for b in keep if b not in plan.outputs]
+    missing = [b for b in wanted if b not in env]
+    if missing:
+        raise ValueError(f"net {plan.name!r}: blobs {missing} are not computed by the graph")
+    graph.output({name: env[name] for name in wanted})
+    return graph
+
+
+class TorchNet(fx.GraphModule):
+    """A Caffe net as a plain torch module (the torch face; caffe_layers.Net is the pycaffe face).
+
+    TorchNet(prototxt, weights=None, phase="test", variables=None, *, level=0, stages=(), fuse=True,
+    keep_blobs=(), strict_weights=False). Call it with the input blobs by name (`net(data=x)`, or
+    positionally in the order of `net.inputs`); it returns {blob: tensor} for the net's outputs and the
+    blobs named in keep_blobs. `fuse` runs each segmentation-aware convolution chain as one native step (its
+    C*K*H*W intermediates are never made; name one in keep_blobs to get it).
+    """
+
+    def __init__(self, prototxt, weights=None, phase=TEST, variables=None, *, level=0, stages=(), fuse=True,
+                 keep_blobs=(), strict_weights=False):
+        plan = compile_plan(prototxt, phase, variables, level, stages)
+        steps = (fuse_steps(plan, keep_blobs) if fuse else None) or plan.steps
+        root, attr_of, renamed, taken = nn.Module(), {}, {}, set(dir(fx.GraphModule))
+        for layer in plan.layers:
+            attr = layer.name if layer.name.isidentifier() and layer.name not in taken else None
+            if attr is None:
+                attr = _identifier(layer.name, taken)
+                renamed[attr] = layer.name
+            taken.add(attr)
+            attr_of[id(layer)] = attr
+            root.add_module(attr, layer)
+        super().__init__(root, build_graph(plan, steps, attr_of, keep_blobs), class_name="TorchNet")
+        for layer in plan.layers:  # every layer is a submodule, also those a fused step reads only blobs of
+            setattr(self, attr_of[id(layer)], layer)
+        self.plan = plan
+        self.name = plan.name
+        self.phase = plan.phase
+        self._renamed = renamed
+        if renamed:
+            self._register_state_dict_hook(_state_dict_names)
+            self._register_load_state_dict_pre_hook(_load_state_dict_names, with_module=True)
+        loaded = self.copy_from(weights, strict=strict_weights).loaded if weights is not None else ()
+        plan.fill_blobs(loaded)
+        self.train(plan.phase != TEST)
+
+    # ---- what the plan knows --------------------------------------------------------------
+    @property
+    def layer_modules(self):
+        return self.plan.layers
+
+    @property
+    def inputs(self):
+        return self.plan.inputs
+
+    @property
+    def outputs(self):
+        return list(self.graph.output_node().args[0])
+
+    @property
+    def blob_shapes(self):
+        """Every blob's shape at the sizes the net was built for."""
+        return dict(self.plan.blob_shapes)
+
+    def loss(self, tops):
+        """The weighted sum of the loss tops in `tops` (a forward's result), as Caffe reports it."""
+        terms = [w * tops[name].sum() for name, w in self.plan.top_weights() if w and name in tops]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    # ---- weights --------------------------------------------------------------------------
+    def copy_from(self, weights, strict=False):
+        """Load a .caffemodel / .caffemodel.h5, matched by layer name as Caffe does; returns a LoadReport."""
+        from caffe_layers.formats.weights import load_weights
+
+        return load_weights(self, weights, strict=strict)
+
+    def save(self, path):
+        """Write the weights as a .caffemodel (or .caffemodel.h5 for a path ending in .h5)."""
+        from caffe_layers.formats.weights import save_weights
+
+        save_weights(self, path)
+
+
+def _state_dict_names(module, state_dict, prefix, local_metadata):
+    for attr, name in module._renamed.items():
+        for key in [k for k in state_dict if k.startswith(f"{prefix}{attr}.")]:
+            state_dict[f"{prefix}{name}.{key[len(prefix) + len(attr) + 1:]}"] = state_dict.pop(key)
+
+
+def _load_state_dict_names(module, state_dict, prefix, *args):
+    for attr, name in module._renamed.items():
+        for key in [k for k in state_dict if k.startswith(f"{prefix}{name}.")]:
+            state_dict[f"{prefix}{attr}.{key[len(prefix) + len(name) + 1:]}"] = state_dict.pop(key)

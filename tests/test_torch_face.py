@@ -1,0 +1,109 @@
+"""The torch face (TorchNet, an fx.GraphModule over the plan): the original's numbers, module behaviour,
+torch.export and torch.compile."""
+import pytest
+import torch
+from torch import nn
+
+from caffe_layers import native
+from caffe_layers.engine.graph import TorchNet
+from golden import assert_matches, load_case
+from test_golden_nets import RTOL, compare, load_params
+
+MODELS = "models/segaware"
+
+
+@pytest.mark.parametrize("name", ["embs_deploy_97", "vgg_deploy_97"])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_golden_outputs(name, fuse):
+    case = load_case(name, "nets")
+    net = TorchNet(str(case["prototxt"]), fuse=fuse)
+    load_params(net, case)
+    inputs = {k[3:]: torch.as_tensor(v) for k, v in case.items() if k.startswith("in:")}
+    with torch.no_grad():
+        tops = net(**inputs)
+    last = {str(k).split(":", 2)[2]: str(k) for k in case["order"]}
+    for blob in (b for b in net.outputs if b not in net.inputs):
+        compare(f"{name} {blob!r}", tops[blob], case, last[blob])
+    for key in case:
+        if key.startswith("out:") and key[4:] in tops:
+            assert_matches(tops[key[4:]].numpy(), case[key], RTOL, 1e-5, f"{name} {key}")
+
+
+NET = """
+name: "small"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 12 dim: 12 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "fc.1" type: "InnerProduct" bottom: "pool1" top: "fc"
+        inner_product_param { num_output: 5 weight_filler { type: "xavier" } } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+def test_module_citizenship():
+    torch.manual_seed(0)
+    net = TorchNet(NET)
+    assert isinstance(net, torch.fx.GraphModule)
+    assert list(net.state_dict()) == ["conv1.0", "conv1.1", "fc.1.0", "fc.1.1"]  # "<layer>.<i>", dots kept
+    parent = nn.Sequential(net)
+    assert list(parent.state_dict()) == ["0.conv1.0", "0.conv1.1", "0.fc.1.0", "0.fc.1.1"]
+    other = TorchNet(NET)
+    other.load_state_dict(net.state_dict())
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(other(data=x)["prob"], net(data=x)["prob"])
+    torch.testing.assert_close(net(x)["prob"], net(data=x)["prob"])
+    with pytest.raises(RuntimeError, match="Missing key"):
+        other.load_state_dict({"conv1.0": net.state_dict()["conv1.0"]})
+
+
+def test_no_filler_draws_with_weights(tmp_path):
+    torch.manual_seed(0)
+    net = TorchNet(NET)
+    path = tmp_path / "w.caffemodel"
+    net.save(path)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    loaded = TorchNet(NET, weights=path)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the fillers drew nothing
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_multiple_sources_refused():
+    bad = NET.replace('top: "pool1" pooling_param', 'top: "conv1" pooling_param')
+    bad = bad.replace('bottom: "pool1" top: "fc"', 'bottom: "conv1" top: "fc"')
+    TorchNet(bad)  # in place (it reads conv1): allowed
+    twice = NET + 'layer { name: "again" type: "Softmax" bottom: "fc" top: "prob" }'
+    with pytest.raises(ValueError, match="'again'.*'prob' is produced by multiple sources"):
+        TorchNet(twice)
+
+
+def test_blobs_freed_after_last_reader():
+    net = TorchNet(NET)
+    code = net.code
+    assert "conv1 = None" in code or "relu1 = None" in code  # fx frees each value after its last use
+
+
+def test_export_and_compile():
+    torch.manual_seed(0)
+    net = TorchNet(NET)
+    x = torch.randn(2, 3, 12, 12)
+    expected = net(data=x)["prob"]
+    exported = torch.export.export(net, (), {"data": x})
+    torch.testing.assert_close(exported.module()(data=x)["prob"], expected)
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(data=x)["prob"], expected)
+
+
+@pytest.mark.parametrize("config", [f"{MODELS}/embs/deploy.prototxt", f"{MODELS}/vgg/deploy.prototxt"])
+def test_export_segaware_deploy(config):
+    net = TorchNet(config, fuse=False)
+    inputs = {name: torch.randn(net.blob_shapes[name]) for name in net.inputs}
+    with torch.no_grad(), native.disabled():  # the pure-PyTorch references: standard ops only
+        expected = net(**inputs)
+        exported = torch.export.export(net, (), inputs)
+        got = exported.module()(**inputs)
+    for blob, value in expected.items():
+        torch.testing.assert_close(got[blob], value)
