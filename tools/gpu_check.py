@@ -381,6 +381,25 @@ def _last_line(text):
     return lines[-1] if lines else ""
 
 
+def _start(cmd, env, log_path):
+    """A process whose stderr goes to log_path (a file: no pipe to fill while another rank waits on it)."""
+    with open(log_path, "w") as err:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env), log_path
+
+
+def _finish(started, timeout):
+    """(exit status, stderr) of a _start-ed process, ended after `timeout` seconds (status 124) if it hangs."""
+    proc, log_path = started
+    try:
+        status = proc.wait(timeout=timeout)
+        hung = ""
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        status, hung = 124, f"\n(ended after {timeout} s: it hung)"
+    return status, Path(log_path).read_text() + hung
+
+
 def nccl_checks(timeout=60):
     """The training path on CUDA: one process on GPU 0; `--gpu 0,0` (must refuse in one line); two torchrun-style
     ranks on GPU 0 with NCCL (they train, or refuse in one line each)."""
@@ -390,29 +409,22 @@ def nccl_checks(timeout=60):
     with tempfile.TemporaryDirectory() as tmp:
         solver = _tiny_solver(Path(tmp))
         train = _python("-m", "caffe_layers.tools.cli", "train", "--solver", str(solver), "--no-progress")
-        env = _step_env()
-        done = subprocess.run(train + ["--gpu", "0"], capture_output=True, text=True, env=env, timeout=timeout)
-        losses = [line.split("loss = ")[1] for line in done.stderr.splitlines() if ", loss = " in line]
-        results["one_gpu"] = {"status": done.returncode, "losses": losses, "last_line": _last_line(done.stderr)}
-        done = subprocess.run(train + ["--gpu", "0,0"], capture_output=True, text=True, env=env, timeout=timeout)
-        results["gpu_0_0"] = {"status": done.returncode, "stderr_lines": len(done.stderr.strip().splitlines()),
-                              "last_line": _last_line(done.stderr)}
+        env, folder = _step_env(), Path(tmp)
+        status, err = _finish(_start(train + ["--gpu", "0"], env, folder / "one.log"), timeout)
+        losses = [line.split("loss = ")[1] for line in err.splitlines() if ", loss = " in line]
+        results["one_gpu"] = {"status": status, "losses": losses, "last_line": _last_line(err)}
+        status, err = _finish(_start(train + ["--gpu", "0,0"], env, folder / "dup.log"), timeout)
+        results["gpu_0_0"] = {"status": status, "stderr_lines": len(err.strip().splitlines()), "last_line": _last_line(err)}
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        procs = [subprocess.Popen(train, env=dict(env, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK="0",
-                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+        procs = [_start(train, dict(env, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                    MASTER_PORT=str(port)), folder / f"rank{r}.log") for r in range(2)]
         ranks = []
-        for r, proc in enumerate(procs):
-            try:
-                _, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
-                err += f"\n(rank {r} ended after {timeout} s: it hung)"
+        for r, started in enumerate(procs):
+            status, err = _finish(started, timeout)
             losses = [line.split("loss = ")[1] for line in err.splitlines() if ", loss = " in line]
-            ranks.append({"rank": r, "status": proc.returncode, "losses": losses, "last_line": _last_line(err),
+            ranks.append({"rank": r, "status": status, "losses": losses, "last_line": _last_line(err),
                           "traceback": "Traceback" in err})
         results["two_ranks_one_gpu"] = ranks
     return results
