@@ -239,12 +239,26 @@ struct Tile {
   int64_t L, pitch;
 };
 
-// Element e (memory order) of a tile of n steps from logical step t0: its step j and line s.
-__device__ inline void tile_element(const Scan& sc, int64_t e, int64_t n, int64_t& j, int64_t& s) {
+// Element e (memory order) of a tile of n steps from logical step t0 of the plane at b: its step j, line s,
+// address p and tile slot q.
+__device__ inline void tile_element(const Scan& sc, const Tile& tl, int64_t b, int64_t t0, int64_t n, int64_t e,
+                                    int64_t& j, int64_t& s, int64_t& p, int64_t& q) {
   const int64_t major = sc.horizontal ? e / n : e / sc.S, minor = sc.horizontal ? e % n : e % sc.S;
   const int64_t step = sc.horizontal ? minor : major;  // position along the scan inside the tile's span
   s = sc.horizontal ? major : minor;
   j = sc.reverse ? n - 1 - step : step;
+  p = b + sc.at(t0 + j, s);
+  q = j * tl.pitch + s;
+}
+
+// The gates at p of a plane into tile slot q (g1 and g3 only for three-way scans).
+template <typename T, bool kThree>
+__device__ inline void stage_gates(const T* g1, const T* g2, const T* g3, T* tg1, T* tg2, T* tg3, int64_t p, int64_t q) {
+  tg2[q] = g2[p];
+  if (kThree) {
+    tg1[q] = g1[p];
+    tg3[q] = g3[p];
+  }
 }
 
 template <typename T, bool kThree>
@@ -261,15 +275,10 @@ __global__ void spn_fwd_scan(const T* x, const T* g1, const T* g2, const T* g3, 
     for (int64_t t0 = 0; t0 < sc.T; t0 += tl.L) {
       const int64_t n = sc.T - t0 < tl.L ? sc.T - t0 : tl.L;
       for (int64_t e = threadIdx.x; e < n * sc.S; e += blockDim.x) {
-        int64_t j, s;
-        tile_element(sc, e, n, j, s);
-        const int64_t p = b + sc.at(t0 + j, s), q = j * P + s;
+        int64_t j, s, p, q;
+        tile_element(sc, tl, b, t0, n, e, j, s, p, q);
         th[q] = x[p];
-        tg2[q] = g2[p];
-        if (kThree) {
-          tg1[q] = g1[p];
-          tg3[q] = g3[p];
-        }
+        stage_gates<T, kThree>(g1, g2, g3, tg1, tg2, tg3, p, q);
       }
       __syncthreads();
       for (int64_t j = 0; j < n; ++j) {
@@ -286,9 +295,9 @@ __global__ void spn_fwd_scan(const T* x, const T* g1, const T* g2, const T* g3, 
       }
       for (int64_t s = threadIdx.x; s < sc.S; s += blockDim.x) carry[s] = th[(n - 1) * P + s];
       for (int64_t e = threadIdx.x; e < n * sc.S; e += blockDim.x) {
-        int64_t j, s;
-        tile_element(sc, e, n, j, s);
-        h[b + sc.at(t0 + j, s)] = th[j * P + s];
+        int64_t j, s, p, q;
+        tile_element(sc, tl, b, t0, n, e, j, s, p, q);
+        h[p] = th[q];
       }
       __syncthreads();
     }
@@ -316,16 +325,11 @@ __global__ void spn_bwd_scan(const T* x, const T* g1, const T* g2, const T* g3, 
     for (int64_t t0 = (sc.T - 1) / tl.L * tl.L; t0 >= 0; t0 -= tl.L) {
       const int64_t n = sc.T - t0 < tl.L ? sc.T - t0 : tl.L;
       for (int64_t e = threadIdx.x; e < n * sc.S; e += blockDim.x) {
-        int64_t j, s;
-        tile_element(sc, e, n, j, s);
-        const int64_t p = b + sc.at(t0 + j, s), q = j * P + s;
+        int64_t j, s, p, q;
+        tile_element(sc, tl, b, t0, n, e, j, s, p, q);
         td[q] = dtop[p];
         tx[q] = x[p];
-        tg2[q] = g2[p];
-        if (kThree) {
-          tg1[q] = g1[p];
-          tg3[q] = g3[p];
-        }
+        stage_gates<T, kThree>(g1, g2, g3, tg1, tg2, tg3, p, q);
         tp[q] = t0 + j > 0 ? h[b + sc.at(t0 + j - 1, s)] : T(0);
       }
       __syncthreads();
@@ -355,9 +359,8 @@ __global__ void spn_bwd_scan(const T* x, const T* g1, const T* g2, const T* g3, 
         }
       }
       for (int64_t e = threadIdx.x; e < n * sc.S; e += blockDim.x) {
-        int64_t j, s;
-        tile_element(sc, e, n, j, s);
-        const int64_t p = b + sc.at(t0 + j, s), q = j * P + s;
+        int64_t j, s, p, q;
+        tile_element(sc, tl, b, t0, n, e, j, s, p, q);
         const T d = td[q], xv = tx[q];
         T gsum = 0, d1 = 0, d2 = 0, d3 = 0;
         if (t0 + j > 0) {
