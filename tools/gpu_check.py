@@ -2,7 +2,7 @@
 """The CUDA path in one go, on a machine with an NVIDIA GPU (issue 19).
 
     python tools/gpu_check.py OUT_DIR [--bundle DIR] [--no-install] [--budget SECONDS]
-    python tools/gpu_check.py --prepare DIR     # where pip reaches an index: what an offline GPU machine needs
+    python tools/gpu_check.py --prepare DIR [--python 3.12]   # where pip reaches an index: the offline bundle
 
 From a clean checkout: installs the project (its CUDA module built by nvcc for the GPU found), runs the tests that
 need a GPU (pytest -m gpu), checks every CUDA kernel against the CPU kernels on random inputs, times the kernels
@@ -642,6 +642,7 @@ def parse_args(argv):
     ap.add_argument("--no-install", action="store_true", help="the project is installed already (CUDA module built)")
     ap.add_argument("--budget", type=float, default=450, help="seconds for the whole check (default 450)")
     ap.add_argument("--prepare", type=Path, metavar="DIR", help="make the offline bundle in DIR, then stop")
+    ap.add_argument("--python", default="3.12", help="--prepare: the GPU machine's Python version (default 3.12)")
     ap.add_argument("--step", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -667,7 +668,7 @@ def main(argv=None):
             run_step(args.step, args.result)
             return 0
         if args.prepare is not None:
-            return prepare(args.prepare)
+            return prepare(args.prepare, args.python)
         problem = gpu_problem()
         if problem:
             raise Refusal(f"gpu_check: {problem}; it needs a machine with an NVIDIA GPU")
