@@ -161,7 +161,9 @@ def test_report_and_figures_are_written(tmp_path):
     (lambda f: f["kernels"][0].update(ok=False), "CUDA kernels differ"),
     (lambda f: f["steps"]["spn"].update(state="skipped"), "step spn skipped"),
     (lambda f: f["nccl"]["gpu_0_0"].update(stderr_lines=30), "NCCL path"),
-    (lambda f: f["nccl"]["two_ranks_one_gpu"][0].update(traceback=True), "NCCL path")])
+    (lambda f: f["nccl"]["two_ranks_one_gpu"][0].update(traceback=True), "NCCL path"),
+    (lambda f: f["nccl"]["two_ranks_one_gpu"][1].update(status=124, last_line="(ended after 60 s: it hung)"),
+     "NCCL path")])
 def test_verdict_names_each_problem(change, problem):
     fig = _figures()
     change(fig)

@@ -520,7 +520,8 @@ def verdict(fig):
         problems.append("CUDA kernels differ from the CPU kernels")
     nccl = fig.get("nccl")
     if nccl and (nccl["one_gpu"]["status"] or nccl["gpu_0_0"]["status"] == 0 or nccl["gpu_0_0"]["stderr_lines"] != 1
-                 or any(r["status"] and (r["traceback"] or not r["last_line"]) for r in nccl["two_ranks_one_gpu"])):
+                 or any(r["status"] == 124 or (r["status"] and (r["traceback"] or not r["last_line"]))
+                        for r in nccl["two_ranks_one_gpu"])):
         problems.append("the NCCL path neither ran nor refused in one line")
     return "all good" if not problems else "; ".join(problems)
 
