@@ -107,3 +107,48 @@ def test_export_segaware_deploy(config):
         got = exported.module()(**inputs)
     for blob, value in expected.items():
         torch.testing.assert_close(got[blob], value)
+
+
+BN_NET = """
+name: "bn"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 9 } } }
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "bn1" type: "BatchNorm" bottom: "c1" top: "c1" }
+layer { name: "s1" type: "Scale" bottom: "c1" top: "c1" scale_param { bias_term: true } }
+layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+layer { name: "c2" type: "Convolution" bottom: "c1" top: "c2"
+        convolution_param { num_output: 4 kernel_size: 1 bias_term: false group: 2 weight_filler { type: "gaussian" } } }
+layer { name: "bn2" type: "BatchNorm" bottom: "c2" top: "b2" }
+layer { name: "c3" type: "Convolution" bottom: "c1" top: "c3"
+        convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "gaussian" } } }
+layer { name: "bn3" type: "BatchNorm" bottom: "c3" top: "b3" }
+layer { name: "other" type: "AbsVal" bottom: "c3" top: "a3" }
+"""
+
+
+def _folded_calls(net):
+    return [n for n in net.graph.nodes if n.op == "call_function" and n.target.__name__ == "folded_convolution"]
+
+
+def test_batchnorm_folding_equals_unfolded():
+    torch.manual_seed(0)
+    folded, plain = TorchNet(BN_NET), TorchNet(BN_NET, fold=False)
+    for layer in folded.layer_modules:
+        with torch.no_grad():
+            if layer.param.type == "BatchNorm":
+                layer.blobs[0].normal_()
+                layer.blobs[1].uniform_(0.5, 2)
+                layer.blobs[2].fill_(0.8)
+            elif layer.param.type == "Scale":
+                layer.blobs[0].uniform_(0.5, 1.5)
+                layer.blobs[1].normal_()
+    plain.load_state_dict(folded.state_dict())
+    # c1+bn1+s1 in place and c2+bn2 (no Scale, no conv bias, groups) fold; c3 does not: AbsVal reads c3 too
+    assert len(_folded_calls(folded)) == 2 and not _folded_calls(plain)
+    x = torch.randn(2, 3, 9, 9)
+    got, expected = folded(data=x), plain(data=x)
+    assert set(got) == set(expected) == {"b2", "b3", "a3"}
+    for blob in expected:
+        torch.testing.assert_close(got[blob], expected[blob], rtol=1e-5, atol=1e-5)
+    assert not _folded_calls(TorchNet(BN_NET, phase="train"))  # batch statistics in TRAIN: nothing folds

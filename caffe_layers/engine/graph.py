@@ -12,6 +12,7 @@ import re
 import torch
 from torch import fx, nn
 
+from caffe_layers.engine.folding import FoldedConvolution, fold_batchnorm, folded_convolution
 from caffe_layers.engine.fusion import FusedSegawareConv, fuse_steps
 from caffe_layers.engine.plan import Plan, filter_net
 from caffe_layers.formats.proto import TEST, pb, phase_value
@@ -58,16 +59,26 @@ def build_graph(plan, steps, attr_of, keep=()):
             continue
         args = [env[b] if down else graph.call_method("detach", (env[b],))
                 for b, down in zip(step.bottoms, step.propagate_down)]
+        def blob(layer, i):
+            return graph.get_attr(f"{attr_of[id(layer)]}.blobs.{i}")
+
         if isinstance(step.layer, FusedSegawareConv):
             conv, im2col = step.layer.conv, step.layer.im2col
-            weight = graph.get_attr(f"{attr_of[id(conv)]}.blobs.0")
-            bias = graph.get_attr(f"{attr_of[id(conv)]}.blobs.1") if conv.bias_term else None
-            node = graph.call_function(segaware_conv, (*args, weight, bias, tuple(im2col.kernel), tuple(im2col.pad),
-                                                      tuple(im2col.stride), tuple(im2col.dilation)))
+            bias = blob(conv, 1) if conv.bias_term else None
+            node = graph.call_function(segaware_conv, (*args, blob(conv, 0), bias, tuple(im2col.kernel),
+                                                      tuple(im2col.pad), tuple(im2col.stride), tuple(im2col.dilation)))
+        elif isinstance(step.layer, FoldedConvolution):
+            conv, bn, sc = step.layer.conv, step.layer.bn, step.layer.scale
+            scale = blob(sc, 0) if sc is not None else None
+            shift = blob(sc, len(sc.blobs) - 1) if sc is not None and sc.bias_term else None
+            node = graph.call_function(folded_convolution, (
+                *args, blob(conv, 0), blob(conv, 1) if conv.bias_term else None, blob(bn, 0), blob(bn, 1),
+                blob(bn, 2), bn.eps, scale, shift, tuple(conv.stride), tuple(conv.pad), tuple(conv.dilation),
+                conv.group))
         else:
             node = graph.call_module(attr_of[id(step.layer)], tuple(args))
         if len(step.tops) == 1:
-            env[step.tops[0]] = node if isinstance(step.layer, FusedSegawareConv) else \
+            env[step.tops[0]] = node if isinstance(step.layer, (FusedSegawareConv, FoldedConvolution)) else \
                 graph.call_function(only_top, (node,))
         else:
             for i, top in enumerate(step.tops):
@@ -84,16 +95,19 @@ class TorchNet(fx.GraphModule):
     """A Caffe net as a plain torch module (the torch face; caffe_layers.Net is the pycaffe face).
 
     TorchNet(prototxt, weights=None, phase="test", variables=None, *, level=0, stages=(), fuse=True,
-    keep_blobs=(), strict_weights=False). Call it with the input blobs by name (`net(data=x)`, or
+    fold=None, keep_blobs=(), strict_weights=False). Call it with the input blobs by name (`net(data=x)`, or
     positionally in the order of `net.inputs`); it returns {blob: tensor} for the net's outputs and the
     blobs named in keep_blobs. `fuse` runs each segmentation-aware convolution chain as one native step (its
-    C*K*H*W intermediates are never made; name one in keep_blobs to get it).
+    C*K*H*W intermediates are never made; name one in keep_blobs to get it); `fold` (default: in a TEST net)
+    folds each Convolution -> BatchNorm -> Scale into one convolution (engine/folding.py).
     """
 
     def __init__(self, prototxt, weights=None, phase=TEST, variables=None, *, level=0, stages=(), fuse=True,
-                 keep_blobs=(), strict_weights=False):
+                 fold=None, keep_blobs=(), strict_weights=False):
         plan = compile_plan(prototxt, phase, variables, level, stages)
         steps = (fuse_steps(plan, keep_blobs) if fuse else None) or plan.steps
+        if fold if fold is not None else plan.phase == TEST:
+            steps = fold_batchnorm(steps, set(plan.outputs) | set(keep_blobs))
         root, attr_of, renamed, taken = nn.Module(), {}, {}, set(dir(fx.GraphModule))
         for layer in plan.layers:
             attr = layer.name if layer.name.isidentifier() and layer.name not in taken else None

@@ -1,0 +1,190 @@
+"""Whole nets: build time, forward time (best and median) and peak resident memory, ours against OpenCV dnn (same
+weights, same threads, measured in this run) and against the original Caffe's figures on this machine kind
+(../shared/baselines/original_caffe_cpu.md, measured another day: read those ratios as approximate).
+
+    python benchmarks/bench_nets.py                       # vgg321 res129 embs321 (add res513: --nets all)
+    python benchmarks/bench_nets.py --nets none path/to/bvlc_googlenet/deploy.prototxt [more.prototxt ...]
+    python benchmarks/bench_nets.py --train lenet         # solver iterations per second (see --help)
+
+Each figure comes from a fresh process, so that its peak memory is its own. "ours" is the torch face
+(TorchNet) under torch.inference_mode; "pycaffe" is caffe_layers.Net.forward (Caffe's persistent blobs).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "reference" / "segaware"
+BASELINES = ROOT.parent / "shared" / "baselines" / "original_caffe_cpu.md"
+RES_129 = {"513": "129", "385": "97", "257": "65", "65": "17"}  # (d - 1) * 128 / 512 + 1, as the baselines
+NETS = {  # name: (reference config, size substitutions for dim/height/width lines)
+    "vgg321": ("vgg/deploy.prototxt", {}),
+    "res129": ("res/deploy.prototxt", RES_129),
+    "embs321": ("embs/deploy.prototxt", {}),
+    "res513": ("res/deploy.prototxt", {}),
+}
+
+
+def config_text(name):
+    path, sizes = NETS[name]
+    text = (REFERENCE / path).read_text()
+    if not sizes:
+        return text
+    pattern = re.compile(r"\b((?:dim|height|width):\s*)(\d+)\b")
+    return pattern.sub(lambda m: m.group(1) + sizes.get(m.group(2), m.group(2)), text)
+
+
+def peak_rss_mb():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, runs):
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[0], times[len(times) // 2]
+
+
+def child(args):
+    """One measurement in this process; prints one JSON line."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.child_net in NETS:
+        text, where = config_text(args.child_net), None
+    else:
+        where = Path(args.child_net)
+        text = where.read_text()
+    from caffe_layers import Net, native
+    from caffe_layers.engine.graph import TorchNet
+
+    device = torch.device(args.device)
+    result = {}
+    if args.mode in ("ours", "pycaffe"):
+        start = time.perf_counter()
+        net = (TorchNet(text, phase="test") if args.mode == "ours" else Net(text, phase="test"))
+        result["build"] = time.perf_counter() - start
+        shapes = net.blob_shapes
+        rng = np.random.default_rng(0)
+        inputs = {name: rng.standard_normal(shapes[name]).astype(np.float32) for name in net.inputs}
+        if args.mode == "ours":
+            net.to(device)
+            feed = {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
+
+            def run():
+                with torch.inference_mode():
+                    net(**feed)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+        else:
+            def run():
+                net.forward(**inputs)
+        run()  # warm-up
+        result["forward_best"], result["forward_median"] = timed(run, args.runs)
+        result["native_cpu"] = native.available("cpu")
+    else:  # opencv: the same weights, saved by us as a .caffemodel
+        import cv2
+
+        cv2.setNumThreads(args.threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            proto, model = Path(tmp) / "net.prototxt", Path(tmp) / "net.caffemodel"
+            proto.write_text(text)
+            torch.manual_seed(0)
+            TorchNet(text, phase="test").save(model)
+            start = time.perf_counter()
+            net = cv2.dnn.readNetFromCaffe(str(proto), str(model))
+            result["build"] = time.perf_counter() - start
+        shapes = TorchNet(text, phase="test").blob_shapes
+        from caffe_layers.engine.graph import compile_plan
+
+        inputs = compile_plan(text).inputs
+        rng = np.random.default_rng(0)
+        for name in inputs:
+            net.setInput(rng.standard_normal(shapes[name]).astype(np.float32), name)
+        net.forward()
+        result["forward_best"], result["forward_median"] = timed(net.forward, args.runs)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps(result))
+
+
+def measure(net, mode, args):
+    cmd = [sys.executable, __file__, "--child-net", str(net), "--mode", mode, "--runs", str(args.runs),
+           "--threads", str(args.threads), "--device", args.device]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:120]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def baselines():
+    """{net: (build s, forward best s, peak MB)} from the original Caffe's table."""
+    out = {}
+    if not BASELINES.exists():
+        return out
+    for line in BASELINES.read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0].split()[0] in NETS:
+            nums = [float(re.sub(r"[^\d.]", "", c) or "nan") for c in cells[1:]]
+            out[cells[0].split()[0]] = (nums[0], nums[1], nums[3])
+    return out
+
+
+def row(label, figures, reference=None):
+    if "error" in figures:
+        return f"{label:28s} failed: {figures['error']}"
+    text = (f"{label:28s} build {figures['build']:7.3f} s  forward best {figures['forward_best']:7.3f} s  "
+            f"median {figures['forward_median']:7.3f} s  peak {figures['peak_rss_mb']:8.0f} MB")
+    if reference:
+        text += f"  | x{reference['forward_best'] / figures['forward_best']:.2f} faster"
+    return text
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="*", help="standard Caffe deploy prototxts, also run on OpenCV dnn")
+    parser.add_argument("--nets", default="vgg321,res129,embs321", help="comma list of "
+                        f"{', '.join(NETS)}; 'all' or 'none'")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--child-net", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="ours", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_net:
+        return child(args)
+    names = list(NETS) if args.nets == "all" else [] if args.nets == "none" else args.nets.split(",")
+    base = baselines()
+    print(f"{args.threads} threads, {args.device}, best/median of {args.runs} runs after a warm-up; "
+          f"each row a fresh process")
+    for name in names:
+        ours, py = measure(name, "ours", args), measure(name, "pycaffe", args)
+        print(row(f"{name} ours (TorchNet)", ours))
+        print(row(f"{name} pycaffe Net", py))
+        if name in base and "error" not in ours:
+            b_build, b_fwd, b_mem = base[name]
+            print(f"{name} original Caffe (baselines) build {b_build:.2f} s, forward best {b_fwd:.3f} s, "
+                  f"peak {b_mem:.0f} MB -> ours x{b_fwd / ours['forward_best']:.2f} faster "
+                  f"(pycaffe x{b_fwd / py.get('forward_best', float('nan')):.2f}), build x"
+                  f"{b_build / ours['build']:.2f}, memory x{ours['peak_rss_mb'] / b_mem:.2f} "
+                  f"(another day's figures: approximate)")
+    for config in args.configs:
+        cv = measure(config, "opencv", args)
+        ours = measure(config, "ours", args)
+        print(row(f"{Path(config).parent.name} OpenCV dnn", cv))
+        print(row(f"{Path(config).parent.name} ours (TorchNet)", ours, cv if "error" not in cv else None))
+
+
+if __name__ == "__main__":
+    main()
