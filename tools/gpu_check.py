@@ -372,7 +372,8 @@ def _tiny_solver(folder):
     (folder / "list.txt").write_text(f"{folder / 'd.h5'}\n")
     (folder / "net.prototxt").write_text(TINY_NET.replace("LIST", str(folder / "list.txt")))
     (folder / "solver.prototxt").write_text(f'net: "{folder / "net.prototxt"}"\nbase_lr: 0.1\nlr_policy: "fixed"\n'
-                                            f'max_iter: 20\ndisplay: 10\nrandom_seed: 5\n')
+                                            f'max_iter: 20\ndisplay: 10\nrandom_seed: 5\n'
+                                            f'snapshot_prefix: "{folder / "snap"}"\n')  # snapshots stay in folder
     return folder / "solver.prototxt"
 
 
@@ -384,7 +385,7 @@ def _last_line(text):
 def _start(cmd, env, log_path):
     """A process whose stderr goes to log_path (a file: no pipe to fill while another rank waits on it)."""
     with open(log_path, "w") as err:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env), log_path
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=Path(log_path).parent), log_path
 
 
 def _finish(started, timeout):
