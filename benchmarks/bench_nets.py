@@ -119,6 +119,48 @@ def child(args):
     print(json.dumps(result))
 
 
+LENET = "examples/mnist/lenet_train_test.prototxt"
+
+
+def lenet_solver(tmp, bvlc_repo):
+    """BVLC's LeNet example (read from a git snapshot of BVLC/caffe) over a generated MNIST-sized LMDB."""
+    import lmdb
+    import numpy as np
+
+    from caffe_layers.formats.proto import pb
+
+    rng = np.random.default_rng(0)
+    db = Path(tmp) / "mnist_lmdb"
+    env = lmdb.open(str(db), map_size=1 << 28)
+    with env.begin(write=True) as txn:
+        for i in range(2000):
+            datum = pb.Datum(channels=1, height=28, width=28, label=int(rng.integers(10)),
+                             data=rng.integers(0, 256, 28 * 28, dtype=np.uint8).tobytes())
+            txn.put(f"{i:08d}".encode(), datum.SerializeToString())
+    env.close()
+    show = ["git", "-C", str(bvlc_repo), "show"]
+    net = subprocess.run(show + [f"HEAD:{LENET}"], capture_output=True, text=True, check=True).stdout
+    net = re.sub(r'source: "[^"]*"', f'source: "{db}"', net)
+    (Path(tmp) / "lenet.prototxt").write_text(net)
+    solver = (f'net: "{Path(tmp) / "lenet.prototxt"}"\nbase_lr: 0.01 momentum: 0.9 weight_decay: 0.0005\n'
+              f'lr_policy: "inv" gamma: 0.0001 power: 0.75 max_iter: 100000\n')
+    (Path(tmp) / "solver.prototxt").write_text(solver)
+    return Path(tmp) / "solver.prototxt"
+
+
+def train_child(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from caffe_layers.training.solver import Solver
+
+    with tempfile.TemporaryDirectory() as tmp:
+        solver = Solver(str(lenet_solver(tmp, args.bvlc)))
+        solver.step(5)  # warm-up
+        best = min(timed(lambda: solver.step(args.iters), 1)[0] for _ in range(args.runs)) / args.iters
+    print(json.dumps({"iteration": best, "peak_rss_mb": peak_rss_mb()}))
+
+
 def measure(net, mode, args):
     cmd = [sys.executable, __file__, "--child-net", str(net), "--mode", mode, "--runs", str(args.runs),
            "--threads", str(args.threads), "--device", args.device]
@@ -159,11 +201,27 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--train", action="store_true", help="LeNet solver iterations (BVLC's example, generated "
+                        "LMDB) instead of forward passes; needs --bvlc")
+    parser.add_argument("--bvlc", default=str(ROOT.parent / ".mirror" / "BVLC+caffe" / "repo"),
+                        help="a git checkout or snapshot of BVLC/caffe (for its LeNet example)")
+    parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--child-net", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="ours", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_net:
-        return child(args)
+        return train_child(args) if args.child_net == "lenet" else child(args)
+    if args.train:
+        cmd = [sys.executable, __file__, "--child-net", "lenet", "--runs", str(args.runs), "--iters",
+               str(args.iters), "--threads", str(args.threads), "--bvlc", args.bvlc]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(done.stderr.strip().splitlines()[-1])
+        it = json.loads(done.stdout.strip().splitlines()[-1])["iteration"]
+        print(f"LeNet solver iteration (batch 64, {args.threads} threads): {it * 1e3:.1f} ms, "
+              f"{1 / it:.0f} it/s; the original Caffe: 34 ms (issue 14's figure, `caffe train`, 2 threads) "
+              f"-> x{0.034 / it:.2f}")
+        return
     names = list(NETS) if args.nets == "all" else [] if args.nets == "none" else args.nets.split(",")
     base = baselines()
     print(f"{args.threads} threads, {args.device}, best/median of {args.runs} runs after a warm-up; "

@@ -24,7 +24,7 @@ def caffe_pool_ref(x, k, p, s, method, ceil_mode=True):
     out = []
     for size, kk, pp, ss in zip((H, W), k, p, s):
         o = (math.ceil if ceil_mode else math.floor)((size + 2 * pp - kk) / ss) + 1
-        if pp and (o - 1) * ss >= size + pp:
+        if (p[0] or p[1]) and (o - 1) * ss >= size + pp:  # Caffe: if (pad_h_ || pad_w_), both axes
             o -= 1
         out.append(o)
     oh, ow = out
@@ -226,22 +226,26 @@ def test_inner_product_shapes_and_values():
                        [x.shape])
     assert tuple(layer.blobs[0].shape) == (6, 60) and layer(x).shape == (2, 6)
     with pytest.raises(ValueError, match="incompatible.*60 elements"):
-        layer(torch.randn(2, 3, 4, 4, dtype=torch.float64))
+        layer.top_shapes([(2, 3, 4, 4)])
     with pytest.raises(ValueError, match="num_output"):
         make_layer('type: "InnerProduct" inner_product_param { }', [x.shape])
 
 
 # ---- Pooling -----------------------------------------------------------------------------------
 # (kernel, pad, stride); the last has an empty last window (width 8, kernel 1, stride 2, no pad)
+# ((3, 1), (1, 0), (2, 3)): width 8 is not padded but height is, so Caffe's rule drops the width's last
+# window (3 * 3 >= 8 + 0); the others: pads, stride 1, a global-size kernel, stride > kernel.
 POOL_CASES = [((3, 3), (1, 1), (2, 2)), ((3, 2), (0, 1), (2, 3)), ((4, 3), (2, 1), (3, 1)), ((2, 2), (0, 0), (2, 2)),
-              ((1, 1), (0, 0), (2, 2))]
+              ((1, 1), (0, 0), (2, 2)), ((3, 1), (1, 0), (2, 3)), ((3, 3), (1, 1), (1, 1)), ((5, 4), (2, 1), (2, 3)),
+              ((7, 8), (0, 0), (1, 1)), ((3, 3), (0, 0), (4, 4))]
 
 
 @pytest.mark.parametrize("method", ["MAX", "AVE"])
-@pytest.mark.parametrize("k,p,s", POOL_CASES)
-def test_pool_matches_caffe_loops(method, k, p, s):
+@pytest.mark.parametrize("k,p,s,channels", [c + (2,) for c in POOL_CASES] + [c + (40,) for c in POOL_CASES[:3]])
+def test_pool_matches_caffe_loops(method, k, p, s, channels):
+    # 40 channels (4480 values): torch's kernels run in the channels-last layout
     rng = np.random.default_rng(3)
-    x = rng.integers(-3, 4, size=(2, 2, 7, 8)).astype(np.float64)  # many ties: the first max must win
+    x = rng.integers(-3, 4, size=(2, channels, 7, 8)).astype(np.float64)  # many ties: the first max must win
     text = (f'type: "Pooling" pooling_param {{ pool: {method} kernel_h: {k[0]} kernel_w: {k[1]} '
             f'pad_h: {p[0]} pad_w: {p[1]} stride_h: {s[0]} stride_w: {s[1]} }}')
     tops = 2 if method == "MAX" else 1
@@ -359,11 +363,12 @@ def lrn_ref(x, size, alpha, beta, k, across):
 
 
 @pytest.mark.parametrize("region", ["ACROSS_CHANNELS", "WITHIN_CHANNEL"])
-def test_lrn_matches_formula_and_gradcheck(region):
-    text = (f'type: "LRN" lrn_param {{ local_size: 3 alpha: 0.5 beta: 0.75 k: 2 norm_region: {region} }}')
-    x = np.random.default_rng(0).standard_normal((2, 5, 4, 6))
+@pytest.mark.parametrize("size,channels", [(3, 5), (7, 5), (5, 90)])  # a window past all channels; channels-last
+def test_lrn_matches_formula_and_gradcheck(region, size, channels):
+    text = (f'type: "LRN" lrn_param {{ local_size: {size} alpha: 0.5 beta: 0.75 k: 2 norm_region: {region} }}')
+    x = np.random.default_rng(0).standard_normal((2, channels, 4, 6))
     layer = make_layer(text, [x.shape])
-    ref = lrn_ref(x, 3, 0.5, 0.75, 2.0, region == "ACROSS_CHANNELS")
+    ref = lrn_ref(x, size, 0.5, 0.75, 2.0, region == "ACROSS_CHANNELS")
     np.testing.assert_allclose(layer(torch.as_tensor(x)).numpy(), ref, rtol=1e-12)
     gradcheck_layer(text, [(1, 4, 3, 3)])
 

@@ -73,7 +73,7 @@ def test_zero_tops_and_explicit_param_fields():
 
 
 def test_errors():
-    with pytest.raises(TypeError, match="ReLU: bottom 0 must be a Top"):
+    with pytest.raises(TypeError, match=r"^ReLU input 0 is not a Top \(type is <class .numpy.ndarray.>\)$"):
         L.ReLU(np.zeros(3))
     with pytest.raises(AttributeError, match="no top 'missing'"):
         caffe.NetSpec().missing

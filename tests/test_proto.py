@@ -355,3 +355,81 @@ def test_bvlc_solver_additions(pb):
     assert _number(pb, "SolverParameter", "layer_wise_reduce") == 41
     assert pb.SolverParameter.FromString(s.SerializeToString()) == s
     assert pb.PoolingParameter().round_mode == pb.PoolingParameter.CEIL
+
+
+# ---------------------------------------------------------------------------
+# SSD fork and OpenCV's community layers (proto/README.md)
+# ---------------------------------------------------------------------------
+SSD_LAYER_FIELDS = [
+    ("annotated_data_param", 200), ("multibox_loss_param", 201), ("permute_param", 202),
+    ("prior_box_param", 203), ("detection_output_param", 204),
+    ("detection_evaluate_param", 205), ("norm_param", 206), ("video_data_param", 207),
+]
+OPENCV_LAYER_FIELDS = [("proposal_param", 1201), ("psroi_pooling_param", 10002),
+                       ("roi_pooling_param", 8266711), ("shuffle_channel_param", 1164), ("roi_param", 164)]
+MOVED_INSIDE = [
+    ("TransformationParameter", "resize_param", 1008), ("TransformationParameter", "noise_param", 1009),
+    ("TransformationParameter", "emit_constraint", 1010), ("TransformationParameter", "crop_h", 11),
+    ("TransformationParameter", "distort_param", 13), ("TransformationParameter", "scale_factors", 8),
+    ("SolverParameter", "eval_type", 1041), ("SolverParameter", "ap_version", 1042),
+    ("SolverParameter", "plateau_winsize", 43), ("PoolingParameter", "ceil_mode", 1013),
+    ("PoolingParameter", "round_mode", 13), ("DetectionOutputParameter", "visualize", 10),
+    ("DetectionOutputParameter", "normalized_bbox", 1010), ("PriorBoxParameter", "offset_h", 14),
+    ("BlobProto", "raw_data", 12), ("BatchNormParameter", "scale_bias", 7),
+    ("DropoutParameter", "scale_train", 2),
+]
+
+
+@pytest.mark.parametrize("name,number", SSD_LAYER_FIELDS + OPENCV_LAYER_FIELDS)
+def test_ssd_and_opencv_layer_field_numbers(pb, name, number):
+    assert _number(pb, "LayerParameter", name) == number
+
+
+@pytest.mark.parametrize("message,name,number", MOVED_INSIDE)
+def test_ssd_and_opencv_fields_in_other_messages(pb, message, name, number):
+    assert _number(pb, message, name) == number
+
+
+def test_ssd_binary_fields_land_in_place(pb):
+    # an SSD-written layer: permute_param { order: 0 order: 2 } at 202, norm_param at 206
+    raw = _len_field(202, _key(1, 0) + b"\x00" + _key(1, 0) + b"\x02") + \
+        _len_field(206, _key(1, 0) + b"\x00" + _key(3, 0) + b"\x00")
+    layer = pb.LayerParameter.FromString(raw)
+    assert list(layer.permute_param.order) == [0, 2]
+    assert not layer.norm_param.across_spatial and not layer.norm_param.channel_shared
+    assert not _unknown_field_numbers(layer)
+
+
+def test_ssd_prototxt_fields_parse(pb):
+    net = pb.NetParameter()
+    _text_format().Merge('''
+      layer { name: "p" type: "PriorBox" prior_box_param { min_size: 30 max_size: 60 aspect_ratio: 2
+              flip: true variance: 0.1 variance: 0.2 step: 8 offset: 0.5 } }
+      layer { name: "d" type: "DetectionOutput" detection_output_param { num_classes: 21
+              nms_param { nms_threshold: 0.45 top_k: 400 } code_type: CENTER_SIZE keep_top_k: 200
+              confidence_threshold: 0.01 save_output_param { resize_param { resize_mode: WARP } } } }
+      layer { name: "t" type: "AnnotatedData" transform_param { resize_param { height: 300 width: 300
+              interp_mode: LINEAR } distort_param { brightness_prob: 0.5 } emit_constraint {
+              emit_type: CENTER } } annotated_data_param { batch_sampler { max_trials: 50 } } }
+      layer { name: "r" type: "Proposal" proposal_param { ratio: 0.5 scale: 8 feat_stride: 16 } }
+      layer { name: "q" type: "PSROIPooling" psroi_pooling_param { spatial_scale: 0.0625
+              output_dim: 21 group_size: 7 } }
+    ''', net)
+    p, d, t, r, q = net.layer
+    assert list(p.prior_box_param.min_size) == [30] and not p.prior_box_param.clip
+    assert d.detection_output_param.code_type == pb.PriorBoxParameter.CENTER_SIZE
+    assert d.detection_output_param.nms_param.top_k == 400
+    assert t.transform_param.resize_param.height == 300
+    assert list(r.proposal_param.scale) == [8] and r.proposal_param.nms_thresh == pytest.approx(0.7)
+    back = pb.NetParameter.FromString(net.SerializeToString())
+    assert back == net
+
+
+def test_ssd_transform_resize_moved(pb):
+    # DeepLab's scale_factors keeps 8; an SSD binary's resize_param (8, length-delimited) does
+    # not reach resize_param (documented): it lands in scale_factors, a packed float field.
+    t = pb.TransformationParameter()
+    _text_format().Merge("resize_param { height: 3 } scale_factors: 0.5", t)
+    assert pb.TransformationParameter.FromString(t.SerializeToString()) == t
+    ssd = pb.TransformationParameter.FromString(_len_field(8, b""))
+    assert not ssd.HasField("resize_param")

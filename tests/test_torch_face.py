@@ -6,6 +6,7 @@ from torch import nn
 
 from caffe_layers import native
 from caffe_layers.engine.graph import TorchNet
+from caffe_layers.tools.reference import fill_net_hash
 from golden import assert_matches, load_case
 from test_golden_nets import RTOL, compare, load_params
 
@@ -97,9 +98,14 @@ def test_export_and_compile():
     torch.testing.assert_close(compiled(data=x)["prob"], expected)
 
 
-@pytest.mark.parametrize("config", [f"{MODELS}/embs/deploy.prototxt", f"{MODELS}/vgg/deploy.prototxt"])
-def test_export_segaware_deploy(config):
+DEPLOY = [f"{MODELS}/embs/deploy.prototxt", f"{MODELS}/vgg/deploy.prototxt", f"{MODELS}/res/deploy.prototxt",
+          f"{MODELS}/flownet/flownet_segaware_deploy.prototxt", "models/sss/sss_deploy.prototxt"]
+
+
+@pytest.mark.parametrize("config", DEPLOY)
+def test_export_deploy(config):
     net = TorchNet(config, fuse=False)
+    fill_net_hash(net)  # deploy configs have no fillers: zero weights would make BatchNorm divide 0 by 0
     inputs = {name: torch.randn(net.blob_shapes[name]) for name in net.inputs}
     with torch.no_grad(), native.disabled():  # the pure-PyTorch references: standard ops only
         expected = net(**inputs)
@@ -152,3 +158,13 @@ def test_batchnorm_folding_equals_unfolded():
     for blob in expected:
         torch.testing.assert_close(got[blob], expected[blob], rtol=1e-5, atol=1e-5)
     assert not _folded_calls(TorchNet(BN_NET, phase="train"))  # batch statistics in TRAIN: nothing folds
+
+
+def test_compile_fullgraph_segaware_deploy():
+    net = TorchNet(f"{MODELS}/embs/deploy.prototxt")
+    inputs = {name: torch.randn(net.blob_shapes[name]) for name in net.inputs}
+    with torch.no_grad(), native.disabled():
+        expected = net(**inputs)
+        got = torch.compile(net, fullgraph=True, backend="eager")(**inputs)
+    for blob, value in expected.items():
+        torch.testing.assert_close(got[blob], value)

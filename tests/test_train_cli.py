@@ -66,9 +66,12 @@ def test_resume_and_weights_are_exclusive(files, caplog):
         main(["train", "--solver", "s", "--weights", "w", "--snapshot", "s"])
 
 
-def test_unset_variable_is_a_clear_error(files):
-    with pytest.raises(ValueError, match=r"\$\{ITERS\} is not set"):
-        main(["train", "--solver", str(files / "solver.prototxt"), "--no-progress"])
+def test_unset_variable_is_a_clear_error(files, capsys):
+    assert main(["train", "--solver", str(files / "solver.prototxt"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("caffe-layers train: error: ") and "${ITERS} is not set" in err and "\n" not in err
+    with pytest.raises(ValueError, match=r"\$\{ITERS\} is not set"):  # --debug: the exception itself
+        main(["--debug", "train", "--solver", str(files / "solver.prototxt"), "--no-progress"])
 
 
 def test_test_and_time_commands(files, caplog):
@@ -103,9 +106,11 @@ def test_train_level_and_stage_set_the_train_nets_state(files, caplog):
 
 
 @pytest.mark.parametrize("spec,expected", [
-    ("0,1", "--gpu 0,1: no CUDA device is available to torch (data-parallel training on NCCL needs one GPU per process)"),
-    ("all", "--gpu all: no CUDA device is available to torch (data-parallel training on NCCL needs one GPU per process)"),
-    ("0", "--gpu 0: no CUDA device is available to torch"),
+    ("0,1", "--gpu 0,1: no CUDA device is available to torch (data-parallel training on NCCL needs one GPU per "
+            "process); set CAFFE_LAYERS_CPU_FALLBACK=1 to run on the CPU instead"),
+    ("all", "--gpu all: no CUDA device is available to torch (data-parallel training on NCCL needs one GPU per "
+            "process); set CAFFE_LAYERS_CPU_FALLBACK=1 to run on the CPU instead"),
+    ("0", "--gpu 0: no CUDA device is available to torch; set CAFFE_LAYERS_CPU_FALLBACK=1 to run on the CPU instead"),
     ("0,0", "--gpu 0,0: GPU 0 named twice; data-parallel training runs one NCCL process per GPU (NCCL refuses two "
             "ranks on one device)")])
 def test_gpu_request_without_a_gpu_refuses_in_one_line(files, monkeypatch, spec, expected):
@@ -114,6 +119,7 @@ def test_gpu_request_without_a_gpu_refuses_in_one_line(files, monkeypatch, spec,
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CAFFE_LAYERS_CPU_FALLBACK", raising=False)
     args = ["train", "--solver", str(files / "solver.prototxt"), "--set", "ITERS=2",
             "--set", f"LIST={files / 'list.txt'}", "--no-progress", "--gpu", spec]
     with pytest.raises(SystemExit) as err:

@@ -79,6 +79,8 @@ def fold_batchnorm(steps, needed):
             bn = nxt.layer
             if type_name == "BatchNorm" and not (bn.use_global_stats and not (bn.phase == TRAIN and bn.update_global_stats)):
                 break
+            if type_name == "BatchNorm" and bn.scale_bias:  # NVIDIA caffe's own scale/bias blobs: not folded
+                break
             if type_name == "Scale" and not (nxt.layer.axis in (1, -3) and len(nxt.layer.blobs) >= 1
                                              and tuple(nxt.layer.blobs[0].shape) == (conv.num_output,)):
                 break

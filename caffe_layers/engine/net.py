@@ -487,6 +487,19 @@ class Net(nn.Module):
 
         save_weights(self, path)
 
+    def close(self):
+        """Stop the data layers' prefetch threads and release their files and LMDB environments (done
+        too when the net is garbage collected); `with Net(...) as net:` closes on leaving."""
+        for layer in self.layer_modules:
+            if getattr(layer, "is_data_layer", False):
+                layer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
         self._data = {k: fn(v.detach()).cpu() for k, v in self._data.items() if k in self._input_names}

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
+from caffe_layers.formats.layer_context import unknown_field_hint
 from caffe_layers.formats.proto import pb
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -48,7 +49,9 @@ def parse_text(text, message, source="<string>"):
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as err:
-        raise PrototxtError(f"{source}:{err} (while reading a {message.DESCRIPTOR.name})") from None
+        hint = unknown_field_hint(text, err.GetLine(), str(err)) if err.GetLine() else ""
+        what = str(err).rstrip(".") + hint if hint else err
+        raise PrototxtError(f"{source}:{what} (while reading a {message.DESCRIPTOR.name})") from None
     return message
 
 

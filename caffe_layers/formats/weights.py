@@ -26,6 +26,8 @@ _NET_LAYER = 100  # NetParameter.layer
 _LAYER_BLOBS = 7  # LayerParameter.blobs
 # BlobProto fields
 _NUM, _CHANNELS, _HEIGHT, _WIDTH, _DATA, _DIFF, _SHAPE, _DOUBLE_DATA, _DOUBLE_DIFF = range(1, 10)
+_RAW_DATA_TYPE, _RAW_DATA = 10, 12  # OpenCV's proto (NVIDIA caffe's fp16 storage)
+_RAW_TYPES = {0: np.float64, 1: np.float32, 2: np.float16}
 
 
 class WeightsError(ValueError):
@@ -93,6 +95,8 @@ class BlobRecord:
     double_data: list = field(default_factory=list)
     diff: list = field(default_factory=list)
     double_diff: list = field(default_factory=list)
+    raw_data: list = field(default_factory=list)  # NVIDIA caffe / OpenCV: raw_data_type values
+    raw_data_type: int = 0  # BlobProto.raw_data_type (Type: DOUBLE 0, FLOAT 1, FLOAT16 2)
 
     @property
     def dims(self):
@@ -103,6 +107,11 @@ class BlobRecord:
         """(segments, numpy dtype, count): double_* wins when present, as in Blob::FromProto."""
         doubles, floats = (self.double_diff, self.diff) if diff else (self.double_data, self.data)
         segments, dtype = (doubles, np.float64) if doubles else (floats, np.float32)
+        if not diff and not segments and self.raw_data:  # only when data is empty, as OpenCV reads it
+            segments, dtype = self.raw_data, _RAW_TYPES.get(self.raw_data_type)
+            if dtype is None:
+                raise WeightsError(f"blob raw_data of type {self.raw_data_type}: only DOUBLE, FLOAT and "
+                                   f"FLOAT16 values can be read")
         nbytes = sum(e - s for s, e in segments)
         return segments, dtype, nbytes // np.dtype(dtype).itemsize
 
@@ -137,6 +146,10 @@ def _scan_blob(buf, start, end, path, where):
             if (e - s) % 8:
                 raise WeightsError(f"{path}: corrupt {where}: {e - s} bytes of double data")
             target.append((s, e))
+        elif number == _RAW_DATA and wire == 2:
+            rec.raw_data.append((s, e))
+        elif number == _RAW_DATA_TYPE and wire == 0:
+            rec.raw_data_type = _varint(buf, s, e, path)[0]
     if legacy:
         rec.legacy = [legacy.get(k, 0) for k in (_NUM, _CHANNELS, _HEIGHT, _WIDTH)]
     return rec

@@ -6,6 +6,8 @@ first lookup, so adding a layer means adding a module; user code can register it
 import importlib
 import pkgutil
 
+from caffe_layers.formats import layer_context
+
 _REGISTRY = {}
 _discovered = False
 
@@ -45,3 +47,11 @@ def layer_class(type_name, layer_name="?"):
             f"{', '.join(known_types())}. To add one, subclass caffe_layers.Layer and decorate it "
             f"with @caffe_layers.register_layer({type_name!r}) before building the net."
         ) from None
+
+
+def _is_known_type(type_name):
+    _discover()
+    return type_name in _REGISTRY
+
+
+layer_context.is_known_type = _is_known_type

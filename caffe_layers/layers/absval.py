@@ -7,5 +7,7 @@ from caffe_layers.layers.base import Layer
 
 @register("AbsVal")
 class AbsVal(Layer):
+    same_shape = True
+
     def forward(self, x):
         return torch.abs(x)

@@ -10,6 +10,16 @@ def labels_as_int(label):
     return label.detach().to(torch.int64)
 
 
+def check_label_count(name, scores, label, axis):
+    """Reshape-time check of one label per prediction (shapes); returns the canonical class axis."""
+    axis = canonical_axis(axis, len(scores), name)
+    outer, inner = count(scores, 0, axis), count(scores, axis + 1)
+    if outer * inner != count(label):
+        raise ValueError(f"layer {name!r}: {count(label)} labels for {outer * inner} predictions "
+                         f"(scores {list(scores)}, axis {axis}); expected one label per prediction")
+    return axis
+
+
 def labels_per_prediction(scores, label, axis, ignore_label, name):
     """Scores as (outer, classes, inner), the labels as int (outer, 1, inner) and where they are valid
     (not the ignore_label); `axis` is the canonical class axis. Checks one label per prediction and,
@@ -35,6 +45,13 @@ class Accuracy(Layer):
         self.num_tops = len(param.top)
         if len(bottom_shapes) != 2:
             raise ValueError(f"layer {self.name!r}: Accuracy takes 2 bottoms (scores, labels)")
+
+    def top_shapes(self, bottom_shapes):
+        scores, label = bottom_shapes
+        axis = check_label_count(self.name, scores, label, self.axis)
+        if self.top_k > count(scores) // max(count(label), 1):
+            raise ValueError(f"layer {self.name!r}: top_k {self.top_k} exceeds the number of classes")
+        return [()] if self.num_tops < 2 else [(), (scores[axis],)]
 
     def forward(self, scores, label):
         scores = scores.detach()  # Caffe's Accuracy has no backward

@@ -29,20 +29,26 @@ class ArgMax(Layer):
         if self.top_k < 1:
             raise ValueError(f"layer {self.name!r}: top_k must be at least 1, got {self.top_k}")
 
+    def top_shapes(self, bottom_shapes):
+        shape, k = tuple(bottom_shapes[0]), self.top_k
+        if self.axis is not None:
+            axis = canonical_axis(self.axis, len(shape), self.name)
+            if k > shape[axis]:
+                raise ValueError(f"layer {self.name!r}: top_k {k} exceeds the size {shape[axis]} of axis {axis}")
+            return [shape[:axis] + (k,) + shape[axis + 1:]]
+        per_item = math.prod(shape[1:])
+        if k > per_item:
+            raise ValueError(f"layer {self.name!r}: top_k {k} exceeds the {per_item} values per item")
+        # Caffe's shape without axis: (N, 1 or 2, top_k, 1, ...), at least 3 axes
+        return [(shape[0], 2 if self.out_max_val else 1, k) + (1,) * max(0, len(shape) - 3)]
+
     def forward(self, x):
         x = x.detach()  # Caffe's ArgMax has no backward
         k = self.top_k
         if self.axis is not None:
-            axis = canonical_axis(self.axis, x.dim(), self.name)
-            if k > x.shape[axis]:
-                raise ValueError(f"layer {self.name!r}: top_k {k} exceeds the size {x.shape[axis]} of axis {axis}")
-            values, idx = top_k_desc(x, k, axis)
+            values, idx = top_k_desc(x, k, self.axis % x.dim())
             return values if self.out_max_val else idx.to(x.dtype)
-        per_item = math.prod(x.shape[1:])
-        if k > per_item:
-            raise ValueError(f"layer {self.name!r}: top_k {k} exceeds the {per_item} values per item")
         values, idx = top_k_desc(x.reshape(x.shape[0], -1), k, 1)
-        # Caffe's shape without axis: (N, 1 or 2, top_k, 1, ...), at least 3 axes
         shape = [x.shape[0], 2 if self.out_max_val else 1, k] + [1] * max(0, x.dim() - 3)
         out = torch.stack([idx.to(x.dtype), values], 1) if self.out_max_val else idx.to(x.dtype)
         return out.reshape(shape)

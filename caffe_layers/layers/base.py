@@ -37,11 +37,14 @@ class Layer(nn.Module):
     A subclass reads its settings from `param` (a caffe LayerParameter) in __init__, creating its
     parameter blobs with `add_blob`; `forward(*bottoms)` returns one top tensor or a tuple of them.
     `bottom_shapes` are the shapes of the bottoms, known when the net is built (Caffe's
-    LayerSetUp). Top shapes are found by running forward on meta tensors; a layer whose forward
-    cannot run on meta tensors overrides `top_shapes`.
+    LayerSetUp); forward must not depend on them (a net may run at other input sizes).
+    `top_shapes(bottom_shapes)` is Caffe's Reshape: plain arithmetic on the shapes (it validates them
+    too). Elementwise layers set `same_shape = True`; a layer without a rule falls back to running
+    forward on meta tensors (`meta_top_shapes`, slow: keep it for rare types).
     """
 
     is_loss = False  # loss layers get loss_weight 1 on their first top by default
+    same_shape = False  # one top of bottom 0's shape
 
     def __init__(self, param, bottom_shapes, phase):
         super().__init__()
@@ -63,6 +66,13 @@ class Layer(nn.Module):
         if not _deferring[0]:
             self._fill(len(self.blobs) - 1)
         return self.blobs[-1]
+
+    def param_blobs(self):
+        """The parameter blobs as a tuple, for forward: indexing the ParameterList costs microseconds.
+        (A blob shared under another shape is a parametrization, not in _parameters: the slow way.)"""
+        blobs = self._modules["blobs"]  # (no Module.__getattr__: this runs in every forward)
+        plain = blobs._parameters
+        return tuple(plain.values()) if len(plain) == len(blobs) else tuple(blobs)
 
     @torch.no_grad()
     def fill_blobs(self, loaded=()):
@@ -106,17 +116,25 @@ class Layer(nn.Module):
                                    and "." not in k[len(prefix):])
 
     def top_shapes(self, bottom_shapes):
-        dtype = self.blobs[0].dtype if len(self.blobs) else torch.float32
-        metas = tuple(torch.empty(s, dtype=dtype, device="meta") for s in bottom_shapes)
-        state = {k: torch.empty_like(v, device="meta") for k, v in self.named_parameters()}
-        state.update({k: torch.empty_like(v, device="meta") for k, v in self.named_buffers()})
-        tops = torch.func.functional_call(self, state, metas)
-        if isinstance(tops, torch.Tensor):
-            tops = (tops,)
-        return [tuple(t.shape) for t in tops]
+        if self.same_shape:
+            return [tuple(bottom_shapes[0])]
+        return meta_top_shapes(self, bottom_shapes)
 
     def extra_repr(self):
         return f"{self.name!r}"
+
+
+def meta_top_shapes(layer, bottom_shapes):
+    """The top shapes found by running the layer's forward on meta tensors (parameters and buffers
+    replaced by meta copies); the fallback of `Layer.top_shapes` and the tests' check of the rules."""
+    dtype = layer.blobs[0].dtype if len(layer.blobs) else torch.float32
+    metas = tuple(torch.empty(s, dtype=dtype, device="meta") for s in bottom_shapes)
+    state = {k: torch.empty_like(v, device="meta") for k, v in layer.named_parameters()}
+    state.update({k: torch.empty_like(v, device="meta") for k, v in layer.named_buffers()})
+    tops = torch.func.functional_call(layer, state, metas) if state else layer.forward(*metas)
+    if isinstance(tops, torch.Tensor):
+        tops = (tops,)
+    return [tuple(t.shape) for t in tops]
 
 
 def count(shape, start=0, end=None):

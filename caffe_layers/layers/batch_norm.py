@@ -18,6 +18,8 @@ use_global_stats defaults to True in TEST and False in TRAIN.
   backward is still dy / sqrt(var + eps), the variance taken as a constant (the fork's quirk).
 Unlike BVLC, the segaware fork does not force lr_mult 0 on the three blobs; neither does this
 layer (configs set `param { lr_mult: 0 }` themselves).
+batch_norm_param.scale_bias (NVIDIA caffe, in OpenCV's proto) adds blobs 3 and 4 (per-channel
+scale, default 1, and bias, default 0) applied to the output.
 """
 import torch
 
@@ -43,15 +45,23 @@ class BatchNorm(Layer):
         self.add_blob((self.channels,))
         self.add_blob((self.channels,))
         self.add_blob((1,))
+        self.scale_bias = p.scale_bias  # NVIDIA caffe (OpenCV's proto): blobs 3, 4 scale and shift the output
+        if self.scale_bias:
+            self.add_blob((self.channels,), value=1.0)
+            self.add_blob((self.channels,), value=0.0)
+
+    def top_shapes(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        if len(shape) > 1 and shape[1] != self.channels:
+            raise ValueError(f"layer {self.name!r} (BatchNorm): bottom has {shape[1]} channels, "
+                             f"expected {self.channels}")
+        return [shape]
 
     def forward(self, x):
         channels = 1 if x.dim() == 1 else x.shape[1]
-        if x.dim() > 1 and channels != self.channels:
-            raise ValueError(f"layer {self.name!r} (BatchNorm): bottom has {channels} channels, "
-                             f"expected {self.channels}")
         shape = (1, -1) + (1,) * (x.dim() - 2) if x.dim() > 1 else (-1,)
         dims = [d for d in range(x.dim()) if d != 1] if x.dim() > 1 else [0]
-        blobs = [b.detach() for b in self.blobs]
+        blobs = [b.detach() for b in self.param_blobs()]
         m = x.numel() // channels
         if self.use_global_stats:
             factor = blobs[2][0]
@@ -68,7 +78,10 @@ class BatchNorm(Layer):
             xc = x - mean
             var = xc.pow(2).mean(dims)
             self._update(mean.detach().reshape(-1), var.detach(), m)
-        return xc / (var + self.eps).sqrt().reshape(shape)
+        y = xc / (var + self.eps).sqrt().reshape(shape)
+        if self.scale_bias:
+            y = y * self.blobs[3].reshape(shape) + self.blobs[4].reshape(shape)
+        return y
 
     def _update(self, mean, var, m):
         f = self.moving_average_fraction

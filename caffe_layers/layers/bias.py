@@ -21,16 +21,23 @@ def operand_shape(layer, kind, bottom_shape, axis, num_axes):
     return tuple(bottom_shape[axis:end])
 
 
-def broadcast_operand(layer, kind, x, operand, axis):
+def check_operand(layer, kind, bottom_shape, operand_shape, axis):
+    """Reshape-time check that an operand of `operand_shape` fits bottom[0] from `axis` on."""
+    if not operand_shape:
+        return
+    axis = canonical_axis(axis, len(bottom_shape), layer.name)
+    if tuple(bottom_shape[axis:axis + len(operand_shape)]) != tuple(operand_shape):
+        raise ValueError(f"layer {layer.name!r}: {kind} of shape {list(operand_shape)} does not match bottom[0] "
+                         f"shape {list(bottom_shape)} from axis {axis}")
+
+
+def broadcast_operand(x, operand, axis):
     """`operand` reshaped to broadcast against x from `axis` on (axis 0 for a 0-axis operand)."""
     if operand.dim() == 0:
         return operand
-    axis = canonical_axis(axis, x.dim(), layer.name)
-    shape = tuple(operand.shape)
-    if tuple(x.shape[axis:axis + len(shape)]) != shape:
-        raise ValueError(f"layer {layer.name!r}: {kind} of shape {list(shape)} does not match bottom[0] "
-                         f"shape {list(x.shape)} from axis {axis}")
-    return operand.reshape((1,) * axis + shape + (1,) * (x.dim() - axis - len(shape)))
+    if axis < 0:
+        axis += x.dim()
+    return operand.reshape((1,) * axis + tuple(operand.shape) + (1,) * (x.dim() - axis - operand.dim()))
 
 
 @register("Bias")
@@ -45,6 +52,11 @@ class Bias(Layer):
             shape = operand_shape(self, "bias", self.bottom_shapes[0], p.axis, p.num_axes)
             self.add_blob(shape, p.filler if p.HasField("filler") else pb.FillerParameter())
 
+    def top_shapes(self, bottom_shapes):
+        bias = bottom_shapes[1] if len(bottom_shapes) == 2 else self.blobs[0].shape
+        check_operand(self, "bias", bottom_shapes[0], bias, self.axis)
+        return [tuple(bottom_shapes[0])]
+
     def forward(self, x, *rest):
-        b = rest[0] if rest else self.blobs[0]
-        return x + broadcast_operand(self, "bias", x, b, self.axis)
+        b = rest[0] if rest else self.param_blobs()[0]
+        return x + broadcast_operand(x, b, self.axis)

@@ -24,5 +24,7 @@ class _BNLL(torch.autograd.Function):
 
 @register("BNLL")
 class BNLL(Layer):
+    same_shape = True
+
     def forward(self, x):
         return _BNLL.apply(x)

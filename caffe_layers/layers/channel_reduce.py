@@ -34,6 +34,13 @@ class ChannelReduce(Layer):
         if self.op not in (pb.ChannelReduceParameter.SUM, pb.ChannelReduceParameter.MAX):
             raise ValueError(f"layer {self.name!r} (ChannelReduce): unknown operation {self.op}")
 
+    def top_shapes(self, bottom_shapes):
+        n, c, h, w = legacy_shape(bottom_shapes[0])
+        if c % self.num_channels:
+            raise ValueError(f"layer {self.name!r} (ChannelReduce): num_channels {self.num_channels} must divide "
+                             f"the {c} input channels")
+        return [(n, self.num_channels, h, w)]
+
     def forward(self, x):
         n, c, h, w = legacy_shape(x.shape)
         groups = x.reshape(n, self.num_channels, c // self.num_channels, h, w)

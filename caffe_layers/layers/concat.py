@@ -30,14 +30,25 @@ class Concat(Layer):
         self._axis = LegacyAxis(self.name, param.concat_param, "concat_dim")
         if not bottom_shapes:
             raise ValueError(f"layer {self.name!r}: Concat needs at least one bottom")
+        # the same for every shape of that many axes; a single bottom is shared, its axis never read
+        self.axis = self._axis(len(bottom_shapes[0])) if len(bottom_shapes) > 1 else None
+
+    def top_shapes(self, bottom_shapes):
+        first = tuple(bottom_shapes[0])
+        if len(bottom_shapes) == 1:  # Caffe shares the bottom (the axis is not even checked)
+            return [first]
+        axis = self._axis(len(first))
+        for i, s in enumerate(bottom_shapes[1:], 1):
+            if len(s) != len(first) or any(s[j] != first[j] for j in range(len(first)) if j != axis):
+                raise ValueError(f"layer {self.name!r}: bottom {i} has shape {list(s)}; all bottoms "
+                                 f"must have shape {list(first)} except at axis {axis}")
+        return [first[:axis] + (sum(s[axis] for s in bottom_shapes),) + first[axis + 1:]]
 
     def forward(self, *bottoms):
-        if len(bottoms) == 1:  # Caffe shares the bottom (the axis is not even checked)
+        if len(bottoms) == 1:
             return bottoms[0].view_as(bottoms[0])
-        first = bottoms[0].shape
-        axis = self._axis(len(first))
-        for i, b in enumerate(bottoms[1:], 1):
-            if b.dim() != len(first) or any(b.shape[j] != first[j] for j in range(len(first)) if j != axis):
-                raise ValueError(f"layer {self.name!r}: bottom {i} has shape {list(b.shape)}; all bottoms "
-                                 f"must have shape {list(first)} except at axis {axis}")
-        return torch.cat(bottoms, axis)
+        try:
+            return torch.cat(bottoms, self.axis)
+        except RuntimeError:  # bottoms of other sizes than the net was built for: say which, as Caffe
+            self.top_shapes([b.shape for b in bottoms])
+            raise

@@ -53,15 +53,26 @@ def kernel_extents(layer):
     return [d * (k - 1) + 1 for d, k in zip(layer.dilation, layer.kernel)]
 
 
+def conv_top_shapes(layer, bottom_shapes, spatial_size):
+    """Check the bottoms; one top per bottom, num_output channels, spatial_size(axis i, size) each."""
+    first = tuple(bottom_shapes[0])
+    if len(first) != layer.axis + 1 + layer.nsp or first[layer.axis] != layer.channels:
+        raise ValueError(f"{layer.what}: bottom shape {list(first)} does not fit the layer "
+                         f"({layer.channels} channels on axis {layer.axis}, {layer.nsp} spatial axes)")
+    if any(tuple(s) != first for s in bottom_shapes[1:]):
+        raise ValueError(f"{layer.what}: all bottoms must have the same shape, got {list(map(list, bottom_shapes))}")
+    spatial = tuple(spatial_size(i, size) for i, size in enumerate(first[layer.axis + 1:]))
+    if min(spatial) <= 0:
+        raise ValueError(f"{layer.what}: bottom shape {list(first)} gives an empty output {list(spatial)}")
+    return [first[:layer.axis] + (layer.num_output,) + spatial] * len(bottom_shapes)
+
+
 def each_bottom(layer, bottoms, conv):
-    """Check every bottom, apply `conv` to it with the axes before the channel axis folded into one
-    batch axis, and unfold them again; one top per bottom."""
-    tops = []
-    for x in bottoms:
-        if x.dim() != layer.axis + 1 + layer.nsp or x.shape[layer.axis] != layer.channels:
-            raise ValueError(f"{layer.what}: bottom shape {list(x.shape)} does not fit the layer "
-                             f"({layer.channels} channels on axis {layer.axis}, {layer.nsp} spatial axes)")
-        tops.append(from_nchw(conv(to_nchw(x, layer.axis)), x.shape[:layer.axis]))
+    """Apply `conv` to every bottom with the axes before the channel axis folded into one batch axis,
+    and unfold them again; one top per bottom."""
+    if layer.axis == 1 and len(bottoms) == 1:
+        return conv(bottoms[0])
+    tops = [from_nchw(conv(to_nchw(x, layer.axis)), x.shape[:layer.axis]) for x in bottoms]
     return tops[0] if len(tops) == 1 else tuple(tops)
 
 
@@ -90,13 +101,22 @@ class Convolution(Layer):
                     raise ValueError(f"{self.what}: spatial size {size} with pad {self.pad[i]} is smaller "
                                      f"than the kernel extent {extent}")
 
+    def top_shapes(self, bottom_shapes):
+        if self.bottom_is_im2col:  # a 1x1 convolution of the column buffer
+            return conv_top_shapes(self, bottom_shapes, lambda i, size: size)
+        extents = kernel_extents(self)
+        return conv_top_shapes(self, bottom_shapes, lambda i, size: (
+            size + 2 * self.pad[i] - extents[i]) // self.stride[i] + 1)
+
     def forward(self, *bottoms):
-        weight = self.blobs[0]
-        bias = self.blobs[1] if self.bias_term else None
+        weight, bias = (self.param_blobs() + (None,))[:2]
         if self.bottom_is_im2col:
             # segaware: the column buffer is used as is: a 1x1 (grouped) convolution, output size =
             # input size; stride, pad and dilation are ignored.
             w = weight.reshape(weight.shape[0], -1, *([1] * self.nsp))
             return each_bottom(self, bottoms, lambda x: _CONV[self.nsp](x, w, bias, 1, 0, 1, self.group))
-        return each_bottom(self, bottoms, lambda x: _CONV[self.nsp](
-            x, weight, bias, self.stride, self.pad, self.dilation, self.group))
+        conv = _CONV[self.nsp]
+        if len(bottoms) == 1 and self.axis == 1:  # the usual case, without the per-bottom wrapping
+            return conv(bottoms[0], weight, bias, self.stride, self.pad, self.dilation, self.group)
+        return each_bottom(self, bottoms, lambda x: conv(x, weight, bias, self.stride, self.pad, self.dilation,
+                                                         self.group))

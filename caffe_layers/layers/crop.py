@@ -18,18 +18,20 @@ class Crop(Layer):
                              f"the number of axes from axis {self.axis} on ({ndim - self.axis})")
         self.offsets = list(p.offset)
 
+    def _offset(self, i):
+        return 0 if not self.offsets else self.offsets[0 if len(self.offsets) == 1 else i - self.axis]
+
+    def top_shapes(self, bottom_shapes):
+        x, ref = (tuple(s) for s in bottom_shapes)
+        if len(x) != len(ref):
+            raise ValueError(f"{self.what}: bottoms must have the same number of axes, got {list(x)} and {list(ref)}")
+        for i in range(self.axis, len(x)):
+            if x[i] - self._offset(i) < ref[i]:
+                raise ValueError(f"{self.what}: the crop for axis {i} is out of bounds: size {ref[i]} "
+                                 f"at offset {self._offset(i)} in a bottom of size {x[i]}")
+        return [x[:self.axis] + ref[self.axis:]]
+
     def forward(self, x, ref):
-        if x.dim() != ref.dim():
-            raise ValueError(f"{self.what}: bottoms must have the same number of axes, got "
-                             f"{list(x.shape)} and {list(ref.shape)}")
-        index = []
-        for i in range(x.dim()):
-            if i < self.axis:
-                index.append(slice(None))
-                continue
-            off = 0 if not self.offsets else self.offsets[0 if len(self.offsets) == 1 else i - self.axis]
-            if x.shape[i] - off < ref.shape[i]:
-                raise ValueError(f"{self.what}: the crop for axis {i} is out of bounds: size {ref.shape[i]} "
-                                 f"at offset {off} in a bottom of size {x.shape[i]}")
-            index.append(slice(off, off + ref.shape[i]))
-        return x[tuple(index)]
+        for i in range(self.axis, x.dim()):
+            x = x.narrow(i, self._offset(i), ref.shape[i])
+        return x

@@ -1,7 +1,9 @@
 """Data: Datum records from an LMDB database (data_param.source, backend LMDB)."""
+from functools import partial
+
 import numpy as np
 
-from caffe_layers.training.data import DataLayer
+from caffe_layers.training.data import DataLayer, release_lmdb, shared_lmdb
 from caffe_layers.training.data.transformer import Transformer
 from caffe_layers.layers import register
 from caffe_layers.formats.proto import pb
@@ -37,14 +39,16 @@ class Data(DataLayer):
         except ImportError:
             raise ImportError(f"layer {self.name!r}: the Data layer needs the `lmdb` package") from None
         try:
-            self.env = lmdb.open(p.source, readonly=True, lock=False, subdir=True)
+            self.env = shared_lmdb(p.source)
         except lmdb.Error as err:
             raise ValueError(f"layer {self.name!r}: cannot open LMDB {p.source!r}: {err}") from None
+        self.on_close(partial(release_lmdb, p.source))
         self.batch_size = p.batch_size
         self.tp = param.transform_param
         self.transform = Transformer(self.tp, phase, self.rng, self.name)
         self.txn = self.env.begin()
         self.cursor = self.txn.cursor()
+        self._closers.insert(0, self.txn.abort)  # before the environment goes
         if not self.cursor.first():
             raise ValueError(f"layer {self.name!r}: LMDB {p.source!r} is empty")
         if p.rand_skip:

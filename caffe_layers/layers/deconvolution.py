@@ -1,7 +1,7 @@
 """Deconvolution: the transpose of Convolution (Caffe's DeconvolutionLayer)."""
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.layers.convolution import _DECONV, conv_setup, each_bottom, kernel_extents
+from caffe_layers.layers.convolution import _DECONV, conv_setup, conv_top_shapes, each_bottom, kernel_extents
 
 
 @register("Deconvolution")
@@ -21,9 +21,13 @@ class Deconvolution(Layer):
                 raise ValueError(f"{self.what}: output size along spatial axis {i} would be non-positive "
                                  f"(input {size}, kernel extent {extent}, pad {self.pad[i]})")
 
+    def top_shapes(self, bottom_shapes):
+        extents = kernel_extents(self)
+        return conv_top_shapes(self, bottom_shapes, lambda i, size: (
+            self.stride[i] * (size - 1) + extents[i] - 2 * self.pad[i]))
+
     def forward(self, *bottoms):
-        weight = self.blobs[0]
-        bias = self.blobs[1] if self.bias_term else None
+        weight, bias = (self.param_blobs() + (None,))[:2]
         # output size stride * (in - 1) + dilation * (k - 1) + 1 - 2 * pad, as Caffe
         return each_bottom(self, bottoms, lambda x: _DECONV[self.nsp](
             x, weight, bias, self.stride, self.pad, 0, self.group, self.dilation))

@@ -43,6 +43,8 @@ class _Reciprocal(torch.autograd.Function):
 
 @register("Divide")
 class Divide(Layer):
+    same_shape = True
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         if len(bottom_shapes) != 1:

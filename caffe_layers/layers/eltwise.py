@@ -48,11 +48,19 @@ class Eltwise(Layer):
         self.coeffs = list(p.coeff) or [1.0] * n
         self.stable_prod_grad = p.stable_prod_grad
 
+    def top_shapes(self, bottom_shapes):
+        first = tuple(bottom_shapes[0])
+        for i, s in enumerate(bottom_shapes[1:], 1):
+            if tuple(s) != first:
+                raise ValueError(f"layer {self.name!r} (Eltwise): bottom {i} has shape {list(s)}, "
+                                 f"bottom 0 has {list(first)}; all must be equal")
+        if self.op not in (OP.PROD, OP.SUM, OP.MAX):
+            raise ValueError(f"layer {self.name!r} (Eltwise): unknown operation {self.op}")
+        return [first]
+
     def forward(self, *xs):
-        for i, x in enumerate(xs[1:], 1):
-            if x.shape != xs[0].shape:
-                raise ValueError(f"layer {self.name!r} (Eltwise): bottom {i} has shape {list(x.shape)}, "
-                                 f"bottom 0 has {list(xs[0].shape)}; all must be equal")
+        if any(x.shape != xs[0].shape for x in xs[1:]):  # torch would broadcast them
+            self.top_shapes([x.shape for x in xs])
         if self.op == OP.PROD:
             if not self.stable_prod_grad:
                 return _ProdByDivision.apply(*xs)
@@ -61,9 +69,9 @@ class Eltwise(Layer):
                 y = y * x
             return y
         if self.op == OP.SUM:
-            y = xs[0] * self.coeffs[0] if self.coeffs[0] != 1 else xs[0].clone()
+            y = xs[0] * self.coeffs[0] if self.coeffs[0] != 1 else xs[0]
             for c, x in zip(self.coeffs[1:], xs[1:]):
-                y = y + (x * c if c != 1 else x)
+                y = torch.add(y, x, alpha=c)  # y + c * x in one pass (Caffe's axpy)
             return y
         if self.op == OP.MAX:
             y = torch.where(xs[0] > xs[1], xs[0], xs[1])

@@ -10,6 +10,8 @@ from caffe_layers.layers.base import Layer
 
 @register("ELU")
 class ELU(Layer):
+    same_shape = True
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         self.alpha = param.elu_param.alpha

@@ -35,6 +35,9 @@ class EPELoss(Layer):
             raise ValueError(f"layer {self.name!r} (EPELoss): bottoms need a channel axis, got "
                              f"{self.bottom_shapes[0]}")
 
+    def top_shapes(self, bottom_shapes):
+        return [()]
+
     def forward(self, *bottoms):
         d = bottoms[0] - bottoms[1] if len(bottoms) == 2 else bottoms[0]
         valid = ~torch.isnan(d)

@@ -1,6 +1,6 @@
 """EuclideanLoss: sum((a - b)^2) / (2 N); both bottoms get gradients."""
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer
+from caffe_layers.layers.base import Layer, count
 
 
 @register("EuclideanLoss")
@@ -12,9 +12,12 @@ class EuclideanLoss(Layer):
         if len(bottom_shapes) != 2:
             raise ValueError(f"layer {self.name!r}: EuclideanLoss takes 2 bottoms")
 
+    def top_shapes(self, bottom_shapes):
+        a, b = (tuple(s) for s in bottom_shapes)
+        if a[:1] != b[:1] or count(a) != count(b):
+            raise ValueError(f"layer {self.name!r}: bottoms {list(a)} and {list(b)} must have the same num and count")
+        return [()]
+
     def forward(self, a, b):
-        if a.shape[0] != b.shape[0] or a.numel() != b.numel():
-            raise ValueError(f"layer {self.name!r}: bottoms {list(a.shape)} and {list(b.shape)} "
-                             f"must have the same num and count")
         diff = a - b.reshape(a.shape)
         return (diff * diff).sum() / a.shape[0] / 2

@@ -30,6 +30,8 @@ def check_base(layer_name, kind, base):
 
 @register("Exp")
 class Exp(Layer):
+    same_shape = True
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.exp_param

@@ -35,6 +35,13 @@ class GateRecurrent2dnoind(Layer):
             raise ValueError(f"layer {self.name!r} (GateRecurrent2dnoind): all bottoms must have one "
                              f"(N, C, H, W) shape, got {[list(s) for s in shapes]}")
 
+    def top_shapes(self, bottom_shapes):
+        shapes = [tuple(s) for s in bottom_shapes]
+        if any(s != shapes[0] for s in shapes):
+            raise ValueError(f"layer {self.name!r} (GateRecurrent2dnoind): all bottoms must have one "
+                             f"(N, C, H, W) shape, got {[list(s) for s in shapes]}")
+        return [shapes[0]]
+
     def forward(self, x, *gates):
         if self.connection == "one":
             return gate_recurrent(x, gates[0], None, None, self.horizontal, self.reverse, "one")

@@ -6,7 +6,7 @@ caffe_layers/ops/im2dist.py. im2dist_param.true_gradient (ours) switches L1 to t
 """
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.layers.patch_geometry import from_nchw, patch_geometry, to_nchw
+from caffe_layers.layers.patch_geometry import from_nchw, patch_geometry, patch_top_shape, to_nchw
 from caffe_layers.ops.im2dist import im2dist
 from caffe_layers.formats.proto import pb
 
@@ -20,6 +20,9 @@ class Im2dist(Layer):
         self.norm = pb.Im2distParameter.Norm.Name(p.norm)
         self.remove_center, self.remove_bounds = p.remove_center, p.remove_bounds
         self.true_gradient = p.true_gradient
+
+    def top_shapes(self, bottom_shapes):
+        return [patch_top_shape(self, bottom_shapes[0], self.kernel[0] * self.kernel[1])]
 
     def forward(self, x):
         y = im2dist(to_nchw(x, self.axis), self.kernel, self.pad, self.stride, self.dilation, self.norm,

@@ -5,7 +5,7 @@ channel wins) are documented in caffe_layers/ops/im2parity.py.
 """
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, optional
-from caffe_layers.layers.patch_geometry import from_nchw, patch_geometry, to_nchw
+from caffe_layers.layers.patch_geometry import from_nchw, patch_geometry, patch_top_shape, to_nchw
 from caffe_layers.ops.im2parity import im2parity
 
 
@@ -17,6 +17,9 @@ class Im2parity(Layer):
         p = param.im2parity_param
         # uint32 in the proto, compared as a C++ int
         self.ignore_label = optional(p, "ignore_label", int)
+
+    def top_shapes(self, bottom_shapes):
+        return [patch_top_shape(self, bottom_shapes[0], self.kernel[0] * self.kernel[1])]
 
     def forward(self, labels):
         y = im2parity(to_nchw(labels, self.axis), self.kernel, self.pad, self.stride, self.dilation,

@@ -23,12 +23,16 @@ class InnerProduct(Layer):
         if self.bias_term:
             self.add_blob([self.N], p.bias_filler)
 
-    def forward(self, x):
-        if x.dim() <= self.axis or count(x.shape, self.axis) != self.K:
+    def top_shapes(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        if len(shape) <= self.axis or count(shape, self.axis) != self.K:
             raise ValueError(f"{self.what}: input size incompatible with inner product parameters: bottom "
-                             f"{list(x.shape)} must have {self.K} elements from axis {self.axis} on")
+                             f"{list(shape)} must have {self.K} elements from axis {self.axis} on")
+        return [shape[:self.axis] + (self.N,)]
+
+    def forward(self, x):
         lead = tuple(x.shape[:self.axis])
         flat = x.reshape(-1, self.K)
-        w = self.blobs[0].t() if self.transpose else self.blobs[0]
-        y = F.linear(flat, w, self.blobs[1] if self.bias_term else None)
+        w, b = (self.param_blobs() + (None,))[:2]
+        y = F.linear(flat, w.t() if self.transpose else w, b)
         return y.reshape(lead + (self.N,))

@@ -41,6 +41,7 @@ class Interp(Layer):
         if not ((has("shrink_factor") or has("zoom_factor")) or (has("height") and has("width"))):
             raise ValueError(f"{self.what}: give zoom_factor and/or shrink_factor, or both height and width")
         self.sizes(bottom_shapes[0])
+        self._matrices = {}  # (height, width, dtype, device) -> the row matrix and the transposed column one
 
     def sizes(self, shape):
         """(eff_h, eff_w), (out_h, out_w) by the original's rules, in its order of precedence."""
@@ -66,13 +67,22 @@ class Interp(Layer):
                              f"{out}; both must be positive")
         return eff, out
 
+    def top_shapes(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        return [shape[:2] + tuple(self.sizes(shape)[1])]
+
     def _check_factor(self, name, value):
         if value < 1:
             raise ValueError(f"{self.what}: {name} must be positive, got {value}")
 
     def forward(self, x):
-        eff, out = self.sizes(x.shape)
-        off = -self.p.pad_beg  # the original crops pad_beg from the start of both axes
-        mh = interp_matrix(x.shape[2], off, eff[0], out[0]).to(device=x.device, dtype=x.dtype)
-        mw = interp_matrix(x.shape[3], off, eff[1], out[1]).to(device=x.device, dtype=x.dtype)
-        return torch.einsum("ih,nchw,jw->ncij", mh, x, mw)
+        key = (x.shape[2], x.shape[3], x.dtype, x.device)
+        matrices = self._matrices.get(key)
+        if matrices is None:  # built once per input size
+            eff, out = self.sizes(x.shape)
+            off = -self.p.pad_beg  # the original crops pad_beg from the start of both axes
+            matrices = self._matrices[key] = (
+                interp_matrix(x.shape[2], off, eff[0], out[0]).to(device=x.device, dtype=x.dtype),
+                interp_matrix(x.shape[3], off, eff[1], out[1]).to(device=x.device, dtype=x.dtype).t())
+        rows, cols_t = matrices
+        return torch.matmul(torch.matmul(rows, x), cols_t)

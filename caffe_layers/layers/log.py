@@ -10,6 +10,8 @@ from caffe_layers.layers.exp import check_base
 
 @register("Log")
 class Log(Layer):
+    same_shape = True
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.log_param

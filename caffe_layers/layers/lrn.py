@@ -3,6 +3,7 @@ import torch.nn.functional as F
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, check_4d
+from caffe_layers.layers.pooling import pool_channels_last
 from caffe_layers.formats.proto import pb
 
 
@@ -21,16 +22,24 @@ class LRN(Layer):
         for s in bottom_shapes:
             check_4d(s, self.what)
 
+    def top_shapes(self, bottom_shapes):
+        check_4d(bottom_shapes[0], self.what)
+        return [tuple(bottom_shapes[0])]
+
     def forward(self, x):
-        check_4d(x.shape, self.what)
         pre = (self.size - 1) // 2
         sq = x * x
         if self.across:
-            # scale = k + alpha / size * sum of squares over channels c - pre .. c + pre (zero padded)
-            padded = F.pad(sq, (0, 0, 0, 0, pre, pre))
-            window = padded.unfold(1, self.size, 1).sum(-1)
-            return x * (self.k + self.alpha / self.size * window) ** -self.beta
+            # scale = k + alpha / size * sum of squares over channels c - pre .. c + pre (zero padded),
+            # summed in place from shifted channel ranges (no padded copy)
+            channels = x.shape[1]
+            scale = sq.clone()
+            for j in range(1, min(pre, channels - 1) + 1):
+                scale[:, j:] += sq[:, :channels - j]
+                scale[:, :channels - j] += sq[:, j:]
+            scale.mul_(self.alpha / self.size).add_(self.k)
+            return x * scale.pow(-self.beta)
         # WITHIN_CHANNEL: (1 + alpha * mean of squares over a size x size window) ^ -beta. Caffe builds it
         # from AVE pooling (pad pre, always size^2 elements here) and a Power layer with shift 1: k is unused.
-        mean = F.avg_pool2d(sq, self.size, stride=1, padding=pre, count_include_pad=True)
-        return x * (1 + self.alpha * mean) ** -self.beta
+        mean = pool_channels_last(F.avg_pool2d, sq, self.size, stride=1, padding=pre, count_include_pad=True)
+        return x * mean.mul_(self.alpha).add_(1).pow(-self.beta)

@@ -46,9 +46,12 @@ class MVN(Layer):
         self.eps = p.eps
         self.exact_grad = p.exact_grad
 
+    def top_shapes(self, bottom_shapes):
+        if len(bottom_shapes[0]) > 4:
+            raise ValueError(f"layer {self.name!r} (MVN): bottom must have at most 4 axes, got {list(bottom_shapes[0])}")
+        return [legacy_shape(bottom_shapes[0])]
+
     def forward(self, x):
-        if x.dim() > 4:
-            raise ValueError(f"layer {self.name!r} (MVN): bottom must have at most 4 axes, got {list(x.shape)}")
         shape = legacy_shape(x.shape)
         rows = shape[0] if self.across_channels else shape[0] * shape[1]
         flat = x.reshape(rows, -1)

@@ -6,7 +6,7 @@ remove_bounds). Blobs: weight, then bias (if bias_term), then the 1-element scal
 """
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.layers.patch_geometry import patch_geometry
+from caffe_layers.layers.patch_geometry import patch_geometry, patch_top_shape
 from caffe_layers.ops.im2dist import im2dist
 from caffe_layers.ops.norm_conv import norm_conv_filter
 from caffe_layers.formats.proto import pb
@@ -26,8 +26,8 @@ class NormConv(Layer):
         if cp.bottom_is_im2col:
             raise ValueError(f"NormConv layer {self.name!r}: bottom_is_im2col is not supported (the original's "
                              f"NormConv still runs im2col on such a bottom, overrunning its buffer)")
-        axis, self.kernel, self.pad, self.stride, self.dilation = patch_geometry(param, img)
-        if axis != 1:
+        self.axis, self.kernel, self.pad, self.stride, self.dilation = patch_geometry(param, img)
+        if self.axis != 1:
             raise ValueError(f"NormConv layer {self.name!r}: only channel axis 1 is supported")
         self.group = cp.group
         if cp.num_output <= 0 or img[1] % self.group or cp.num_output % self.group:
@@ -46,12 +46,20 @@ class NormConv(Layer):
         # diff (col2im is skipped). norm_conv_param { drop_1x1_image_grad: false } (ours): the true gradient.
         self.drop_1x1_image_grad = ncp.drop_1x1_image_grad
 
+    def top_shapes(self, bottom_shapes):
+        img, emb = (tuple(s) for s in bottom_shapes)
+        if len(img) != 4 or len(emb) != 4 or img[0] != emb[0] or img[2:] != emb[2:]:
+            raise ValueError(f"NormConv layer {self.name!r}: image {list(img)} and embeddings {list(emb)} must be "
+                             f"N x C x H x W with the same N, H and W")
+        return [patch_top_shape(self, img, self.blobs[0].shape[0])]
+
     def forward(self, img, emb):
         dist = im2dist(emb, self.kernel, self.pad, self.stride, self.dilation, self.norm,
                        self.remove_center, self.remove_bounds)
         if self.is_1x1 and self.drop_1x1_image_grad:
             img = img.detach()
-        bias = self.blobs[1] if self.bias_term else None
-        scale = self.blobs[-1] if self.scale_term else None
-        return norm_conv_filter(img, dist, self.blobs[0], bias, scale, self.pad, self.stride, self.dilation,
+        blobs = self.param_blobs()
+        bias = blobs[1] if self.bias_term else None
+        scale = blobs[-1] if self.scale_term else None
+        return norm_conv_filter(img, dist, blobs[0], bias, scale, self.pad, self.stride, self.dilation,
                                 self.group)

@@ -81,6 +81,9 @@ class NormConvMeanfield(Layer):
         self.add_blob((1, 1, c, c), value=eye)   # bilateral kernel weights
         self.add_blob((1, 1, c, c), value=-eye)  # compatibility: Potts
 
+    def top_shapes(self, bottom_shapes):
+        return [tuple(bottom_shapes[0])]
+
     def _overwrite_param_diffs(self):
         for blob in self.blobs:
             if blob.is_leaf and blob.requires_grad:

@@ -5,6 +5,7 @@ Not a layer: shared by Im2col, Im2dist, Im2parity and DistLoss (their LayerSetUp
 supports only two spatial axes (the fork's im2dist/im2parity are 2-D only).
 """
 from caffe_layers.layers.base import canonical_axis
+from caffe_layers.ops.geometry import output_size
 
 
 def _per_axis(name, values, has_hw, h, w, default, nsp, what):
@@ -50,6 +51,21 @@ def patch_geometry(param, bottom_shape):
         raise ValueError(f"{what}: needs exactly 2 spatial axes after channel axis "
                          f"{axis}, got bottom shape {list(bottom_shape)}")
     return (axis,) + conv_geometry(cp, 2, what)
+
+
+def patch_top_shape(layer, bottom_shape, channels):
+    """The top shape of an im2* layer (layer.axis, .kernel, .pad, .stride, .dilation set by
+    patch_geometry): the axes before the channel axis, `channels`, then the output height and width."""
+    shape, axis = tuple(bottom_shape), layer.axis
+    if len(shape) != axis + 3:
+        raise ValueError(f"layer {layer.name!r}: needs exactly 2 spatial axes after channel axis "
+                         f"{axis}, got bottom shape {list(shape)}")
+    try:
+        out = tuple(output_size(shape[axis + 1 + i], layer.kernel[i], layer.pad[i], layer.stride[i],
+                                layer.dilation[i]) for i in range(2))
+    except ValueError as err:
+        raise ValueError(f"layer {layer.name!r}: {err}") from None
+    return shape[:axis] + (channels,) + out
 
 
 def to_nchw(x, axis):

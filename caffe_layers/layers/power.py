@@ -52,6 +52,8 @@ def _forward(x, power, scale, shift):
 
 @register("Power")
 class Power(Layer):
+    same_shape = True
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.power_param

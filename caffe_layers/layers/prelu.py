@@ -2,7 +2,7 @@
 
 Caffe's backward treats x = 0 as negative (dy * a, slope diff dy * x), as torch.where does here.
 """
-import torch
+import torch.nn.functional as F
 
 from caffe_layers.formats.proto import pb
 from caffe_layers.layers import register
@@ -22,12 +22,15 @@ class PReLU(Layer):
         # a shared slope is a 0-axis blob, as in Caffe
         self.add_blob(() if self.channel_shared else (shape[1],), filler)
 
+    def top_shapes(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        if len(shape) < 2:
+            raise ValueError(f"layer {self.name!r} (PReLU): bottom must have at least 2 axes, got {list(shape)}")
+        if not self.channel_shared and self.blobs[0].numel() != shape[1]:
+            raise ValueError(f"layer {self.name!r} (PReLU): {self.blobs[0].numel()} slopes for {shape[1]} channels")
+        return [shape]
+
     def forward(self, x):
-        if x.dim() < 2:
-            raise ValueError(f"layer {self.name!r} (PReLU): bottom must have at least 2 axes, got {list(x.shape)}")
-        slope = self.blobs[0]
-        if not self.channel_shared:
-            if slope.numel() != x.shape[1]:
-                raise ValueError(f"layer {self.name!r} (PReLU): {slope.numel()} slopes for {x.shape[1]} channels")
-            slope = slope.reshape((1, -1) + (1,) * (x.dim() - 2))
-        return torch.where(x > 0, x, slope * x)
+        # F.prelu is x where x > 0, else slope * x: Caffe's values and (x = 0 as negative) gradients
+        (slope,) = self.param_blobs()
+        return F.prelu(x, slope.reshape(1) if self.channel_shared else slope)

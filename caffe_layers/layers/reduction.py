@@ -15,8 +15,12 @@ class Reduction(Layer):
         if self.op not in (OPS.SUM, OPS.ASUM, OPS.SUMSQ, OPS.MEAN):
             raise ValueError(f"layer {self.name!r}: unknown reduction operation {self.op}")
 
+    def top_shapes(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        return [shape[:canonical_axis(self.axis, len(shape), self.name)]]
+
     def forward(self, x):
-        axis = canonical_axis(self.axis, x.dim(), self.name)
+        axis = self.axis % x.dim()
         flat = x.reshape(tuple(x.shape[:axis]) + (-1,))  # reduces every axis from `axis` on
         if self.op == OPS.ASUM:
             out = flat.abs().sum(-1)

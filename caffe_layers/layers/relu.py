@@ -7,6 +7,8 @@ from caffe_layers.layers.base import Layer
 
 @register("ReLU")
 class ReLU(Layer):
+    same_shape = True
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         self.negative_slope = param.relu_param.negative_slope

@@ -48,5 +48,8 @@ class Reshape(Layer):
                              f"the bottom {list(shape)} has {total}")
         return top
 
+    def top_shapes(self, bottom_shapes):
+        return [tuple(self.output_shape(tuple(bottom_shapes[0])))]
+
     def forward(self, x):
         return x.reshape(self.output_shape(tuple(x.shape)))

@@ -77,6 +77,13 @@ class Resize(Layer):
         resize_output_size(bottom_shapes[0][2], bottom_shapes[0][3], self.p, self.name)  # validates
         self.border = pb.ResizeParameter.Border.Name(self.p.border).lower()  # "drop" or "replicate"
 
+    def top_shapes(self, bottom_shapes):
+        n, c, h, w = bottom_shapes[0]
+        out_h, out_w = resize_output_size(h, w, self.p, self.name)
+        if out_h < 1 or out_w < 1:
+            raise ValueError(f"layer {self.name!r} (Resize): output size {out_h}x{out_w} is empty")
+        return [(n, c, out_h, out_w)]
+
     def forward(self, x):
         out_h, out_w = resize_output_size(x.shape[2], x.shape[3], self.p, self.name)
         if out_h < 1 or out_w < 1:

@@ -8,9 +8,11 @@ overwrites (not accumulates) the scale blob's diff when outer_dim == 1 with more
 scale, or when the scale is as large as the bottom; that shows only with iter_size > 1 or a
 shared scale blob. Here the diff always accumulates.
 """
+import torch
+
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.layers.bias import broadcast_operand, operand_shape
+from caffe_layers.layers.bias import broadcast_operand, check_operand, operand_shape
 from caffe_layers.formats.proto import pb
 
 
@@ -33,9 +35,17 @@ class Scale(Layer):
             shape = operand_shape(self, "bias", x_shape, p.axis, num_axes)
             self.add_blob(shape, p.bias_filler if p.HasField("bias_filler") else pb.FillerParameter())
 
-    def forward(self, x, *rest):
-        s = rest[0] if rest else self.blobs[0]
-        y = x * broadcast_operand(self, "scale", x, s, self.axis)
+    def top_shapes(self, bottom_shapes):
+        x = bottom_shapes[0]
+        check_operand(self, "scale", x, bottom_shapes[1] if len(bottom_shapes) == 2 else self.blobs[0].shape,
+                      self.axis)
         if self.bias_term:
-            y = y + broadcast_operand(self, "bias", x, self.blobs[-1], self.axis)
-        return y
+            check_operand(self, "bias", x, self.blobs[-1].shape, self.axis)
+        return [tuple(x)]
+
+    def forward(self, x, *rest):
+        blobs = self.param_blobs()
+        scale = broadcast_operand(x, rest[0] if rest else blobs[0], self.axis)
+        if self.bias_term:  # x * scale + bias in one pass
+            return torch.addcmul(broadcast_operand(x, blobs[-1], self.axis), x, scale)
+        return x * scale

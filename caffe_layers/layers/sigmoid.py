@@ -7,5 +7,7 @@ from caffe_layers.layers.base import Layer
 
 @register("Sigmoid")
 class Sigmoid(Layer):
+    same_shape = True
+
     def forward(self, x):
         return torch.sigmoid(x)

@@ -1,4 +1,6 @@
 """SigmoidCrossEntropyLoss: cross-entropy of sigmoid(bottom 0) against targets in [0, 1]."""
+import math
+
 import torch
 
 from caffe_layers.layers import register
@@ -42,10 +44,14 @@ class SigmoidCrossEntropyLoss(Layer):
         if len(bottom_shapes) != 2:
             raise ValueError(f"layer {self.name!r}: SigmoidCrossEntropyLoss takes 2 bottoms (scores, targets)")
 
-    def forward(self, x, target):
-        if x.shape[0] != target.shape[0] or x.numel() != target.numel():
-            raise ValueError(f"layer {self.name!r}: scores {list(x.shape)} and targets {list(target.shape)} "
+    def top_shapes(self, bottom_shapes):
+        x, target = (tuple(s) for s in bottom_shapes)
+        if x[:1] != target[:1] or math.prod(x) != math.prod(target):
+            raise ValueError(f"layer {self.name!r}: scores {list(x)} and targets {list(target)} "
                              f"must have the same num and count")
+        return [()]
+
+    def forward(self, x, target):
         target = target.detach().reshape(x.shape)
         if self.ignore_label is None:
             valid = torch.ones_like(x, dtype=torch.bool)

@@ -14,6 +14,7 @@ class Slice(Layer):
         self.num_tops = len(param.top)
         if self.num_tops < 1:
             raise ValueError(f"layer {self.name!r}: Slice needs at least one top")
+        self.axis = self._axis(len(bottom_shapes[0]))  # the same for every shape of that many axes
 
     def sizes(self, shape):
         """(axis, size of each top along it) for a bottom of `shape`."""
@@ -37,8 +38,14 @@ class Slice(Layer):
             sizes = [dim // self.num_tops] * self.num_tops
         return axis, sizes
 
+    def top_shapes(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        axis, sizes = self.sizes(shape)
+        return [shape[:axis] + (s,) + shape[axis + 1:] for s in sizes]
+
     def forward(self, x):
-        axis, sizes = self.sizes(tuple(x.shape))
         if self.num_tops == 1:  # Caffe shares the bottom
             return x.view_as(x)
-        return tuple(x.split(sizes, axis))
+        if self.slice_point:
+            return tuple(x.tensor_split(self.slice_point, self.axis))
+        return tuple(x.chunk(self.num_tops, self.axis))

@@ -11,5 +11,9 @@ class Softmax(Layer):
         super().__init__(param, bottom_shapes, phase)
         self.axis = param.softmax_param.axis
 
+    def top_shapes(self, bottom_shapes):
+        canonical_axis(self.axis, len(bottom_shapes[0]), self.name)
+        return [tuple(bottom_shapes[0])]
+
     def forward(self, x):
-        return torch.softmax(x, canonical_axis(self.axis, x.dim(), self.name))
+        return torch.softmax(x, self.axis)

@@ -2,8 +2,8 @@
 import torch
 
 from caffe_layers.layers import register
-from caffe_layers.layers.accuracy import labels_per_prediction
-from caffe_layers.layers.base import Layer, canonical_axis, optional
+from caffe_layers.layers.accuracy import check_label_count, labels_per_prediction
+from caffe_layers.layers.base import Layer, optional
 from caffe_layers.formats.proto import pb
 
 NORM = pb.LossParameter
@@ -75,11 +75,16 @@ class SoftmaxWithLoss(Layer):
         if len(bottom_shapes) != 2:
             raise ValueError(f"layer {self.name!r}: SoftmaxWithLoss takes 2 bottoms (scores, labels)")
 
-    def forward(self, scores, label):
-        if scores.shape[0] != label.shape[0]:
+    def top_shapes(self, bottom_shapes):
+        scores, label = (tuple(s) for s in bottom_shapes)
+        if scores[:1] != label[:1]:
             raise ValueError(f"layer {self.name!r}: scores and labels must have the same num, "
-                             f"got {list(scores.shape)} and {list(label.shape)}")
-        axis = canonical_axis(self.axis, scores.dim(), self.name)
+                             f"got {list(scores)} and {list(label)}")
+        check_label_count(self.name, scores, label, self.axis)
+        return [()] if self.num_tops < 2 else [(), scores]
+
+    def forward(self, scores, label):
+        axis = self.axis % scores.dim()
         s, lab, valid = labels_per_prediction(scores, label, axis, self.ignore_label, self.name)
         loss, prob = _SoftmaxLoss.apply(s, lab, valid, self.mode)
         if self.num_tops < 2:

@@ -9,6 +9,9 @@ class Split(Layer):
         super().__init__(param, bottom_shapes, phase)
         self.num_tops = len(param.top)
 
+    def top_shapes(self, bottom_shapes):
+        return [tuple(bottom_shapes[0])] * self.num_tops
+
     def forward(self, x):
         # Distinct views (not one object) so each top keeps its own diff in net.backward.
         return tuple(x.view_as(x) for _ in range(self.num_tops))

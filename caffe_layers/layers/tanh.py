@@ -7,5 +7,7 @@ from caffe_layers.layers.base import Layer
 
 @register("TanH")
 class TanH(Layer):
+    same_shape = True
+
     def forward(self, x):
         return torch.tanh(x)

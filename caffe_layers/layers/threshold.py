@@ -5,6 +5,8 @@ from caffe_layers.layers.base import Layer
 
 @register("Threshold")
 class Threshold(Layer):
+    same_shape = True
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         self.threshold = param.threshold_param.threshold

@@ -14,8 +14,13 @@ class Tile(Layer):
             raise ValueError(f"layer {self.name!r} (Tile): tiles must be positive, got {p.tiles}")
         self.axis, self.tiles = p.axis, p.tiles
 
+    def top_shapes(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        axis = canonical_axis(self.axis, len(shape), self.name)
+        return [shape[:axis] + (shape[axis] * self.tiles,) + shape[axis + 1:]]
+
     def forward(self, x):
-        axis = canonical_axis(self.axis, x.dim(), self.name)
+        axis = self.axis % x.dim()
         reps = [1] * x.dim()
         reps[axis] = self.tiles
         return x.repeat(*reps)

@@ -1,10 +1,13 @@
-"""`caffe-layers draw MODEL -o net.png|net.svg|net.dot`: the net graph as pycaffe's draw_net.py draws it.
+"""pycaffe's caffe.draw (get_pydot_graph, draw_net, draw_net_to_file, get_layer_label...) and
+`caffe-layers draw MODEL -o net.png|net.svg|net.dot`: the net graph as pycaffe's draw_net.py draws it.
 
 Layers are boxes (convolutions red, pooling orange, inner products purple, others blue; in-place
 one-bottom-one-top layers green), blobs grey octagons, edges labelled with num_output / batch size.
 An in-place layer's top is the same blob node as its bottom (a loop), as in draw_net. The graph is
-rendered by Graphviz's `dot` when it is installed, otherwise laid out and drawn with matplotlib.
+rendered by Graphviz's `dot` when it is installed, otherwise laid out and drawn with matplotlib (png,
+svg, pdf, ...; '.raw' and '.dot' give the Graphviz source either way).
 """
+import io
 import shutil
 import subprocess
 import sys
@@ -34,7 +37,22 @@ def layer_included(layer, phase):
     return included
 
 
-def layer_label(layer, rankdir="LR"):
+def get_pooling_types_dict():
+    """{PoolMethod number: name}."""
+    return {v.number: k for k, v in pb.PoolingParameter.PoolMethod.DESCRIPTOR.values_by_name.items()}
+
+
+def get_layer_lr_mult(layer):
+    """(weight, bias) lr_mult of a Convolution, Deconvolution or InnerProduct layer (1.0 where unset)."""
+    if layer.type not in ("Convolution", "Deconvolution", "InnerProduct"):
+        raise ValueError(f"{layer.type} layers do not have a learning rate multiplier")
+    if len(layer.param) > 2:
+        raise ValueError("Could not parse the learning rate multiplier")
+    mults = [p.lr_mult for p in layer.param] + [1.0, 1.0]
+    return mults[0], mults[1]
+
+
+def layer_label(layer, rankdir="LR", display_lrm=False):
     sep = " " if rankdir in ("TB", "BT") else "\n"
     parts = [layer.name]
     if layer.type == "Pooling":
@@ -51,7 +69,24 @@ def layer_label(layer, rankdir="LR"):
             s = c.stride[0] if len(c.stride) else 1
             pad = c.pad[0] if len(c.pad) else 0
         parts.append(sep.join([f"kernel size: {k}", f"stride: {s}", f"pad: {pad}"]))
+    if display_lrm and layer.type in ("Convolution", "Deconvolution", "InnerProduct"):
+        weights, bias = get_layer_lr_mult(layer)
+        if weights or bias:
+            parts.append(f"lr mult: {weights:.1f}, {bias:.1f}")
     return sep.join(parts)
+
+
+def get_layer_label(layer, rankdir, display_lrm=False):
+    """pycaffe's node label: quoted, lines joined by a literal \\n for Graphviz."""
+    return '"' + layer_label(layer, rankdir, display_lrm).replace("\n", r"\n") + '"'
+
+
+def get_edge_label(layer):
+    return edge_label(layer) or '""'
+
+
+def choose_color_by_layertype(layertype):
+    return LAYER_COLORS.get(layertype, LAYER_COLOR)
 
 
 def edge_label(layer):
@@ -64,7 +99,7 @@ def edge_label(layer):
     return ""
 
 
-def net_graph(net_param, phase=None, rankdir="LR", label_edges=True, style_tops=False):
+def net_graph(net_param, phase=None, rankdir="LR", label_edges=True, style_tops=False, display_lrm=False):
     """(nodes, edges): nodes {id: dict(label, kind, color)} in first-seen order, edges [(src, dst, label)]."""
     nodes, edges = {}, []
     for layer in net_param.layer:
@@ -73,7 +108,7 @@ def net_graph(net_param, phase=None, rankdir="LR", label_edges=True, style_tops=
         lid = f"{layer.name}_{layer.type}"
         in_place = len(layer.bottom) == 1 and len(layer.top) == 1 and layer.bottom[0] == layer.top[0]
         color = NEURON_COLOR if in_place else LAYER_COLORS.get(layer.type, LAYER_COLOR)
-        nodes[lid] = dict(label=layer_label(layer, rankdir), kind="layer", color=color)
+        nodes[lid] = dict(label=layer_label(layer, rankdir, display_lrm), kind="layer", color=color)
         for b in layer.bottom:
             nodes[b + "_blob"] = dict(label=b, kind="blob", color=BLOB_COLOR)
             edges.append((b + "_blob", lid, ""))
@@ -101,21 +136,24 @@ def to_dot(net_param, phase=None, rankdir="LR", label_edges=True, style_tops=Fal
     return "\n".join(lines) + "\n"
 
 
-def render_matplotlib(net_param, path, phase=None, rankdir="LR", style_tops=False):
-    """A layered drawing without Graphviz: nodes ranked by longest path (in-place loops ignored)."""
+def render_matplotlib(net_param, path, phase=None, rankdir="LR", style_tops=False, fmt=None, display_lrm=False):
+    """A layered drawing without Graphviz: nodes ranked by longest path (in-place loops ignored).
+    `path` is a file name or a binary file object (then `fmt` names the format)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Ellipse, FancyBboxPatch, RegularPolygon
 
-    nodes, edges = net_graph(net_param, phase, rankdir, style_tops=style_tops)
+    nodes, edges = net_graph(net_param, phase, rankdir, style_tops=style_tops, display_lrm=display_lrm)
     rank = {n: 0 for n in nodes}
     order = list(nodes)
+    position = {n: i for i, n in enumerate(order)}
+    forward = [(src, dst) for src, dst, _ in edges if position[src] < position[dst]]
     for _ in range(len(order)):  # longest path over the edges that go forward in first-seen order
         changed = False
-        for src, dst, _ in edges:
-            if order.index(src) < order.index(dst) and rank[dst] < rank[src] + 1:
+        for src, dst in forward:
+            if rank[dst] < rank[src] + 1:
                 rank[dst], changed = rank[src] + 1, True
         if not changed:
             break
@@ -133,7 +171,7 @@ def render_matplotlib(net_param, path, phase=None, rankdir="LR", style_tops=Fals
     fig, ax = plt.subplots(figsize=(min(max(width, 4), 300), min(max(height, 3), 300)))
     for src, dst, label in edges:
         (x0, y0), (x1, y1) = pos[src], pos[dst]
-        style = "arc3,rad=0.4" if src != dst and order.index(src) > order.index(dst) else "arc3"
+        style = "arc3,rad=0.4" if src != dst and position[src] > position[dst] else "arc3"
         ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", connectionstyle=style,
                                                             shrinkA=18, shrinkB=18, color="black", lw=0.8))
         if label:
@@ -153,8 +191,61 @@ def render_matplotlib(net_param, path, phase=None, rankdir="LR", style_tops=Fals
     ax.set_aspect("equal")
     ax.axis("off")
     ax.set_title(net_param.name or "Net")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    dpi = min(100, 20000 / max(fig.get_size_inches()))  # big nets: at most 20000 pixels a side
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", format=fmt)
     plt.close(fig)
+
+
+# ---- pycaffe's functions -------------------------------------------------------------------------
+def get_pydot_graph(caffe_net, rankdir, label_edges=True, phase=None, display_lrm=False):
+    """The NetParameter `caffe_net` as a pydot.Dot graph, node for node as pycaffe builds it."""
+    import pydot
+
+    graph = pydot.Dot(caffe_net.name or "Net", graph_type="digraph", rankdir=rankdir)
+    nodes, edges = net_graph(caffe_net, phase, rankdir, label_edges, display_lrm=display_lrm)
+    made = {}
+    for nid, n in nodes.items():
+        if n["kind"] == "layer":
+            label = '"' + n["label"].replace("\n", r"\n") + '"'
+            made[nid] = pydot.Node(label, shape="record", style="filled", fillcolor=n["color"])
+        elif n["kind"] == "blob":
+            made[nid] = pydot.Node(n["label"], shape="octagon", style="filled", fillcolor=n["color"])
+        else:
+            made[nid] = pydot.Node(n["label"])
+        graph.add_node(made[nid])
+    for src, dst, label in edges:
+        graph.add_edge(pydot.Edge(made[src], made[dst], label=label or '""'))
+    return graph
+
+
+def draw_net(caffe_net, rankdir, ext="png", phase=None, display_lrm=False):
+    """The drawing of NetParameter `caffe_net` as bytes in format `ext` ('raw' or 'dot': the Graphviz
+    source). Graphviz's `dot` renders it where installed; otherwise matplotlib draws it."""
+    graph = get_pydot_graph(caffe_net, rankdir, phase=phase, display_lrm=display_lrm)
+    if ext in ("raw", "dot"):
+        return graph.to_string().encode()
+    if shutil.which("dot"):
+        return graph.create(format=ext)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if ext not in formats:
+        raise ValueError(f"draw_net: Graphviz's `dot` is not installed, and without it format {ext!r} cannot "
+                         f"be drawn (matplotlib draws {', '.join(sorted(formats))}; 'raw' gives the dot source)")
+    buffer = io.BytesIO()
+    render_matplotlib(caffe_net, buffer, phase, rankdir, fmt=ext, display_lrm=display_lrm)
+    return buffer.getvalue()
+
+
+def draw_net_to_file(caffe_net, filename, rankdir="LR", phase=None, display_lrm=False):
+    """Write draw_net's drawing to `filename`, in the format its extension names ('.raw': dot source)."""
+    ext = filename[filename.rfind(".") + 1:]
+    image = draw_net(caffe_net, rankdir, ext, phase, display_lrm)
+    with open(filename, "wb") as f:
+        f.write(image)
 
 
 def draw(model, path, phase=None, rankdir="LR", engine="auto", style_tops=False):
@@ -183,7 +274,7 @@ def draw(model, path, phase=None, rankdir="LR", engine="auto", style_tops=False)
 def add_arguments(parser, command):
     parser.add_argument("model", help="net prototxt")
     parser.add_argument("-o", "--output", required=True, help="net.png, net.svg, net.pdf or net.dot")
-    parser.add_argument("--phase", default="ALL", choices=["ALL", "TRAIN", "TEST"],
+    parser.add_argument("--phase", default="ALL", type=str.upper, choices=["ALL", "TRAIN", "TEST"],
                         help="layers of this phase only (default ALL, as draw_net.py)")
     parser.add_argument("--rankdir", default="LR", choices=["LR", "TB", "BT", "RL"], help="graph direction")
     parser.add_argument("--engine", default="auto", choices=["auto", "graphviz", "matplotlib"],

@@ -73,8 +73,7 @@ class Function:
         self.type_name = type_name
         for i, x in enumerate(inputs):
             if not isinstance(x, Top):
-                raise TypeError(f"{type_name}: bottom {i} must be a Top (the result of another layer), "
-                                f"got {type(x).__name__}")
+                raise TypeError(f"{type_name} input {i} is not a Top (type is {type(x)})")  # pycaffe's words
         self.inputs = inputs
         self.params = dict(params)
         self.ntop = self.params.pop("ntop", 1)

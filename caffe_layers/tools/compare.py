@@ -185,6 +185,13 @@ def match(entries, ref, net_param):
     return found, unmatched
 
 
+def detection_rows_in_order(value):
+    """[image, label, score, box] rows of a DetectionOutput top sorted by image, label, descending score."""
+    rows = value.reshape(-1, value.shape[-1])
+    order = np.lexsort((rows[:, 3], -rows[:, 2], rows[:, 1], rows[:, 0]))
+    return rows[order].reshape(value.shape)
+
+
 def compare_entries(entries, ref, net_param, tolerances):
     found, unmatched = match(entries, ref, net_param)
     rows = []
@@ -203,7 +210,10 @@ def compare_entries(entries, ref, net_param, tolerances):
                     row.ok, row.note = False, f"shape {list(e.value.shape)} vs reference {list(ref_shape)}"
             if row.ok:
                 if r.value is not None:
-                    m = full_metrics(e.value, r.value, rtol, atol)
+                    ours_value, ref_value = e.value, r.value
+                    if e.type == "DetectionOutput":  # a set of rows, ordered differently by other runtimes
+                        ours_value, ref_value = detection_rows_in_order(ours_value), detection_rows_in_order(ref_value)
+                    m = full_metrics(ours_value, ref_value, rtol, atol)
                 else:
                     row.kind = "sampled"
                     m = sampled_metrics(e.value, r, rtol, atol)
@@ -347,7 +357,7 @@ def add_arguments(parser, command):
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--reference", help="ref.npz, ref.h5, or a directory of <blob>.npy / .mat files")
     src.add_argument("--caffe", action="store_true", help="run the original Caffe live through pycaffe")
-    parser.add_argument("--phase", default="TEST", choices=["TEST", "TRAIN"])
+    parser.add_argument("--phase", default="TEST", type=str.upper, choices=["TEST", "TRAIN"])
     parser.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3, whole nets)")
     parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
     parser.add_argument("--tol", action="append", default=[], metavar="LAYER=RTOL[:ATOL]",

@@ -82,7 +82,7 @@ def add_arguments(parser, command):
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="MODEL.prototxt WEIGHTS.caffemodel[.h5] (to .pt), or MODEL.pt (to .caffemodel)")
     parser.add_argument("-o", "--output", required=True, help="OUT.pt, OUT.caffemodel or OUT.caffemodel.h5")
-    parser.add_argument("--phase", default="test", choices=["train", "test"], help="net phase (default test)")
+    parser.add_argument("--phase", default="test", type=str.lower, choices=["train", "test"], help="net phase (default test)")
     parser.add_argument("--strict", action="store_true",
                         help="fail when file and net layers do not match one to one")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")

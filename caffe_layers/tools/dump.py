@@ -244,7 +244,7 @@ def add_arguments(parser, command):
     parser.add_argument("model", help="net prototxt")
     parser.add_argument("weights", nargs="?", help=".caffemodel / .caffemodel.h5 (default: the fillers)")
     parser.add_argument("-o", "--output", required=True, help="blobs.npz or blobs.h5")
-    parser.add_argument("--phase", default="TEST", choices=["TEST", "TRAIN"])
+    parser.add_argument("--phase", default="TEST", type=str.upper, choices=["TEST", "TRAIN"])
     parser.add_argument("--splits", action="store_true", help="also list the Split layers Caffe would insert")
     add_input_arguments(parser)
 

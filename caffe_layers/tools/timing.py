@@ -13,7 +13,8 @@ def add_arguments(parser, command):
     parser.add_argument("--model", required=True, help="net .prototxt")
     parser.add_argument("--weights", default=None, help=".caffemodel(.h5) (optional)")
     parser.add_argument("--iterations", type=int, default=50)
-    parser.add_argument("--phase", default="train", choices=["train", "test"])
+    parser.add_argument("--phase", default="TRAIN", type=str.upper, choices=["TRAIN", "TEST"],
+                        help="net phase, TRAIN (default, as caffe) or TEST")
     parser.add_argument("--set", action="append", default=[], metavar="VAR=value")
     parser.add_argument("--gpu", default=None, help="one GPU id (default: CPU)")
 

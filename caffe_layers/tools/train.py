@@ -19,8 +19,8 @@ def add_arguments(parser, command):
                         help="value of a ${VAR} placeholder in the prototxt files (repeatable)")
     parser.add_argument("--gpu", default=None, help="GPU ids, comma separated, or 'all' (default: CPU)")
     parser.add_argument("--level", type=int, default=0, help="net state level (train: of the train net, as caffe)")
-    parser.add_argument("--stage", action="append", default=[], help="net state stage (repeatable; train: added "
-                        "to the train net's state, as caffe)")
+    parser.add_argument("--stage", action="append", default=[], help="net state stages, comma separated or "
+                        "repeated (train: added to the train net's state, as caffe)")
     if command == "train":
         parser.add_argument("--solver", required=True, help="solver .prototxt")
         group = parser.add_mutually_exclusive_group()
@@ -47,11 +47,16 @@ def parse_set(items):
     return variables
 
 
-def gpu_ids(spec):
-    """The --gpu ids; one clear line (SystemExit) where they cannot run: no GPU, an unknown id, or an id named
-    twice (NCCL runs one rank per device and refuses two ranks on one GPU)."""
+CPU_FALLBACK = "CAFFE_LAYERS_CPU_FALLBACK"  # =1: a GPU request on a machine without one runs on the CPU
+
+
+def gpu_ids(spec, source=None):
+    """The GPU ids `spec` names ('0,1' or 'all'); `source` says where it came from (default: --gpu). One clear
+    line (SystemExit) where they cannot run: no GPU, an unknown id, or an id named twice (NCCL runs one rank
+    per device and refuses two ranks on one GPU)."""
     if spec is None:
         return []
+    source = source or f"--gpu {spec}"
     ids = None
     if spec != "all":
         try:
@@ -60,17 +65,38 @@ def gpu_ids(spec):
             raise SystemExit(f"--gpu expects comma separated ids or 'all', got {spec!r}") from None
         twice = sorted({i for i in ids if ids.count(i) > 1})
         if twice:
-            raise SystemExit(f"--gpu {spec}: GPU {', '.join(map(str, twice))} named twice; data-parallel training "
+            raise SystemExit(f"{source}: GPU {', '.join(map(str, twice))} named twice; data-parallel training "
                              f"runs one NCCL process per GPU (NCCL refuses two ranks on one device)")
     if not torch.cuda.is_available():
+        if os.environ.get(CPU_FALLBACK) == "1":
+            log.warning("%s: no CUDA device is available to torch; running on the CPU (%s=1)", source, CPU_FALLBACK)
+            return []
         what = " (data-parallel training on NCCL needs one GPU per process)" if ids is None or len(ids) > 1 else ""
-        raise SystemExit(f"--gpu {spec}: no CUDA device is available to torch{what}")
+        raise SystemExit(f"{source}: no CUDA device is available to torch{what}; set {CPU_FALLBACK}=1 to run on "
+                         f"the CPU instead")
     if ids is None:
         return list(range(torch.cuda.device_count()))
     bad = [i for i in ids if not 0 <= i < torch.cuda.device_count()]
     if bad:
         raise SystemExit(f"--gpu: no device {bad}; this machine has {torch.cuda.device_count()}")
     return ids
+
+
+def solver_gpu(path, variables):
+    """(spec, source) of the GPU a solver file asks for with solver_mode: GPU (device_id, default 0), as
+    caffe train does without --gpu; (None, None) otherwise."""
+    from caffe_layers.formats.prototxt import read_solver
+
+    param = read_solver(path, variables)
+    if param.HasField("solver_mode") and param.solver_mode == param.GPU:
+        spec = str(param.device_id) if param.HasField("device_id") else "0"
+        return spec, f"solver {path}: solver_mode: GPU (device {spec})"
+    return None, None
+
+
+def stages(items):
+    """--stage values, repeated or comma separated (caffe's -stage a,b)."""
+    return [s for item in items for s in item.split(",") if s]
 
 
 def setup_logging():
@@ -83,7 +109,10 @@ def run(args):
     setup_logging()
     if args.command == "test":
         return run_test(args)
-    ids = gpu_ids(args.gpu)
+    if args.gpu is not None:
+        ids = gpu_ids(args.gpu)
+    else:
+        ids = gpu_ids(*solver_gpu(args.solver, parse_set(args.set)))
     if len(ids) > 1 and "WORLD_SIZE" not in os.environ:
         import socket
 
@@ -150,7 +179,7 @@ def train(args, device=None):
         variables = parse_set(args.set)
         param = read_solver(args.solver, variables)
         param.train_state.level = args.level  # caffe.cpp's train sets the level and adds the stages
-        param.train_state.stage.extend(args.stage)
+        param.train_state.stage.extend(stages(args.stage))
         solver = Solver(param, variables, resume_data=args.resume_data, device=device)
         if args.weights:
             for path in args.weights.split(","):
@@ -182,7 +211,7 @@ def run_test(args):
     if ids:
         mode.set_mode_gpu()
         mode.set_device(ids[0])
-    net = Net(args.model, args.weights, TEST, parse_set(args.set), level=args.level, stages=args.stage)
+    net = Net(args.model, args.weights, TEST, parse_set(args.set), level=args.level, stages=stages(args.stage))
     weights = net.top_loss_weights
     totals, total_loss = {}, 0.0
     for i in range(args.iterations):

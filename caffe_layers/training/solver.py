@@ -112,6 +112,7 @@ class Solver:
         self.requested_early_exit = False
         self.action = lambda: None  # returns None, "snapshot" or "stop" (signals)
         self.callbacks = []  # called as fn(solver, loss) after each iteration
+        self.on_start, self.on_gradients = [], []  # pycaffe's add_callback: fn() before forward, before update
         for layer in self.net.layer_modules:
             if hasattr(layer, "set_shard"):
                 layer.set_shard(self.rank, self.world)
@@ -184,6 +185,8 @@ class Solver:
                 self.test_all()
                 if self.requested_early_exit:
                     break
+            for fn in self.on_start:
+                fn()
             display = p.display and self.iter % p.display == 0
             loss = 0.0
             for _ in range(p.iter_size):
@@ -193,6 +196,8 @@ class Solver:
             if display and self.rank == 0:
                 log.info("Iteration %d, loss = %.6g", self.iter, self.smoothed_loss)
                 self._log_outputs()
+            for fn in self.on_gradients:
+                fn()
             self._all_reduce_grads()
             self.apply_update(display)
             self.iter += 1
@@ -366,10 +371,7 @@ class Solver:
         """Run test net i for test_iter[i] batches; returns {output: mean value}."""
         net = self.test_nets[i]
         log.info("Iteration %d, Testing net (#%d)", self.iter, i)
-        own = dict(self.net.state_dict())
-        theirs = net.state_dict()
-        net.load_state_dict({k: v for k, v in own.items() if k in theirs and v.shape == theirs[k].shape},
-                            strict=False)  # Caffe's ShareTrainedLayersWith, by layer name
+        share_trained_layers(net, self.net)
         scores, total_loss = {}, 0.0
         n = self.param.test_iter[i]
         for _ in range(n):
@@ -479,6 +481,27 @@ class Solver:
             if getattr(layer, "is_data_layer", False):
                 for _ in range(n):
                     layer.next_batch()
+
+
+def share_trained_layers(target, source):
+    """Caffe's Net::ShareTrainedLayersWith: each layer of `target` named as a layer of `source` reads
+    that layer's parameter data (the same storage, so later updates show; diffs stay apart)."""
+    by_name = {}
+    for layer in target.layer_modules:
+        by_name.setdefault(layer.name, layer)
+    for src in source.layer_modules:
+        dst = by_name.get(src.name)
+        if dst is None:
+            continue
+        if len(dst.blobs) != len(src.blobs):
+            raise ValueError(f"cannot share layer {src.name!r}: incompatible number of blobs "
+                             f"({len(src.blobs)} in the source net, {len(dst.blobs)} in the target)")
+        for j, (s, d) in enumerate(zip(src.blobs, dst.blobs)):
+            if s.shape != d.shape:
+                raise ValueError(f"cannot share param {j} weights from layer {src.name!r}; shape mismatch: "
+                                 f"source param shape is {list(s.shape)}; target param shape is {list(d.shape)}")
+            if d.data_ptr() != s.data_ptr():
+                d.data = s.data
 
 
 def loss_suffix(weight, value):

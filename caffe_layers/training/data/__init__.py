@@ -1,7 +1,14 @@
 """Machinery shared by the data layers: a base class with background prefetch, sharding for
-data-parallel training, list files and the data transformer."""
+data-parallel training, list files and the data transformer.
+
+A data layer lets go of its prefetch thread and what it opened (LMDB transactions and environments)
+when it is closed (`layer.close()`, `with layer:`, `net.close()`, `with Net(...) as net:`) or garbage
+collected (a weakref.finalize; the thread holds the layer only weakly, between batches).
+"""
+import os
 import queue
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +18,72 @@ from caffe_layers.training.data.transformer import read_image
 from caffe_layers.layers.base import Layer
 
 PREFETCH_COUNT = 3  # Caffe's BasePrefetchingDataLayer keeps three batches ready
+_POLL_S = 0.1  # how often a prefetch thread waiting for room in its queue checks whether to stop
+
+
+class _Prefetch:
+    """The state a prefetch thread and the layer's finalizer share (never the layer itself)."""
+
+    def __init__(self):
+        self.queue, self.thread, self.stop = None, None, threading.Event()
+
+
+def _prefetch_loop(layer_ref, state):
+    while not state.stop.is_set():
+        layer = layer_ref()
+        if layer is None:
+            return
+        try:
+            item = layer._produce()
+        except BaseException as err:  # handed to the consumer, which raises it
+            item = err
+        del layer  # hold the layer only while producing, so that dropping its net frees it
+        while not state.stop.is_set():
+            try:
+                state.queue.put(item, timeout=_POLL_S)
+                break
+            except queue.Full:
+                continue
+        if isinstance(item, BaseException):
+            return
+
+
+def _shutdown(state, closers):
+    """Stop the prefetch thread, then release the layer's resources in order (once)."""
+    state.stop.set()
+    if state.thread is not None and state.thread is not threading.current_thread():
+        state.thread.join()
+    for close in closers:
+        close()
+
+
+_lmdb_envs, _lmdb_lock = {}, threading.Lock()
+
+
+def shared_lmdb(source):
+    """A read-only LMDB environment for `source`, shared by every layer that reads it in this process
+    (LMDB allows one per process); give it back with release_lmdb(source)."""
+    import lmdb
+
+    key = os.path.realpath(source)
+    with _lmdb_lock:
+        if key in _lmdb_envs:
+            env, users = _lmdb_envs[key]
+        else:
+            env, users = lmdb.open(source, readonly=True, lock=False, subdir=True), 0
+        _lmdb_envs[key] = (env, users + 1)
+        return env
+
+
+def release_lmdb(source):
+    """One user fewer of shared_lmdb(source); the last one closes the environment."""
+    key = os.path.realpath(source)
+    with _lmdb_lock:  # closed inside the lock: a layer opening it again meanwhile must wait
+        env, users = _lmdb_envs.pop(key)
+        if users > 1:
+            _lmdb_envs[key] = (env, users - 1)
+        else:
+            env.close()
 
 
 class DataLayer(Layer):
@@ -33,7 +106,9 @@ class DataLayer(Layer):
             raise ValueError(f"layer {self.name!r} ({param.type}): a data layer takes no bottoms")
         self.register_buffer("_like", torch.empty(0), persistent=False)
         self.rank, self.world = 0, 1
-        self._queue, self._thread, self._started = None, None, False
+        self._started = False
+        self._prefetch, self._closers = _Prefetch(), []
+        self._finalizer = weakref.finalize(self, _shutdown, self._prefetch, self._closers)
         seed = torch.initial_seed() % (2 ** 32)
         self.rng = np.random.RandomState(seed)  # shuffles, crops, mirrors
 
@@ -47,6 +122,24 @@ class DataLayer(Layer):
 
     def load_batch(self):
         raise NotImplementedError
+
+    def on_close(self, release):
+        """Call `release()` (which must not refer to the layer) when the layer is closed or collected;
+        releases run after the prefetch thread stopped, in the order given."""
+        self._closers.append(release)
+
+    def close(self):
+        self._finalizer()
+
+    @property
+    def closed(self):
+        return not self._finalizer.alive
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def _start_list(self, lines, noun):
         """Keep `lines` (the list file's entries) and set the cursor as Caffe does: shuffle if
@@ -83,23 +176,18 @@ class DataLayer(Layer):
                 self.load_batch()
         return self.load_batch()
 
-    def _worker(self):
-        while True:
-            try:
-                item = self._produce()
-            except BaseException as err:  # handed to the consumer, which raises it
-                self._queue.put(err)
-                return
-            self._queue.put(item)
-
     def next_batch(self):
+        if self.closed:
+            raise RuntimeError(f"layer {self.name!r}: the data layer is closed")
         if not self.prefetch:
             return self._produce()
-        if self._thread is None:
-            self._queue = queue.Queue(maxsize=self.prefetch)
-            self._thread = threading.Thread(target=self._worker, name=f"prefetch-{self.name}", daemon=True)
-            self._thread.start()
-        item = self._queue.get()
+        state = self._prefetch
+        if state.thread is None:
+            state.queue = queue.Queue(maxsize=self.prefetch)
+            state.thread = threading.Thread(target=_prefetch_loop, args=(weakref.ref(self), state),
+                                            name=f"prefetch-{self.name}", daemon=True)
+            state.thread.start()
+        item = state.queue.get()
         if isinstance(item, BaseException):
             raise RuntimeError(f"layer {self.name!r}: loading a batch failed: {item}") from item
         return item
