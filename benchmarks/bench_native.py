@@ -15,6 +15,8 @@ with <= 1/3 of the unfused chain's peak memory at C=64 -> 64, 3x3, 161x161; SPN 
 32 x 128 x 128 against the per-column Python-loop scan. The seg-aware reference is the chain as a Net runs it
 (im2col, Tile = repeat, Eltwise PROD, 1x1 convolution over the columns). NormConv lines: the filtering of
 NormConvMeanfield (depthwise, 9x9) and of NormConv (group 1, seg-aware column kernels).
+The "vs plain convolution" lines time the fused seg-aware convolution against torch's convolution of the same
+shape (the mask dropped), measured in the same run: target (issue 14) <= 1.2x.
 On a shared machine the figures move with its load: check `uptime`, repeat, take the best.
 --json writes the figures (seconds, bytes) to FILE as well; --no-reference times the native kernels alone
 (tools/gpu_check.py uses it for the CPU kernels' times). The nets are the repository's models/segaware
@@ -33,11 +35,7 @@ from pathlib import Path
 import torch
 
 from caffe_layers import native
-from caffe_layers.ops.im2dist import im2dist
-from caffe_layers.ops.im2parity import im2parity
-from caffe_layers.ops.norm_conv import norm_conv_filter
-from caffe_layers.ops.segaware_conv import segaware_conv
-from caffe_layers.ops.spn import gate_recurrent
+from caffe_layers.native import im2dist, im2parity, norm_conv_filter, segaware_conv, gate_recurrent
 
 MODELS = Path(__file__).resolve().parents[1] / "models" / "segaware"
 
@@ -165,6 +163,16 @@ def compare(title, run_native, run_ref, repeat, target=None):
           f"memory ratio {mem:5.2f}" + (f"  [{target}]" if target else ""))
 
 
+def versus_conv(title, run_fused, run_conv, repeat):
+    """Steady times of the fused seg-aware convolution and of a plain convolution of the same shape, and their ratio."""
+    if _ONLY[0] and not re.search(_ONLY[0], title):
+        return
+    t_f, _, _ = measure(run_fused, repeat, cold=False)
+    t_c, _, _ = measure(run_conv, repeat, cold=False)
+    print(f"{title:<58} fused {t_f * 1e3:8.1f} ms | torch convolution {t_c * 1e3:8.1f} ms | ratio {t_f / t_c:5.2f}x"
+          f"  [target <= 1.2x]")
+
+
 def bench_ops(repeat):
     g = torch.Generator().manual_seed(0)
     on = lambda t: t.to(DEVICE[0])  # noqa: E731
@@ -187,6 +195,11 @@ def bench_ops(repeat):
             fwd_bwd(op, x, mask, w, b), fwd_bwd(op, x, mask, w, b), repeat, "target >= 2x, memory <= 0.33")
     compare("Seg-aware conv fwd      64->64 3x3 161x161 (fused vs chain)",
             fwd(op, x, mask, w, b), fwd(op, x, mask, w, b), repeat)
+    conv = lambda t, m, *rest: torch.nn.functional.conv2d(t, *rest, 1, 1, 1)  # noqa: E731
+    versus_conv("Seg-aware conv fwd      64->64 3x3 161x161 vs plain convolution", fwd(op, x, mask, w, b),
+                fwd(conv, x, mask, w, b), repeat)
+    versus_conv("Seg-aware conv fwd+bwd  64->64 3x3 161x161 vs plain convolution", fwd_bwd(op, x, mask, w, b),
+                fwd_bwd(conv, x, mask, w, b), repeat)
     probs = on(torch.rand(1, 21, 161, 161, generator=g))
     dist = on(torch.rand(1, 81, 161, 161, generator=g))
     ones, scale = on(torch.ones(21, 1, 9, 9)), on(torch.tensor(0.5))

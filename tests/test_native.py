@@ -6,10 +6,7 @@ import pytest
 import torch
 
 from caffe_layers import native
-from caffe_layers.ops.im2dist import im2dist
-from caffe_layers.ops.im2parity import im2parity
-from caffe_layers.ops.segaware_conv import segaware_conv
-from caffe_layers.ops.spn import gate_recurrent
+from caffe_layers.native import im2dist, im2parity, segaware_conv, gate_recurrent
 from golden import FLT_MAX_100, OnStreamZero
 
 pytestmark = pytest.mark.skipif(not native.available("cpu"), reason="unreachable: the CPU module is always built")
@@ -298,7 +295,7 @@ def test_missing_module_warns_once_and_falls_back(monkeypatch):
 
 
 def test_layers_use_native_kernels(monkeypatch):
-    """The layers reach the native path through the ops functions."""
+    """The layers reach the native kernels."""
     calls = []
     real = native._call
     monkeypatch.setattr(native, "_call", lambda t, name, *a: (calls.append(name), real(t, name, *a))[1])
@@ -329,7 +326,7 @@ def test_native_modules_are_built():
 @pytest.mark.parametrize("group,out_mult,with_bias,with_scale", [(1, 2, True, True), ("C", 1, False, True),
                                                                   ("C", 2, True, False)])
 def test_norm_conv_filter_matches_reference(device, geom, group, out_mult, with_bias, with_scale):
-    from caffe_layers.ops.norm_conv import norm_conv_filter
+    from caffe_layers.native import norm_conv_filter
 
     shape, k, p, s, d = geom
     kh, kw = (k, k) if isinstance(k, int) else k
@@ -365,17 +362,16 @@ def test_norm_conv_filter_gradcheck(group):
 
 
 def test_norm_conv_filter_native_is_used_and_checks_shapes(monkeypatch):
-    """The ops function runs the native kernels: grouped filtering, or the seg-aware column GEMM for group 1."""
-    from caffe_layers.ops.norm_conv import norm_conv_filter
+    """norm_conv_filter runs the native kernels: grouped filtering, or the seg-aware column GEMM for group 1."""
+    from caffe_layers.native import norm_conv_filter
 
     img, dist = _rand((1, 2, 5, 5), 1), _rand((1, 9, 5, 5), 3)
     calls = []
-    for cls in (native._NormFilter, native._SegConv):
-        real = cls.apply
-        monkeypatch.setattr(cls, "apply", lambda *a, real=real, name=cls.__name__: calls.append(name) or real(*a))
+    real = native._call
+    monkeypatch.setattr(native, "_call", lambda t, name, *a: (calls.append(name), real(t, name, *a))[1])
     norm_conv_filter(img, dist, _rand((2, 1, 3, 3), 2), None, None, 1, group=2)
     norm_conv_filter(img, dist, _rand((3, 2, 3, 3), 2), None, None, 1, group=1)
-    assert calls == ["_NormFilter", "_SegConv"]
+    assert calls == ["normfilter_forward", "masked_im2col"]
     with pytest.raises(ValueError, match="distances of shape"):
         native.norm_conv_filter(img, _rand((1, 4, 5, 5), 3), _rand((2, 2, 3, 3), 2), None, None, 1)
 
@@ -423,7 +419,7 @@ def _cpu_has_avx2():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_avx2_build_equals_baseline_bit_for_bit(dtype):
     """Both builds do the same operations in the same order (AVX2 without FMA): identical numbers."""
-    from caffe_layers.ops.norm_conv import norm_conv_filter
+    from caffe_layers.native import norm_conv_filter
 
     x = _rand((2, 19, 13, 11), 1, dtype)
     gates = [0.3 * _rand((2, 19, 13, 11), s, dtype).abs() for s in (2, 3, 4)]

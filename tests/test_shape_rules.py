@@ -21,7 +21,9 @@ DEPLOY_NETS = [ROOT / "models/segaware/embs/deploy.prototxt", ROOT / "models/seg
 # Types whose forward cannot run on meta tensors (it reads files, numpy or the values); each has its own
 # shape test beside its values test (tests/test_data_layers*.py, test_mat_io.py, test_python_layer.py, ...).
 NOT_META = {"Data", "ImageData", "ImageSegData", "TwoImageData", "HDF5Data", "MemoryData", "FloData", "MatRead",
-            "MatWrite", "Python", "Input", "SegAccuracy", "UniqueLabel", "DistLoss", "SSSMetricLoss", "Silence"}
+            "MatWrite", "Python", "Input", "SegAccuracy", "UniqueLabel", "DistLoss", "SSSMetricLoss", "Silence",
+            # the detection layers compute on the values (tests/test_layers_detection.py checks their shapes)
+            "ROIPooling", "PSROIPooling", "DetectionOutput", "Proposal"}
 
 # (layer text, bottom shapes) for the types and settings the nets above do not cover
 EXTRA = [
@@ -70,6 +72,14 @@ EXTRA = [
     ('type: "SigmoidCrossEntropyLoss"', [(2, 5), (2, 5)]),
     ('type: "EuclideanLoss"', [(2, 5), (2, 1, 5)]),
     ('type: "EPELoss"', [(2, 2, 3, 4), (2, 2, 3, 4)]),
+    ('type: "Axpy"', [(2, 3, 1, 1), (2, 3, 4, 5), (2, 3, 4, 5)]),
+    ('type: "ConvolutionDepthwise" convolution_param { num_output: 4 kernel_size: 3 group: 4 }', [(1, 4, 6, 7)]),
+    ('type: "Normalize" norm_param { across_spatial: false }', [(1, 3, 4, 5)]),
+    ('type: "Permute" permute_param { order: 0 order: 2 order: 3 order: 1 }', [(1, 3, 4, 5)]),
+    ('type: "PriorBox" prior_box_param { min_size: 4 max_size: 8 aspect_ratio: 2 flip: true }',
+     [(1, 3, 4, 5), (1, 3, 32, 40)]),
+    ('type: "ReLU6"', [(2, 3)]), ('type: "Swish" swish_param { beta: 0.5 }', [(2, 3)]),
+    ('type: "ShuffleChannel" shuffle_channel_param { group: 3 }', [(1, 6, 2, 2)]),
     ('type: "DummyData" top: "a" top: "b" dummy_data_param { shape { dim: 2 dim: 3 } shape { dim: 4 } }', []),
 ]
 

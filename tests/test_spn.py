@@ -15,7 +15,8 @@ from golden import REFERENCE, assert_same_net, gradcheck_layer, make_layer  # no
 from caffe_layers import Net  # noqa: E402
 
 from caffe_layers import native
-from caffe_layers.ops.spn import gate_recurrent, gate_recurrent_loop, propagation_matrix  # noqa: E402
+from caffe_layers.native import gate_recurrent  # noqa: E402  (the references inside native.disabled())
+from caffe_layers.ops.spn import gate_recurrent_loop, propagation_matrix  # noqa: E402
 from caffe_layers.formats.proto import pb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -205,15 +205,12 @@ def run_tests(out, log, timeout):
 
 # ---- every CUDA kernel against the CPU kernels ---------------------------------------------------------------
 def kernel_cases(small=False, seed=0):
-    """(name, function, inputs): each native kernel forward and backward through the ops functions, on float64
+    """(name, function, inputs): each native kernel forward and backward through caffe_layers.native, on float64
     CPU tensors. small: shapes the host emulation runs in a moment; else shapes that fill several blocks."""
     import torch
 
-    from caffe_layers.ops.im2dist import im2dist
-    from caffe_layers.ops.im2parity import im2parity
-    from caffe_layers.ops.norm_conv import norm_conv_filter
-    from caffe_layers.ops.segaware_conv import segaware_conv
-    from caffe_layers.ops.spn import DIRECTIONS, gate_recurrent
+    from caffe_layers.native import gate_recurrent, im2dist, im2parity, norm_conv_filter, segaware_conv
+    from caffe_layers.ops.spn import DIRECTIONS
 
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(shape, generator=g, dtype=torch.float64)  # noqa: E731
@@ -325,7 +322,8 @@ def spn_times(device, shapes=((1, 32, 64, 64), (1, 32, 128, 128)), repeat=20):
     import torch
 
     from caffe_layers import native
-    from caffe_layers.ops.spn import DIRECTIONS, gate_recurrent
+    from caffe_layers.native import gate_recurrent
+    from caffe_layers.ops.spn import DIRECTIONS
 
     device = torch.device(device)
     rows = []

@@ -17,7 +17,7 @@ all blobs are there.
 from dataclasses import replace
 
 from caffe_layers.layers.base import canonical_axis
-from caffe_layers.ops.segaware_conv import segaware_conv
+from caffe_layers.native import segaware_conv
 from caffe_layers.formats.proto import pb
 
 

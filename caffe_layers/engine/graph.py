@@ -17,7 +17,7 @@ from caffe_layers.engine.fusion import FusedSegawareConv, fuse_steps
 from caffe_layers.engine.plan import Plan, filter_net
 from caffe_layers.formats.proto import TEST, pb, phase_value
 from caffe_layers.formats.prototxt import read_net
-from caffe_layers.ops.segaware_conv import segaware_conv
+from caffe_layers.native import segaware_conv
 
 
 def only_top(tops):

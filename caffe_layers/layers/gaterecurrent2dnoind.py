@@ -10,7 +10,7 @@ Extension (ours): gaterecurrent2dnoind_param { connection: ONE } is the paper's 
 """
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.ops.spn import gate_recurrent
+from caffe_layers.native import gate_recurrent
 from caffe_layers.formats.proto import pb
 
 

@@ -7,7 +7,7 @@ caffe_layers/ops/im2dist.py. im2dist_param.true_gradient (ours) switches L1 to t
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
 from caffe_layers.layers.patch_geometry import from_nchw, patch_geometry, patch_top_shape, to_nchw
-from caffe_layers.ops.im2dist import im2dist
+from caffe_layers.native import im2dist
 from caffe_layers.formats.proto import pb
 
 

@@ -6,7 +6,7 @@ channel wins) are documented in caffe_layers/ops/im2parity.py.
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, optional
 from caffe_layers.layers.patch_geometry import from_nchw, patch_geometry, patch_top_shape, to_nchw
-from caffe_layers.ops.im2parity import im2parity
+from caffe_layers.native import im2parity
 
 
 @register("Im2parity")

@@ -7,8 +7,7 @@ remove_bounds). Blobs: weight, then bias (if bias_term), then the 1-element scal
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
 from caffe_layers.layers.patch_geometry import patch_geometry, patch_top_shape
-from caffe_layers.ops.im2dist import im2dist
-from caffe_layers.ops.norm_conv import norm_conv_filter
+from caffe_layers.native import im2dist, norm_conv_filter
 from caffe_layers.formats.proto import pb
 
 

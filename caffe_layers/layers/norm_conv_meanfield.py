@@ -16,8 +16,7 @@ import torch
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer
-from caffe_layers.ops.im2dist import im2dist
-from caffe_layers.ops.norm_conv import norm_conv_filter
+from caffe_layers.native import im2dist, norm_conv_filter
 from caffe_layers.formats.proto import pb
 
 

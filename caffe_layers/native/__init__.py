@@ -1,22 +1,38 @@
-"""Native kernels (cuda/*.cpp, cuda/*.cu): loading, dispatch by device, autograd Functions.
+"""Native kernels (cuda/*.cpp, cuda/*.cu) as torch.library custom ops, and the public functions over them.
 
-caffe_layers.native._native_cpu (C++, OpenMP) is always built; caffe_layers.native._native_cuda only where nvcc was
-found at install time. Both take raw pointers (tensor.data_ptr()) of contiguous float32/float64 NCHW
-tensors; the CUDA one also takes the current stream. CPU tensors go to the C++ kernels, CUDA tensors to
-the CUDA ones; when a module is missing the pure-PyTorch references in caffe_layers/ops run instead,
-after a one-line warning. `disabled()` forces the references (tests, benchmarks).
+caffe_layers.native._native_cpu (C++, OpenMP) is always built; caffe_layers.native._native_cuda only where
+nvcc was found at install time. Both take raw pointers (tensor.data_ptr()) of contiguous float32/float64 NCHW
+tensors; the CUDA one also takes the current stream.
+
+Each kernel is an op of the "caffe_layers" library (torch.ops.caffe_layers.im2dist, ...) with a fake kernel
+(exact output shapes, for FakeTensor, torch.compile and torch.export), CPU and CUDA implementations and a
+registered autograd whose backward is an op too, so compiled and exported graphs contain it. Importing this
+package registers them (a loader of an exported program needs that import).
+
+The public functions (im2dist, im2parity, gate_recurrent, segaware_conv, norm_conv_filter) take the arguments
+of their pure-PyTorch references in caffe_layers/ops and run the ops where a kernel exists (float32/float64 on
+CPU, or CUDA with the CUDA module, or meta tensors: the fake kernels); otherwise, and inside `disabled()`, they run the references (after a
+one-line warning when a module is missing).
 """
 import contextlib
 import importlib
 import warnings
+from typing import Optional
 
 import torch
+from torch import Tensor
 
+from caffe_layers.ops import im2dist as im2dist_ref
+from caffe_layers.ops import im2parity as im2parity_ref
+from caffe_layers.ops import norm_conv as norm_conv_ref
+from caffe_layers.ops import segaware_conv as segaware_conv_ref
+from caffe_layers.ops import spn as spn_ref
 from caffe_layers.ops.geometry import FLT_MAX_100, check_geometry
 
 _modules = {}
 _enabled = [True]
 _warned = set()
+_DTYPES = (torch.float32, torch.float64)
 
 
 def _load(kind):
@@ -38,6 +54,7 @@ def _load(kind):
     return _modules[kind]
 
 
+@torch.compiler.assume_constant_result  # torch.compile reads it once instead of tracing the import
 def available(kind="cpu"):
     """Is the native module for device type `kind` ("cpu" or "cuda") built and importable?"""
     return _load(kind) is not None
@@ -55,16 +72,17 @@ def disabled():
 
 
 def use_native(*tensors):
-    """True when every tensor is float32/float64 on one CPU or CUDA device with its module built."""
+    """True when every tensor is float32/float64 on one CPU or CUDA device with its module built, or on the meta
+    device (shape inference: the ops' fake kernels, much faster than the references' many small meta ops)."""
     if not _enabled[0]:
         return False
     t = tensors[0]
     kind = t.device.type
-    if kind not in ("cpu", "cuda") or t.dtype not in (torch.float32, torch.float64):
+    if kind not in ("cpu", "cuda", "meta") or t.dtype not in _DTYPES:
         return False
     if any(u is not None and (u.device != t.device or u.dtype != t.dtype) for u in tensors[1:]):
         return False
-    return _load(kind) is not None
+    return kind == "meta" or available(kind)
 
 
 def _ptr(t):
@@ -81,107 +99,188 @@ def _call(t, name, *args):
     return getattr(_modules["cpu"], name)(dbl, *args)
 
 
+def _checked(op, *tensors):
+    """The tensors made contiguous, after checking that a kernel exists for them (ops called directly)."""
+    t = tensors[0]
+    if t.dtype not in _DTYPES or any(u is not None and (u.dtype, u.device) != (t.dtype, t.device) for u in tensors):
+        raise TypeError(f"caffe_layers::{op}: the native kernels take float32 or float64 tensors of one dtype on one "
+                        f"device, got {[(u.dtype, str(u.device)) for u in tensors if u is not None]} (the functions "
+                        f"of caffe_layers.native run the references for the others)")
+    if _load(t.device.type) is None:
+        raise RuntimeError(f"caffe_layers::{op}: the native {t.device.type} module is not built (the functions of "
+                           f"caffe_layers.native run the references instead)")
+    return [None if u is None else u.contiguous() for u in tensors]
+
+
 def _geom(x, kernel, pad, stride, dilation, what):
+    """The kernels' geometry vector (N, C, H, W, kernel, pad, stride, dilation, output size) and the output size."""
     kernel, pad, stride, dilation, out = check_geometry(x, kernel, pad, stride, dilation, what)
     N, C, H, W = x.shape
     return [N, C, H, W, *kernel, *pad, *stride, *dilation, *out], out
 
 
+def _window(x, kernel, pad, stride, dilation, what):
+    """The checked window settings as the ops' int[2] arguments."""
+    return [list(v) for v in check_geometry(x, kernel, pad, stride, dilation, what)[:4]]
+
+
+_OPS = ("cpu", "cuda")  # the device types with kernels
+
+
 # ---- im2dist -------------------------------------------------------------------------------------
-_L1_CAFFE, _L1_TRUE, _L2 = 0, 1, 2
+def _im2dist_mode(norm, true_gradient):
+    """The kernels' backward mode: 0 L1 as dist2im_cpu (the quirk), 1 L1 true gradient, 2 L2."""
+    return 2 if norm == "L2" else (1 if true_gradient else 0)
 
 
-class _Im2dist(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, geom, l1, remove_center, remove_bounds, mode):
-        x = x.contiguous()
-        y = x.new_empty((geom[0], geom[4] * geom[5], geom[12], geom[13]))
-        _call(x, "im2dist_forward", x.data_ptr(), y.data_ptr(), geom, l1, remove_center, remove_bounds, FLT_MAX_100)
-        ctx.save_for_backward(x)
-        ctx.geom, ctx.mode = geom, mode
-        return y
+@torch.library.custom_op("caffe_layers::im2dist", mutates_args=(), device_types=_OPS)
+def _im2dist_op(x: Tensor, kernel: list[int], pad: list[int], stride: list[int], dilation: list[int], norm: str,
+                remove_center: bool, remove_bounds: bool, true_gradient: bool) -> Tensor:
+    (x,) = _checked("im2dist", x)
+    geom, out = _geom(x, kernel, pad, stride, dilation, "im2dist")
+    y = x.new_empty((geom[0], geom[4] * geom[5], *out))
+    _call(x, "im2dist_forward", x.data_ptr(), y.data_ptr(), geom, norm == "L1", remove_center, remove_bounds,
+          FLT_MAX_100)
+    return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        (x,) = ctx.saved_tensors
-        gy = gy.contiguous()
-        gx = torch.empty_like(x)
-        _call(x, "im2dist_backward", x.data_ptr(), gy.data_ptr(), gx.data_ptr(), ctx.geom, ctx.mode)
-        return gx, None, None, None, None, None
+
+@_im2dist_op.register_fake
+def _(x, kernel, pad, stride, dilation, norm, remove_center, remove_bounds, true_gradient):
+    *_, out = check_geometry(x, kernel, pad, stride, dilation, "im2dist")
+    return x.new_empty((x.shape[0], kernel[0] * kernel[1], *out))
+
+
+@torch.library.custom_op("caffe_layers::im2dist_backward", mutates_args=(), device_types=_OPS)
+def _im2dist_backward_op(x: Tensor, grad: Tensor, kernel: list[int], pad: list[int], stride: list[int],
+                         dilation: list[int], norm: str, true_gradient: bool) -> Tensor:
+    x, grad = _checked("im2dist_backward", x, grad)
+    geom, _ = _geom(x, kernel, pad, stride, dilation, "im2dist")
+    gx = x.new_empty(x.shape)
+    _call(x, "im2dist_backward", x.data_ptr(), grad.data_ptr(), gx.data_ptr(), geom,
+          _im2dist_mode(norm, true_gradient))
+    return gx
+
+
+@_im2dist_backward_op.register_fake
+def _(x, grad, kernel, pad, stride, dilation, norm, true_gradient):
+    return x.new_empty(x.shape)
+
+
+def _im2dist_setup(ctx, inputs, output):
+    x, kernel, pad, stride, dilation, norm, _, _, true_gradient = inputs
+    ctx.save_for_backward(x)
+    ctx.args = (kernel, pad, stride, dilation, norm, true_gradient)
+
+
+def _im2dist_grad(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return (_im2dist_backward_op(x, grad, *ctx.args),) + (None,) * 8
+
+
+_im2dist_op.register_autograd(_im2dist_grad, setup_context=_im2dist_setup)
 
 
 def im2dist(x, kernel, pad=0, stride=1, dilation=1, norm="L2", remove_center=False, remove_bounds=False,
             true_gradient=False):
     """caffe_layers.ops.im2dist.im2dist on the native kernels (same arguments and semantics)."""
-    from caffe_layers.ops import im2dist as ref
-
-    if norm not in ref.NORMS:
-        raise ValueError(f"im2dist: norm must be one of {ref.NORMS}, got {norm!r}")
+    if norm not in im2dist_ref.NORMS:
+        raise ValueError(f"im2dist: norm must be one of {im2dist_ref.NORMS}, got {norm!r}")
     if not use_native(x):
-        with disabled():
-            return ref.im2dist(x, kernel, pad, stride, dilation, norm, remove_center, remove_bounds, true_gradient)
-    geom, _ = _geom(x, kernel, pad, stride, dilation, "im2dist")
-    mode = _L2 if norm == "L2" else (_L1_TRUE if true_gradient else _L1_CAFFE)
-    return _Im2dist.apply(x, geom, norm == "L1", bool(remove_center), bool(remove_bounds), mode)
+        return im2dist_ref.im2dist(x, kernel, pad, stride, dilation, norm, remove_center, remove_bounds,
+                                   true_gradient)
+    return _im2dist_op(x, *_window(x, kernel, pad, stride, dilation, "im2dist"), norm, bool(remove_center), bool(remove_bounds),
+                       bool(true_gradient))
 
 
 # ---- im2parity -----------------------------------------------------------------------------------
-def im2parity(labels, kernel, pad=0, stride=1, dilation=1, ignore_label=None, missing_value=0):
-    """caffe_layers.ops.im2parity.im2parity on the native kernels (no backward, as in the original)."""
-    from caffe_layers.ops import im2parity as ref
-
-    if not use_native(labels):
-        with disabled():
-            return ref.im2parity(labels, kernel, pad, stride, dilation, ignore_label, missing_value)
+@torch.library.custom_op("caffe_layers::im2parity", mutates_args=(), device_types=_OPS)
+def _im2parity_op(labels: Tensor, kernel: list[int], pad: list[int], stride: list[int], dilation: list[int],
+                  has_ignore: bool, ignore_label: float, outside: float) -> Tensor:
+    (labels,) = _checked("im2parity", labels)
     geom, out = _geom(labels, kernel, pad, stride, dilation, "im2parity")
-    lab = labels.detach().contiguous()
-    y = lab.new_empty((geom[0], geom[4] * geom[5], *out))
-    outside = float(ignore_label if ignore_label is not None else missing_value)
-    _call(lab, "im2parity_forward", lab.data_ptr(), y.data_ptr(), geom, ignore_label is not None,
-          float(ignore_label or 0), outside)
+    y = labels.new_empty((geom[0], geom[4] * geom[5], *out))
+    _call(labels, "im2parity_forward", labels.data_ptr(), y.data_ptr(), geom, has_ignore, ignore_label, outside)
     return y
 
 
-# ---- SPN scan ------------------------------------------------------------------------------------
-class _GateRecurrent(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, g1, g2, g3, horizontal, reverse):
-        x, g1, g2, g3 = (None if t is None else t.contiguous() for t in (x, g1, g2, g3))
-        N, C, H, W = x.shape
-        h = torch.empty_like(x)
-        _call(x, "spn_forward", x.data_ptr(), _ptr(g1), g2.data_ptr(), _ptr(g3), h.data_ptr(), N * C, H, W,
-              horizontal, reverse)
-        ctx.save_for_backward(x, g1, g2, g3, h)
-        ctx.direction = (horizontal, reverse)
-        return h
+@_im2parity_op.register_fake
+def _(labels, kernel, pad, stride, dilation, has_ignore, ignore_label, outside):
+    *_, out = check_geometry(labels, kernel, pad, stride, dilation, "im2parity")
+    return labels.new_empty((labels.shape[0], kernel[0] * kernel[1], *out))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dtop):
-        x, g1, g2, g3, h = ctx.saved_tensors
-        dtop = dtop.contiguous()
-        N, C, H, W = x.shape
-        grads = x.new_empty((2 if g1 is None else 4,) + x.shape)  # one buffer for all the gradients
-        dx, dg2 = grads[0], grads[1]
-        dg1, dg3 = (None, None) if g1 is None else (grads[2], grads[3])
-        _call(x, "spn_backward", x.data_ptr(), _ptr(g1), g2.data_ptr(), _ptr(g3), h.data_ptr(), dtop.data_ptr(),
-              dx.data_ptr(), _ptr(dg1), dg2.data_ptr(), _ptr(dg3), N * C, H, W, *ctx.direction)
-        return dx, dg1, dg2, dg3, None, None
+
+def im2parity(labels, kernel, pad=0, stride=1, dilation=1, ignore_label=None, missing_value=0):
+    """caffe_layers.ops.im2parity.im2parity on the native kernels (no backward, as in the original)."""
+    if not use_native(labels):
+        return im2parity_ref.im2parity(labels, kernel, pad, stride, dilation, ignore_label, missing_value)
+    window = _window(labels, kernel, pad, stride, dilation, "im2parity")
+    outside = float(ignore_label if ignore_label is not None else missing_value)
+    return _im2parity_op(labels.detach(), *window, ignore_label is not None,
+                         float(ignore_label or 0), outside)
+
+
+# ---- SPN scan ------------------------------------------------------------------------------------
+@torch.library.custom_op("caffe_layers::gate_recurrent", mutates_args=(), device_types=_OPS)
+def _scan_op(x: Tensor, g1: Optional[Tensor], g2: Tensor, g3: Optional[Tensor], horizontal: bool,
+             reverse: bool) -> Tensor:
+    """g1 and g3 None: the one-way connection (g2 weights the straight neighbour)."""
+    x, g1, g2, g3 = _checked("gate_recurrent", x, g1, g2, g3)
+    N, C, H, W = x.shape
+    h = x.new_empty(x.shape)
+    _call(x, "spn_forward", x.data_ptr(), _ptr(g1), g2.data_ptr(), _ptr(g3), h.data_ptr(), N * C, H, W,
+          horizontal, reverse)
+    return h
+
+
+@_scan_op.register_fake
+def _(x, g1, g2, g3, horizontal, reverse):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("caffe_layers::gate_recurrent_backward", mutates_args=(), device_types=_OPS)
+def _scan_backward_op(x: Tensor, g1: Optional[Tensor], g2: Tensor, g3: Optional[Tensor], h: Tensor, grad: Tensor,
+                      horizontal: bool, reverse: bool) -> Tensor:
+    """The gradients stacked: (dx, dg2) for the one-way connection, (dx, dg2, dg1, dg3) for the three-way."""
+    x, g1, g2, g3, h, grad = _checked("gate_recurrent_backward", x, g1, g2, g3, h, grad)
+    N, C, H, W = x.shape
+    grads = x.new_empty((2 if g1 is None else 4, *x.shape))
+    dg1, dg3 = (None, None) if g1 is None else (grads[2], grads[3])
+    _call(x, "spn_backward", x.data_ptr(), _ptr(g1), g2.data_ptr(), _ptr(g3), h.data_ptr(), grad.data_ptr(),
+          grads[0].data_ptr(), _ptr(dg1), grads[1].data_ptr(), _ptr(dg3), N * C, H, W, horizontal, reverse)
+    return grads
+
+
+@_scan_backward_op.register_fake
+def _(x, g1, g2, g3, h, grad, horizontal, reverse):
+    return x.new_empty((2 if g1 is None else 4, *x.shape))
+
+
+def _scan_setup(ctx, inputs, output):
+    x, g1, g2, g3, horizontal, reverse = inputs
+    ctx.save_for_backward(x, g1, g2, g3, output)
+    ctx.direction = (horizontal, reverse)
+
+
+def _scan_grad(ctx, grad):
+    x, g1, g2, g3, h = ctx.saved_tensors
+    grads = _scan_backward_op(x, g1, g2, g3, h, grad, *ctx.direction)
+    dg1, dg3 = (None, None) if g1 is None else (grads[2], grads[3])
+    return grads[0], dg1, grads[1], dg3, None, None
+
+
+_scan_op.register_autograd(_scan_grad, setup_context=_scan_setup)
 
 
 def gate_recurrent(x, g1, g2=None, g3=None, horizontal=True, reverse=False, connection="three"):
     """caffe_layers.ops.spn.gate_recurrent on the native kernels (same arguments and semantics)."""
-    from caffe_layers.ops import spn as ref
-
     gates = [g for g in (g1, g2, g3) if g is not None]
     if connection not in ("three", "one") or not use_native(x, *gates) or len(gates) != (3 if connection == "three" else 1):
-        with disabled():  # the reference also gives the errors for bad arguments
-            return ref.gate_recurrent(x, g1, g2, g3, horizontal, reverse, connection)
-    ref._check(x, gates, "gate_recurrent")
+        # the reference also gives the errors for bad arguments
+        return spn_ref.gate_recurrent(x, g1, g2, g3, horizontal, reverse, connection)
+    spn_ref._check(x, gates, "gate_recurrent")
     if connection == "one":  # the single gate weights the straight neighbour, g2's in the kernels
-        return _GateRecurrent.apply(x, None, g1, None, bool(horizontal), bool(reverse))
-    return _GateRecurrent.apply(x, g1, g2, g3, bool(horizontal), bool(reverse))
+        return _scan_op(x, None, g1, None, bool(horizontal), bool(reverse))
+    return _scan_op(x, g1, g2, g3, bool(horizontal), bool(reverse))
 
 
 # ---- segmentation-aware convolution ----------------------------------------------------------------
@@ -203,123 +302,158 @@ def _buffer(x, geom, chunks, rows):
     return x.new_empty(rows * max(r1 - r0 for r0, r1 in chunks) * geom[13])
 
 
-class _SegConv(torch.autograd.Function):
+@torch.library.custom_op("caffe_layers::segaware_conv", mutates_args=(), device_types=_OPS)
+def _segconv_op(x: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor], kernel: list[int], pad: list[int],
+                stride: list[int], dilation: list[int]) -> Tensor:
     """y = W (im2col(x) * tile(mask)) + b, a few large chunks of output rows at a time (no C*K*H*W buffer).
 
     Chunks are few and large on purpose: each chunk switches between the kernel's and BLAS's threads,
-    which costs a scheduler time slice on a loaded machine. One column buffer serves every chunk.
+    which costs a scheduler time slice on a loaded machine. One column buffer serves every chunk, and each
+    GEMM writes its rows of y in place (y[n, :, rows] is an O x P matrix with leading dimension Ho*Wo).
     """
+    x, mask, weight, bias = _checked("segaware_conv", x, mask, weight, bias)
+    geom, _ = _geom(x, kernel, pad, stride, dilation, "segaware_conv")
+    w = weight.reshape(weight.shape[0], -1)
+    N, Ho, Wo = geom[0], geom[12], geom[13]
+    O, CK = w.shape
+    y = x.new_empty((N, O, Ho * Wo))
+    chunks = _row_chunks(geom, x.device)
+    cols_buf = _buffer(x, geom, chunks, CK)
+    for n in range(N):
+        for r0, r1 in chunks:
+            cols = cols_buf[:CK * (r1 - r0) * Wo].view(CK, -1)
+            _call(x, "masked_im2col", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), geom, n, r0, r1)
+            out = y[n, :, r0 * Wo:r1 * Wo]
+            if bias is not None:
+                torch.addmm(bias[:, None], w, cols, out=out)
+            else:
+                torch.mm(w, cols, out=out)
+    return y.reshape(N, O, Ho, Wo)
 
-    @staticmethod
-    def forward(ctx, x, mask, weight, bias, geom):
-        x, mask = x.contiguous(), mask.contiguous()
-        w = weight.reshape(weight.shape[0], -1)
-        N, Ho, Wo = geom[0], geom[12], geom[13]
-        O, CK = w.shape
-        y = x.new_empty((N, O, Ho * Wo))
-        chunks = _row_chunks(geom, x.device)
-        cols_buf, y_buf = _buffer(x, geom, chunks, CK), _buffer(x, geom, chunks, O)
-        for n in range(N):
-            for r0, r1 in chunks:
-                P = (r1 - r0) * Wo
-                cols, out = cols_buf[:CK * P].view(CK, P), y_buf[:O * P].view(O, P)
+
+@_segconv_op.register_fake
+def _(x, mask, weight, bias, kernel, pad, stride, dilation):
+    *_, out = check_geometry(x, kernel, pad, stride, dilation, "segaware_conv")
+    return x.new_empty((x.shape[0], weight.shape[0], *out))
+
+
+@torch.library.custom_op("caffe_layers::segaware_conv_backward", mutates_args=(), device_types=_OPS)
+def _segconv_backward_op(grad: Tensor, x: Tensor, mask: Tensor, weight: Tensor, kernel: list[int], pad: list[int],
+                         stride: list[int], dilation: list[int],
+                         output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """(d x, d mask, d weight); an output whose output_mask entry is False is an empty tensor."""
+    grad, x, mask, weight = _checked("segaware_conv_backward", grad, x, mask, weight)
+    geom, _ = _geom(x, kernel, pad, stride, dilation, "segaware_conv")
+    w = weight.reshape(weight.shape[0], -1)
+    O, CK = w.shape
+    N, Ho, Wo = geom[0], geom[12], geom[13]
+    gy = grad.reshape(N, O, Ho * Wo)
+    need_x, need_mask, need_w = output_mask
+    gx = torch.zeros_like(x) if need_x else None
+    gmask = mask.new_empty(mask.shape) if need_mask else None
+    gw = torch.zeros_like(w) if need_w else None
+    chunks = _row_chunks(geom, x.device)
+    buf = _buffer(x, geom, chunks, CK)
+    wt = w.t().contiguous()
+    for n in range(N):
+        for r0, r1 in chunks:
+            g, cols = gy[n, :, r0 * Wo:r1 * Wo], buf[:CK * (r1 - r0) * Wo].view(CK, -1)
+            if need_w:
                 _call(x, "masked_im2col", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), geom, n, r0, r1)
-                if bias is not None:
-                    torch.addmm(bias[:, None], w, cols, out=out)
-                else:
-                    torch.mm(w, cols, out=out)
-                y[n, :, r0 * Wo:r1 * Wo] = out
-        ctx.save_for_backward(x, mask, weight)
-        ctx.geom, ctx.has_bias = geom, bias is not None
-        return y.reshape(N, O, Ho, Wo)
+                gw.addmm_(g, cols.t())
+            if need_x or need_mask:  # the buffer now takes d(cols) = W^T dy
+                torch.mm(wt, g, out=cols)
+                _call(x, "masked_col2im", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), _ptr(gx), _ptr(gmask),
+                      geom, n, r0, r1)
+    empty = x.new_empty(0)
+    return (empty if gx is None else gx, empty.clone() if gmask is None else gmask,
+            empty.clone() if gw is None else gw.reshape(weight.shape))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        x, mask, weight = ctx.saved_tensors
-        geom = ctx.geom
-        w = weight.reshape(weight.shape[0], -1)
-        O, CK = w.shape
-        N, Ho, Wo = geom[0], geom[12], geom[13]
-        gy = gy.contiguous().reshape(N, O, Ho * Wo)
-        need_x, need_mask, need_w, need_b = ctx.needs_input_grad[:4]
-        gx = torch.zeros_like(x) if need_x else None
-        gmask = torch.empty_like(mask) if need_mask else None
-        gw = torch.zeros_like(w) if need_w else None
-        gb = gy.sum((0, 2)) if (need_b and ctx.has_bias) else None
-        chunks = _row_chunks(geom, x.device)
-        buf = _buffer(x, geom, chunks, CK)
-        wt = w.t().contiguous()
-        for n in range(N):
-            for r0, r1 in chunks:
-                P = (r1 - r0) * Wo
-                g, cols = gy[n, :, r0 * Wo:r1 * Wo], buf[:CK * P].view(CK, P)
-                if need_w:
-                    _call(x, "masked_im2col", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), geom, n, r0, r1)
-                    gw.addmm_(g, cols.t())
-                if need_x or need_mask:  # the buffer now takes d(cols) = W^T dy
-                    torch.mm(wt, g, out=cols)
-                    _call(x, "masked_col2im", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), _ptr(gx), _ptr(gmask),
-                          geom, n, r0, r1)
-        return gx, gmask, None if gw is None else gw.reshape(weight.shape), gb, None
+
+@_segconv_backward_op.register_fake
+def _(grad, x, mask, weight, kernel, pad, stride, dilation, output_mask):
+    return tuple(t.new_empty(t.shape if needed else 0) for t, needed in zip((x, mask, weight), output_mask))
+
+
+def _register_filter_autograd(op, backward_op):
+    """Autograd of an op (x, mask, weight, bias, *settings) by its backward op (grad, x, mask, weight, *settings,
+    output_mask) -> (d x, d mask, d weight); the bias gradient is the sum of the top gradient."""
+
+    def setup(ctx, inputs, output):
+        x, mask, weight, bias, *settings = inputs
+        ctx.save_for_backward(x, mask, weight)
+        ctx.settings, ctx.has_bias = settings, bias is not None
+
+    def backward(ctx, grad):
+        need = list(ctx.needs_input_grad[:3])
+        grads = backward_op(grad, *ctx.saved_tensors, *ctx.settings, need) if any(need) else (None,) * 3
+        gb = grad.sum((0, 2, 3)) if (ctx.needs_input_grad[3] and ctx.has_bias) else None
+        return tuple(g if needed else None for g, needed in zip(grads, need)) + (gb,) + (None,) * len(ctx.settings)
+
+    op.register_autograd(backward, setup_context=setup)
+
+
+_register_filter_autograd(_segconv_op, _segconv_backward_op)
 
 
 def segaware_conv(x, mask, weight, bias, kernel, pad=0, stride=1, dilation=1):
     """caffe_layers.ops.segaware_conv.segaware_conv on the native kernels (same arguments)."""
-    from caffe_layers.ops import segaware_conv as ref
-
     if not use_native(x, mask, weight, bias):
-        with disabled():
-            return ref.segaware_conv(x, mask, weight, bias, kernel, pad, stride, dilation)
-    geom, out = _geom(x, kernel, pad, stride, dilation, "segaware_conv")
-    ref.check_shapes(x, mask, weight, bias, geom[4] * geom[5], out)
-    return _SegConv.apply(x, mask, weight, bias, geom)
+        return segaware_conv_ref.segaware_conv(x, mask, weight, bias, kernel, pad, stride, dilation)
+    kernel, pad, stride, dilation, out = check_geometry(x, kernel, pad, stride, dilation, "segaware_conv")
+    segaware_conv_ref.check_shapes(x, mask, weight, bias, kernel[0] * kernel[1], out)
+    return _segconv_op(x, mask, weight, bias, list(kernel), list(pad), list(stride), list(dilation))
 
 
 # ---- normalised convolution filtering --------------------------------------------------------------
-class _NormFilter(torch.autograd.Function):
+@torch.library.custom_op("caffe_layers::norm_filter", mutates_args=(), device_types=_OPS)
+def _normfilter_op(x: Tensor, soft: Tensor, weight: Tensor, bias: Optional[Tensor], pad: list[int],
+                   stride: list[int], dilation: list[int], group: int) -> Tensor:
     """y = grouped conv of x whose taps are weighted by soft (N x K x Ho x Wo) per output position."""
+    x, soft, weight, bias = _checked("norm_filter", x, soft, weight, bias)
+    geom, out = _geom(x, weight.shape[2:], pad, stride, dilation, "norm_conv")
+    O = weight.shape[0]
+    y = x.new_empty((geom[0], O, *out))
+    _call(x, "normfilter_forward", x.data_ptr(), soft.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), geom,
+          O, group)
+    return y
 
-    @staticmethod
-    def forward(ctx, x, soft, weight, bias, geom, group):
-        x, soft, weight = x.contiguous(), soft.contiguous(), weight.contiguous()
-        b = None if bias is None else bias.contiguous()  # held until the kernel has read it
-        O = weight.shape[0]
-        y = x.new_empty((geom[0], O, geom[12], geom[13]))
-        _call(x, "normfilter_forward", x.data_ptr(), soft.data_ptr(), weight.data_ptr(), _ptr(b), y.data_ptr(), geom,
-              O, group)
-        ctx.save_for_backward(x, soft, weight)
-        ctx.geom, ctx.group, ctx.has_bias = geom, group, bias is not None
-        return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        x, soft, weight = ctx.saved_tensors
-        gy = gy.contiguous()
-        need_x, need_soft, need_w, need_b = ctx.needs_input_grad[:4]
-        gx = torch.empty_like(x) if need_x else None
-        gsoft = torch.empty_like(soft) if need_soft else None
-        gw = torch.empty_like(weight) if need_w else None
-        if need_x or need_soft or need_w:
-            _call(x, "normfilter_backward", x.data_ptr(), soft.data_ptr(), weight.data_ptr(), gy.data_ptr(), _ptr(gx),
-                  _ptr(gsoft), _ptr(gw), ctx.geom, weight.shape[0], ctx.group)
-        gb = gy.sum((0, 2, 3)) if (need_b and ctx.has_bias) else None
-        return gx, gsoft, gw, gb, None, None
+@_normfilter_op.register_fake
+def _(x, soft, weight, bias, pad, stride, dilation, group):
+    *_, out = check_geometry(x, weight.shape[2:], pad, stride, dilation, "norm_conv")
+    return x.new_empty((x.shape[0], weight.shape[0], *out))
+
+
+@torch.library.custom_op("caffe_layers::norm_filter_backward", mutates_args=(), device_types=_OPS)
+def _normfilter_backward_op(grad: Tensor, x: Tensor, soft: Tensor, weight: Tensor, pad: list[int],
+                            stride: list[int], dilation: list[int], group: int,
+                            output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """(d x, d soft, d weight); an output whose output_mask entry is False is an empty tensor."""
+    grad, x, soft, weight = _checked("norm_filter_backward", grad, x, soft, weight)
+    geom, _ = _geom(x, weight.shape[2:], pad, stride, dilation, "norm_conv")
+    gx, gsoft, gw = (t.new_empty(t.shape) if needed else None for t, needed in zip((x, soft, weight), output_mask))
+    _call(x, "normfilter_backward", x.data_ptr(), soft.data_ptr(), weight.data_ptr(), grad.data_ptr(), _ptr(gx),
+          _ptr(gsoft), _ptr(gw), geom, weight.shape[0], group)
+    return tuple(t if t is not None else x.new_empty(0) for t in (gx, gsoft, gw))
+
+
+@_normfilter_backward_op.register_fake
+def _(grad, x, soft, weight, pad, stride, dilation, group, output_mask):
+    return tuple(t.new_empty(t.shape if needed else 0) for t, needed in zip((x, soft, weight), output_mask))
+
+
+_register_filter_autograd(_normfilter_op, _normfilter_backward_op)
 
 
 def norm_conv_filter(img, dist, weight, bias=None, scale=None, pad=0, stride=1, dilation=1, group=1):
     """caffe_layers.ops.norm_conv.norm_conv_filter on the native kernels (same arguments and semantics): the
     softmax of the distances by torch (autograd gives the dist and scale gradients), the filtering native."""
-    from caffe_layers.ops import norm_conv as ref
-
     if not use_native(img, dist, weight, bias, scale):
-        with disabled():
-            return ref.norm_conv_filter(img, dist, weight, bias, scale, pad, stride, dilation, group)
-    geom, out = _geom(img, weight.shape[2:], pad, stride, dilation, "norm_conv")
-    ref.check_shapes(img, dist, weight, group, out)
-    soft = ref.patch_softmax(dist, scale)
+        return norm_conv_ref.norm_conv_filter(img, dist, weight, bias, scale, pad, stride, dilation, group)
+    kernel, pad, stride, dilation, out = check_geometry(img, weight.shape[2:], pad, stride, dilation, "norm_conv")
+    norm_conv_ref.check_shapes(img, dist, weight, group, out)
+    soft = norm_conv_ref.patch_softmax(dist, scale)
     if group == 1:  # the seg-aware convolution with mask = soft: column chunks and a GEMM beat the direct loops
-        return _SegConv.apply(img, soft, weight, bias, geom)
-    return _NormFilter.apply(img, soft, weight, bias, geom, group)
-
+        return _segconv_op(img, soft, weight, bias, list(kernel), list(pad), list(stride), list(dilation))
+    return _normfilter_op(img, soft, weight, bias, list(pad), list(stride), list(dilation), int(group))

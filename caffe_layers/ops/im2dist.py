@@ -96,10 +96,6 @@ def im2dist(x, kernel, pad=0, stride=1, dilation=1, norm="L2", remove_center=Fal
     """
     if norm not in NORMS:
         raise ValueError(f"im2dist: norm must be one of {NORMS}, got {norm!r}")
-    from caffe_layers import native  # the native kernels (cuda/) when built; this file is their reference
-
-    if native.use_native(x):
-        return native.im2dist(x, kernel, pad, stride, dilation, norm, remove_center, remove_bounds, true_gradient)
     if norm == "L1" and not true_gradient:  # _dist inside checks the geometry
         return _Im2distL1Caffe.apply(x, kernel, pad, stride, dilation, bool(remove_center), bool(remove_bounds))
     return _dist(x, kernel, pad, stride, dilation, norm, remove_center, remove_bounds)

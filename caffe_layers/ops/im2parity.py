@@ -17,10 +17,6 @@ from caffe_layers.ops.geometry import check_geometry, inside, pad_windows, windo
 
 def im2parity(labels, kernel, pad=0, stride=1, dilation=1, ignore_label=None, missing_value=0):
     """N x C x H x W labels -> N x (kh*kw) x H_out x W_out of 1 (same label), 0, or ignore_label."""
-    from caffe_layers import native  # the native kernels (cuda/) when built; this file is their reference
-
-    if native.use_native(labels):
-        return native.im2parity(labels, kernel, pad, stride, dilation, ignore_label, missing_value)
     kernel, pad, stride, dilation, out = check_geometry(labels, kernel, pad, stride, dilation, "im2parity")
     lab = labels[:, -1:].detach().trunc()  # C > 1: the last channel overwrites the others
     lp = pad_windows(lab, pad, kernel, stride, dilation, out)  # out-of-bounds neighbours read 0

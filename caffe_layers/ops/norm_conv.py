@@ -32,10 +32,6 @@ def patch_softmax(dist, scale):
 
 def norm_conv_filter(img, dist, weight, bias=None, scale=None, pad=0, stride=1, dilation=1, group=1):
     """img N x C x H x W, dist N x kk x Ho x Wo, weight O x C/group x kh x kw -> N x O x Ho x Wo."""
-    from caffe_layers import native  # the native filtering kernels (cuda/) when built; this is their reference
-
-    if native.use_native(img, dist, weight, bias, scale):
-        return native.norm_conv_filter(img, dist, weight, bias, scale, pad, stride, dilation, group)
     n, c = img.shape[:2]
     o, _, kh, kw = weight.shape
     cols = im2col(img, (kh, kw), pad, stride, dilation)

@@ -26,10 +26,6 @@ def check_shapes(x, mask, weight, bias, K, out):
 
 def segaware_conv(x, mask, weight, bias, kernel, pad=0, stride=1, dilation=1):
     """N x C x H x W input, N x K x H_out x W_out mask -> N x O x H_out x W_out (the unfused chain)."""
-    from caffe_layers import native
-
-    if native.use_native(x, mask, weight, bias):
-        return native.segaware_conv(x, mask, weight, bias, kernel, pad, stride, dilation)
     kernel, pad, stride, dilation, out = check_geometry(x, kernel, pad, stride, dilation, "segaware_conv")
     K = kernel[0] * kernel[1]
     check_shapes(x, mask, weight, bias, K, out)

@@ -155,10 +155,6 @@ def gate_recurrent(x, g1, g2=None, g3=None, horizontal=True, reverse=False, conn
     _check(x, gates, "gate_recurrent")
     if x.device.type == "meta":  # shape inference
         return torch.empty_like(x)
-    from caffe_layers import native  # the native scan (cuda/) when built; this function is its reference
-
-    if native.use_native(x, *gates):
-        return native.gate_recurrent(x, *gates, horizontal=horizontal, reverse=reverse, connection=connection)
     if connection == "one":  # the straight neighbour is g2's
         zero = torch.zeros_like(g1)
         gates = (zero, g1, zero)

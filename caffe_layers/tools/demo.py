@@ -65,7 +65,7 @@ def embed(image, data=DEMO_DATA):
 def window_weights(emb, kernel, dilation, lam):
     """(1, k*k, H, W) weights exp(-lam * L1 distance) to each neighbour; 0 outside the image and at
     the centre (im2dist's FLT_MAX/100 markers)."""
-    from caffe_layers.ops.im2dist import im2dist
+    from caffe_layers.native import im2dist
 
     pad = (kernel // 2) * dilation
     dist = im2dist(emb, kernel, pad, 1, dilation, norm="L1", remove_center=True, remove_bounds=True,
@@ -76,7 +76,7 @@ def window_weights(emb, kernel, dilation, lam):
 def mask_statistics(emb, labels, lam, kernel=5, dilation=3):
     """Mean mask weight over neighbour pairs in the same region and across a boundary (the deploy
     config's 5x5 dilation-3 window)."""
-    from caffe_layers.ops.im2parity import im2parity
+    from caffe_layers.native import im2parity
 
     weights, valid = window_weights(emb, kernel, dilation, lam)
     lab = torch.from_numpy(labels.astype(np.float32))[None, None]
