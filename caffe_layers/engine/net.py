@@ -210,9 +210,7 @@ class Net(nn.Module):
         return values
 
     def _top_weights(self):
-        """(top, loss weight) for every step's tops, in step order (a top written in place repeats)."""
-        for step in self.steps:
-            yield from zip(step.tops, step.loss_weights)
+        return self.plan.top_weights()
 
     @property
     def top_loss_weights(self):
@@ -404,15 +402,22 @@ class Net(nn.Module):
         self.reshape()
 
     def reshape(self):
-        """Infer every blob shape again from the current input shapes."""
-        for step in self.steps:
-            if step.layer.param.type == "Input" and not step.bottoms:
+        """Infer the blob shapes again from the current input shapes: only the layers whose bottom shapes
+        changed since they were last inferred; a blob whose shape changes gets new storage."""
+        seen = self.__dict__.setdefault("_inferred_from", {})
+        for i, step in enumerate(self.steps):
+            if not step.bottoms:
                 continue
-            shapes = step.layer.top_shapes([self.blob_shapes[b] for b in step.bottoms])
-            for name, shape in zip(step.tops, shapes):
+            bottom_shapes = [self.blob_shapes[b] for b in step.bottoms]
+            if seen.get(i) == bottom_shapes:
+                continue
+            seen[i] = bottom_shapes
+            for name, shape in zip(step.tops, step.layer.top_shapes(bottom_shapes)):
                 if self.blob_shapes.get(name) != tuple(shape) and name not in step.bottoms:
                     self._data.pop(name, None)
+                    self._diff.pop(name, None)
                 self.blob_shapes[name] = tuple(shape)
+        self._graphs = {}
 
     @property
     def blobs(self):
@@ -438,15 +443,11 @@ class Net(nn.Module):
 
     @property
     def inputs(self):
-        return [t for s in self.steps if s.layer.param.type == "Input" and not s.bottoms for t in s.tops]
+        return self.plan.inputs
 
     @property
     def outputs(self):
-        available = []
-        for step in self.steps:
-            available = [b for b in available if b not in step.bottoms]
-            available += [t for t in step.tops if t not in available]
-        return available
+        return self.plan.outputs
 
     @property
     def top_names(self):
