@@ -1,6 +1,7 @@
 """Native kernels vs their pure-PyTorch references: time, peak memory, ratios; whole-net forward times.
 
     python benchmarks/bench_native.py [--repeat 3] [--net-size 0] [--skip-nets] [--only PATTERN] [--device cuda]
+                                      [--no-reference] [--json FILE]
 
 Peak memory is the growth of the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs) over the resident set before the op (--device cuda: torch.cuda's peak allocated
@@ -17,6 +18,9 @@ NormConvMeanfield (depthwise, 9x9) and of NormConv (group 1, seg-aware column ke
 The "vs plain convolution" lines time the fused seg-aware convolution against torch's convolution of the same
 shape (the mask dropped), measured in the same run: target (issue 14) <= 1.2x.
 On a shared machine the figures move with its load: check `uptime`, repeat, take the best.
+--json writes the figures (seconds, bytes) to FILE as well; --no-reference times the native kernels alone
+(tools/gpu_check.py uses it for the CPU kernels' times). The nets are the repository's models/segaware
+configs (tested equal to the original prototxts), so the script runs from a bare checkout.
 """
 import argparse
 import contextlib
@@ -33,7 +37,7 @@ import torch
 from caffe_layers import native
 from caffe_layers.native import im2dist, im2parity, norm_conv_filter, segaware_conv, gate_recurrent
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "segaware"
+MODELS = Path(__file__).resolve().parents[1] / "models" / "segaware"
 
 
 def _status(key):
@@ -66,6 +70,8 @@ def _malloc_regime(mmap_threshold):
 
 COLD, STEADY = 1 << 16, 32 << 20  # STEADY: where glibc's own threshold ends in a long-running process
 DEVICE = [torch.device("cpu")]  # --device
+FIGURES = {"ops": [], "nets": []}  # what --json writes
+_NO_REFERENCE = [False]  # --no-reference
 
 
 def _best(fn, repeat, min_seconds=0.0):
@@ -139,9 +145,16 @@ def compare(title, run_native, run_ref, repeat, target=None):
     if _ONLY[0] and not re.search(_ONLY[0], title):
         return
     t_n, c_n, m_n = measure(run_native, repeat)
+    if _NO_REFERENCE[0]:
+        FIGURES["ops"].append(dict(title=title, native_s=t_n, native_cold_s=c_n, native_peak_bytes=m_n))
+        cold_n = f" (cold {c_n * 1e3:8.1f})" if c_n is not None else ""
+        print(f"{title:<58} native {t_n * 1e3:8.1f} ms{cold_n} {m_n / 2**20:7.1f} MiB")
+        return
     with native.disabled():
         t_r, c_r, m_r = measure(run_ref, repeat)
     speed, mem = t_r / t_n, m_n / m_r if m_r > 0 else float("nan")
+    FIGURES["ops"].append(dict(title=title, native_s=t_n, native_cold_s=c_n, native_peak_bytes=m_n, reference_s=t_r,
+                               reference_cold_s=c_r, reference_peak_bytes=m_r, speedup=speed, target=target))
     has_cold = c_n is not None  # not on CUDA
     cold_n, cold_r = (f" (cold {c * 1e3:8.1f})" if has_cold else "" for c in (c_n, c_r))
     cold_speed = f" (cold {c_r / c_n:5.1f}x)" if has_cold else ""
@@ -209,7 +222,7 @@ def bench_ops(repeat):
 
 
 def _deploy(name, size):
-    text = (REFERENCE / name / "deploy.prototxt").read_text()
+    text = (MODELS / name / "deploy.prototxt").read_text()
     if size and name == "vgg":
         text = re.sub(r"dim: 321\b", f"dim: {size}", text)
         text = re.sub(r"(height|width): 321", rf"\1: {size}", text)
@@ -235,6 +248,8 @@ def bench_nets(repeat, size):
             with native.disabled() if ref else contextlib.nullcontext():
                 t, _, m = measure(fwd(lambda: net(**inputs)), repeat, cold=False)
             times[label] = t
+            FIGURES["nets"].append(dict(net=name, variant=label, forward_s=t, peak_bytes=m,
+                                        inputs={k: list(net.blob_shapes[k]) for k in net.inputs}))
             shapes = ", ".join(f"{k} {list(net.blob_shapes[k])}" for k in net.inputs)
             fused = sum(1 for s in (net.fused_steps or []) if type(s.layer).__name__ == "FusedSegawareConv")
             print(f"{name} deploy forward ({label:<21}; {fused:2d} fused; {shapes}): {t:8.2f} s, peak +{m / 2**20:8.1f} MiB")
@@ -252,8 +267,10 @@ def main():
     ap.add_argument("--skip-nets", action="store_true")
     ap.add_argument("--only", metavar="PATTERN", help="run only the op lines whose title matches (regex); skips the nets")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--no-reference", action="store_true", help="time the native kernels only (no nets)")
+    ap.add_argument("--json", metavar="FILE", help="write the figures to FILE too")
     args = ap.parse_args()
-    _ONLY[0] = args.only
+    _ONLY[0], _NO_REFERENCE[0] = args.only, args.no_reference
     DEVICE[0] = torch.device(args.device)
     if args.device == "cuda" and not (torch.cuda.is_available() and native.available("cuda")):
         raise SystemExit("--device cuda needs a GPU that torch sees and the native CUDA module")
@@ -261,8 +278,13 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; native cpu kernels: {cpu}"
           + (f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
     bench_ops(args.repeat)
-    if not (args.skip_nets or args.only):
+    if not (args.skip_nets or args.only or args.no_reference):
         bench_nets(max(1, args.repeat - 2), args.net_size)
+    if args.json:
+        import json
+
+        FIGURES["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        Path(args.json).write_text(json.dumps(FIGURES, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 // CUDA kernels of caffe_layers, over raw device pointers, float and double; every launcher takes the
 // caller's stream. Same semantics as cuda/native_cpu.cpp (and the references in caffe_layers/ops);
-// gradients are gathered per input element (no atomics), so results are deterministic.
+// gradients are gathered per input element or reduced in a fixed order (no atomics), so results are
+// deterministic. The GEMMs of the seg-aware convolution are torch's (cuBLAS), in caffe_layers/native.
 #if defined(CL_CUDA_HOST_EMULATION)  // a plain C++ build for tests without a GPU (see cuda_emulation.h)
 #include "cuda_emulation.h"
 #else
 #include <cuda_runtime.h>
 #endif
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -17,11 +19,30 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// LAUNCH: kernels without barriers, kThreads a block. LAUNCH_SYNC: kernels with __syncthreads and shared memory,
+// `threads` a block (at most kSyncThreads, a power of two) and `shared` bytes of dynamic shared memory.
+// The emulation runs a block's threads as std::threads, so it keeps them few: each then takes several lines.
 #if defined(CL_CUDA_HOST_EMULATION)
+constexpr int kSyncThreads = 8, kWarp = 1;
 #define LAUNCH(kernel, grid, stream, ...) emulated_launch(grid, kThreads, kernel, __VA_ARGS__)
+#define LAUNCH_SYNC(kernel, grid, threads, shared, stream, ...) \
+  emulated_launch_sync(grid, threads, shared, kernel, __VA_ARGS__)
 #else
+constexpr int kSyncThreads = 256, kWarp = 32;
 #define LAUNCH(kernel, grid, stream, ...) kernel<<<grid, kThreads, 0, stream>>>(__VA_ARGS__)
+#define LAUNCH_SYNC(kernel, grid, threads, shared, stream, ...) kernel<<<grid, threads, shared, stream>>>(__VA_ARGS__)
+#define CL_DYNAMIC_SHARED(T, name)                                    \
+  extern __shared__ __align__(16) unsigned char cl_dynamic_shared[]; \
+  T* name = reinterpret_cast<T*>(cl_dynamic_shared)
 #endif
+
+// Dynamic shared memory a block may take without cudaFuncSetAttribute (every GPU since Kepler has 48 KiB).
+inline int64_t shared_budget() {
+#if defined(CL_CUDA_HOST_EMULATION)
+  if (const char* v = std::getenv("CL_EMULATED_SHARED_BYTES")) return std::atoll(v);  // tests: the fallback
+#endif
+  return 48 * 1024;
+}
 
 // Grid-stride loop over [0, total), used by every kernel except the SPN scan steps; #undef after the kernels.
 #define CL_GRID_LOOP(idx, total) \
@@ -139,7 +160,13 @@ __global__ void im2parity_fwd(const T* labels, T* y, Geom g, bool has_ignore, T 
   }
 }
 
-// ---- SPN scan: one launch per step, one thread per (plane, line) --------------------------------
+// ---- SPN scan ------------------------------------------------------------------------------------------
+// A scan walks T steps (columns for horizontal scans, rows for vertical ones) over S lines; step t of line s
+// reads step t - 1 of lines s - 1, s, s + 1. spn_fwd_scan / spn_bwd_scan: one launch per direction, one block
+// per plane, its threads taking the lines and passing the steps together with a barrier between steps. The
+// steps come in tiles of L steps x S lines staged in shared memory, loaded and stored in memory order (along
+// rows for horizontal scans, so reads are coalesced in both orientations). Where a tile of one step does not
+// fit (very long lines), the per-step kernels below run instead: one launch per step, one thread per line.
 struct Scan {
   int64_t H, W, T, S;
   bool horizontal, reverse;
@@ -204,6 +231,153 @@ __global__ void spn_dx(const T* g1, const T* g2, const T* g3, T* dx, int64_t pla
       if (g3 && s + 1 < sc.S) gsum += g3[idx];
     }
     dx[idx] = (T(1) - gsum) * dx[idx];
+  }
+}
+
+// Tile shape: L steps of `pitch` values (S rounded up to odd, so that strided staging hits distinct banks).
+struct Tile {
+  int64_t L, pitch;
+};
+
+// Element e (memory order) of a tile of n steps from logical step t0 of the plane at b: its step j, line s,
+// address p and tile slot q.
+__device__ inline void tile_element(const Scan& sc, const Tile& tl, int64_t b, int64_t t0, int64_t n, int64_t e,
+                                    int64_t& j, int64_t& s, int64_t& p, int64_t& q) {
+  const int64_t major = sc.horizontal ? e / n : e / sc.S, minor = sc.horizontal ? e % n : e % sc.S;
+  const int64_t step = sc.horizontal ? minor : major;  // position along the scan inside the tile's span
+  s = sc.horizontal ? major : minor;
+  j = sc.reverse ? n - 1 - step : step;
+  p = b + sc.at(t0 + j, s);
+  q = j * tl.pitch + s;
+}
+
+// The gates at p of a plane into tile slot q (g1 and g3 only for three-way scans).
+template <typename T, bool kThree>
+__device__ inline void stage_gates(const T* g1, const T* g2, const T* g3, T* tg1, T* tg2, T* tg3, int64_t p, int64_t q) {
+  tg2[q] = g2[p];
+  if (kThree) {
+    tg1[q] = g1[p];
+    tg3[q] = g3[p];
+  }
+}
+
+template <typename T, bool kThree>
+__global__ void spn_fwd_scan(const T* x, const T* g1, const T* g2, const T* g3, T* h, int64_t planes, Scan sc, Tile tl) {
+  CL_DYNAMIC_SHARED(T, smem);
+  const int64_t P = tl.pitch, size = tl.L * P;
+  T* th = smem;  // x of the tile's steps, overwritten by h
+  T* tg2 = th + size;
+  T* tg1 = tg2 + size;  // kThree only, as tg3
+  T* tg3 = tg1 + size;
+  T* carry = kThree ? tg3 + size : tg1;  // h of the step before the tile
+  for (int64_t plane = blockIdx.x; plane < planes; plane += gridDim.x) {
+    const int64_t b = plane * sc.H * sc.W;
+    for (int64_t t0 = 0; t0 < sc.T; t0 += tl.L) {
+      const int64_t n = sc.T - t0 < tl.L ? sc.T - t0 : tl.L;
+      for (int64_t e = threadIdx.x; e < n * sc.S; e += blockDim.x) {
+        int64_t j, s, p, q;
+        tile_element(sc, tl, b, t0, n, e, j, s, p, q);
+        th[q] = x[p];
+        stage_gates<T, kThree>(g1, g2, g3, tg1, tg2, tg3, p, q);
+      }
+      __syncthreads();
+      for (int64_t j = 0; j < n; ++j) {
+        const T* prev = j ? th + (j - 1) * P : carry;
+        if (t0 + j > 0)  // the first step keeps h = x
+          for (int64_t s = threadIdx.x; s < sc.S; s += blockDim.x) {
+            const int64_t q = j * P + s;
+            T gsum = tg2[q], hsum = tg2[q] * prev[s];
+            if (kThree && s > 0) { gsum += tg1[q]; hsum += tg1[q] * prev[s - 1]; }
+            if (kThree && s + 1 < sc.S) { gsum += tg3[q]; hsum += tg3[q] * prev[s + 1]; }
+            th[q] = (T(1) - gsum) * th[q] + hsum;
+          }
+        __syncthreads();
+      }
+      for (int64_t s = threadIdx.x; s < sc.S; s += blockDim.x) carry[s] = th[(n - 1) * P + s];
+      for (int64_t e = threadIdx.x; e < n * sc.S; e += blockDim.x) {
+        int64_t j, s, p, q;
+        tile_element(sc, tl, b, t0, n, e, j, s, p, q);
+        h[p] = th[q];
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Backward, tiles from the last step: dh (kept over dtop in shared memory) gathers dh * gate of the step after;
+// at a tile's edge those products come from `carry`. dx and the gate gradients are written as the tile is stored.
+template <typename T, bool kThree>
+__global__ void spn_bwd_scan(const T* x, const T* g1, const T* g2, const T* g3, const T* h, const T* dtop, T* dx,
+                             T* dg1, T* dg2, T* dg3, int64_t planes, Scan sc, Tile tl) {
+  CL_DYNAMIC_SHARED(T, smem);
+  const int64_t P = tl.pitch, size = tl.L * P;
+  T* td = smem;  // dtop, overwritten by dh
+  T* tx = td + size;
+  T* tp = tx + size;  // h of the step before each step
+  T* tg2 = tp + size;
+  T* tg1 = tg2 + size;  // kThree only, as tg3, c1 and c3
+  T* tg3 = tg1 + size;
+  T* c2 = kThree ? tg3 + size : tg1;  // dh * g2 of the step after the tile, by line
+  T* c1 = c2 + P;
+  T* c3 = c1 + P;
+  for (int64_t plane = blockIdx.x; plane < planes; plane += gridDim.x) {
+    const int64_t b = plane * sc.H * sc.W;
+    for (int64_t t0 = (sc.T - 1) / tl.L * tl.L; t0 >= 0; t0 -= tl.L) {
+      const int64_t n = sc.T - t0 < tl.L ? sc.T - t0 : tl.L;
+      for (int64_t e = threadIdx.x; e < n * sc.S; e += blockDim.x) {
+        int64_t j, s, p, q;
+        tile_element(sc, tl, b, t0, n, e, j, s, p, q);
+        td[q] = dtop[p];
+        tx[q] = x[p];
+        stage_gates<T, kThree>(g1, g2, g3, tg1, tg2, tg3, p, q);
+        tp[q] = t0 + j > 0 ? h[b + sc.at(t0 + j - 1, s)] : T(0);
+      }
+      __syncthreads();
+      for (int64_t j = n - 1; j >= 0; --j) {
+        if (t0 + j + 1 < sc.T)
+          for (int64_t s = threadIdx.x; s < sc.S; s += blockDim.x) {
+            const int64_t q = j * P + s, r = q + P;  // r: the same line one step later
+            T d = td[q];
+            if (j + 1 < n) {
+              if (kThree && s > 0) d += td[r - 1] * tg3[r - 1];
+              d += td[r] * tg2[r];
+              if (kThree && s + 1 < sc.S) d += td[r + 1] * tg1[r + 1];
+            } else {
+              if (kThree && s > 0) d += c3[s - 1];
+              d += c2[s];
+              if (kThree && s + 1 < sc.S) d += c1[s + 1];
+            }
+            td[q] = d;
+          }
+        __syncthreads();
+      }
+      for (int64_t s = threadIdx.x; s < sc.S; s += blockDim.x) {
+        c2[s] = td[s] * tg2[s];
+        if (kThree) {
+          c1[s] = td[s] * tg1[s];
+          c3[s] = td[s] * tg3[s];
+        }
+      }
+      for (int64_t e = threadIdx.x; e < n * sc.S; e += blockDim.x) {
+        int64_t j, s, p, q;
+        tile_element(sc, tl, b, t0, n, e, j, s, p, q);
+        const T d = td[q], xv = tx[q];
+        T gsum = 0, d1 = 0, d2 = 0, d3 = 0;
+        if (t0 + j > 0) {
+          d2 = d * (tp[q] - xv);
+          gsum = tg2[q];
+          if (kThree && s > 0) { gsum += tg1[q]; d1 = d * (tp[q - 1] - xv); }
+          if (kThree && s + 1 < sc.S) { gsum += tg3[q]; d3 = d * (tp[q + 1] - xv); }
+        }
+        dx[p] = (T(1) - gsum) * d;
+        dg2[p] = d2;
+        if (kThree) {
+          dg1[p] = d1;
+          dg3[p] = d3;
+        }
+      }
+      __syncthreads();
+    }
   }
 }
 
@@ -302,21 +476,30 @@ __global__ void normfilter_gsoft(const T* x, const T* w, const T* gy, T* gsoft, 
   }
 }
 
+// One block per weight: its threads take the N x Ho x Wo positions in turn (coalesced), then a tree reduction in
+// shared memory (a fixed order: deterministic). Needs a power-of-two block of at most kSyncThreads.
 template <typename T>
 __global__ void normfilter_gw(const T* x, const T* soft, const T* gy, T* gw, Geom g, Groups q) {
+  __shared__ T partial[kSyncThreads];
   const int64_t K = g.K(), P = g.Ho * g.Wo;
-  CL_GRID_LOOP(idx, q.O * q.Cg * K) {
+  for (int64_t idx = blockIdx.x; idx < q.O * q.Cg * K; idx += gridDim.x) {
     const int64_t k = idx % K, cc = (idx / K) % q.Cg, o = idx / (K * q.Cg);
+    const int64_t dh = (k / g.kw) * g.dh - g.ph, dw = (k % g.kw) * g.dw - g.pw;
     T acc = 0;
-    for (int64_t n = 0; n < g.N; ++n) {
-      const T* xc = x + (n * g.C + (o / q.Og) * q.Cg + cc) * g.H * g.W;
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t oh = p / g.Wo, ow = p % g.Wo;
-        const int64_t hh = oh * g.sh - g.ph + (k / g.kw) * g.dh, ww = ow * g.sw - g.pw + (k % g.kw) * g.dw;
-        if (in(hh, g.H) && in(ww, g.W)) acc += gy[(n * q.O + o) * P + p] * (xc[hh * g.W + ww] * soft[(n * K + k) * P + p]);
-      }
+    for (int64_t np = threadIdx.x; np < g.N * P; np += blockDim.x) {
+      const int64_t n = np / P, p = np % P, hh = (p / g.Wo) * g.sh + dh, ww = (p % g.Wo) * g.sw + dw;
+      if (in(hh, g.H) && in(ww, g.W))
+        acc += gy[(n * q.O + o) * P + p] *
+               (x[((n * g.C + (o / q.Og) * q.Cg + cc) * g.H + hh) * g.W + ww] * soft[(n * K + k) * P + p]);
     }
-    gw[idx] = acc;
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
+      if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) gw[idx] = partial[0];
+    __syncthreads();  // partial[0] is read before the next weight's sums overwrite it
   }
 }
 #undef CL_GRID_LOOP
@@ -327,6 +510,9 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 inline cudaStream_t stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
 inline int grid(int64_t n) { return n > 0 ? (blocks(n) < 65535 ? blocks(n) : 65535) : 1; }
+
+// Blocks for one block per item (the kernels loop when there are more items than blocks).
+inline int per_item(int64_t n) { return static_cast<int>(n < 65535 ? (n > 0 ? n : 1) : 65535); }
 
 template <typename T>
 void im2dist_forward_t(uintptr_t x, uintptr_t y, const Geom& g, bool l1, bool rc, bool rb, double big, uintptr_t s) {
@@ -349,14 +535,42 @@ void im2parity_forward_t(uintptr_t lab, uintptr_t y, const Geom& g, bool has_ign
 
 Scan make_scan(int64_t H, int64_t W, bool hz, bool rv) { return Scan{H, W, hz ? W : H, hz ? H : W, hz, rv}; }
 
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Threads of a scan block: one per line up to kSyncThreads (a whole number of warps).
+int scan_threads(int64_t S) { return static_cast<int>(S < kSyncThreads ? round_up(S, kWarp) : kSyncThreads); }
+
+// The tile for `tiles` staged arrays of L x pitch and `carries` arrays of pitch, in shared_budget(); L = 0: none fits.
+template <typename T>
+Tile scan_tile(const Scan& sc, int tiles, int carries) {
+  const int64_t pitch = sc.S | 1, room = shared_budget() / int64_t(sizeof(T)) - carries * pitch;
+  int64_t L = room > 0 ? room / (tiles * pitch) : 0;
+  L = L < 32 ? L : 32;
+  return Tile{L < sc.T ? L : sc.T, pitch};
+}
+
+template <typename T>
+int64_t tile_bytes(const Tile& tl, int tiles, int carries) {
+  return int64_t(sizeof(T)) * (tiles * tl.L + carries) * tl.pitch;
+}
+
 template <typename T>
 void spn_forward_t(uintptr_t x, uintptr_t g1, uintptr_t g2, uintptr_t g3, uintptr_t h, int64_t planes, int64_t H,
                    int64_t W, bool hz, bool rv, uintptr_t s) {
   if (planes * H * W == 0) return;  // nothing to scan (and a launch of 0 blocks is an invalid configuration)
   const Scan sc = make_scan(H, W, hz, rv);
-  for (int64_t t = 0; t < sc.T; ++t)
-    LAUNCH(spn_fwd_step<T>, blocks(planes * sc.S), stream(s), ptr<T>(x), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3),
-           ptr<T>(h), planes, sc, t);
+  const bool three = g1 != 0;
+  const int tiles = three ? 4 : 2;
+  const Tile tl = scan_tile<T>(sc, tiles, 1);
+  if (tl.L > 0) {
+    auto kernel = three ? spn_fwd_scan<T, true> : spn_fwd_scan<T, false>;
+    LAUNCH_SYNC(kernel, per_item(planes), scan_threads(sc.S), tile_bytes<T>(tl, tiles, 1), stream(s), ptr<T>(x), ptr<T>(g1),
+                ptr<T>(g2), ptr<T>(g3), ptr<T>(h), planes, sc, tl);
+  } else {
+    for (int64_t t = 0; t < sc.T; ++t)
+      LAUNCH(spn_fwd_step<T>, blocks(planes * sc.S), stream(s), ptr<T>(x), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3),
+             ptr<T>(h), planes, sc, t);
+  }
   check("spn_forward");
 }
 
@@ -366,11 +580,21 @@ void spn_backward_t(uintptr_t x, uintptr_t g1, uintptr_t g2, uintptr_t g3, uintp
                     uintptr_t s) {
   if (planes * H * W == 0) return;  // as in spn_forward_t
   const Scan sc = make_scan(H, W, hz, rv);
-  for (int64_t t = sc.T - 1; t >= 0; --t)
-    LAUNCH(spn_bwd_step<T>, blocks(planes * sc.S), stream(s),
-           ptr<T>(x), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3), ptr<T>(h), ptr<T>(dtop), ptr<T>(dx), ptr<T>(dg1), ptr<T>(dg2),
-           ptr<T>(dg3), planes, sc, t);
-  LAUNCH(spn_dx<T>, grid(planes * H * W), stream(s), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3), ptr<T>(dx), planes, sc);
+  const bool three = g1 != 0;
+  const int tiles = three ? 6 : 4, carries = three ? 3 : 1;
+  const Tile tl = scan_tile<T>(sc, tiles, carries);
+  if (tl.L > 0) {
+    auto kernel = three ? spn_bwd_scan<T, true> : spn_bwd_scan<T, false>;
+    LAUNCH_SYNC(kernel, per_item(planes), scan_threads(sc.S), tile_bytes<T>(tl, tiles, carries), stream(s), ptr<T>(x),
+                ptr<T>(g1), ptr<T>(g2), ptr<T>(g3), ptr<T>(h), ptr<T>(dtop), ptr<T>(dx), ptr<T>(dg1), ptr<T>(dg2),
+                ptr<T>(dg3), planes, sc, tl);
+  } else {
+    for (int64_t t = sc.T - 1; t >= 0; --t)
+      LAUNCH(spn_bwd_step<T>, blocks(planes * sc.S), stream(s),
+             ptr<T>(x), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3), ptr<T>(h), ptr<T>(dtop), ptr<T>(dx), ptr<T>(dg1), ptr<T>(dg2),
+             ptr<T>(dg3), planes, sc, t);
+    LAUNCH(spn_dx<T>, grid(planes * H * W), stream(s), ptr<T>(g1), ptr<T>(g2), ptr<T>(g3), ptr<T>(dx), planes, sc);
+  }
   check("spn_backward");
 }
 
@@ -410,7 +634,8 @@ void normfilter_backward_t(uintptr_t x, uintptr_t soft, uintptr_t w, uintptr_t g
     LAUNCH(normfilter_gsoft<T>, grid(g.N * g.K() * g.Ho * g.Wo), stream(s), ptr<T>(x), ptr<T>(w), ptr<T>(gy),
            ptr<T>(gsoft), g, q);
   if (gw)
-    LAUNCH(normfilter_gw<T>, grid(q.O * q.Cg * g.K()), stream(s), ptr<T>(x), ptr<T>(soft), ptr<T>(gy), ptr<T>(gw), g, q);
+    LAUNCH_SYNC(normfilter_gw<T>, per_item(q.O * q.Cg * g.K()), kSyncThreads, 0, stream(s), ptr<T>(x), ptr<T>(soft),
+                ptr<T>(gy), ptr<T>(gw), g, q);
   check("normfilter_backward");
 }
 

@@ -124,3 +124,14 @@ def gradcheck_layer(layer_text, bottom_shapes, phase=TEST, inputs=None, grad_inp
 
     assert torch.autograd.gradcheck(fn, tuple(inputs) + tuple(values), **gradcheck_kwargs)
     return layer
+
+
+class OnStreamZero:
+    """A CUDA-kernel module called like the CPU one: the stream argument (unused by the emulation) added."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __getattr__(self, name):
+        kernel = getattr(self.module, name)
+        return lambda *args: kernel(*args, 0)

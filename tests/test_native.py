@@ -7,7 +7,7 @@ import torch
 
 from caffe_layers import native
 from caffe_layers.native import im2dist, im2parity, segaware_conv, gate_recurrent
-from golden import FLT_MAX_100
+from golden import FLT_MAX_100, OnStreamZero
 
 pytestmark = pytest.mark.skipif(not native.available("cpu"), reason="unreachable: the CPU module is always built")
 
@@ -18,49 +18,11 @@ DEVICES = ["cpu", pytest.param("cpu", id="cuda-emulated", marks=pytest.mark.cuda
                not (torch.cuda.is_available() and native.available("cuda")), reason="needs a GPU and the CUDA module"))]
 
 
-@pytest.fixture(scope="session")
-def emulated_cuda(tmp_path_factory):
-    """cuda/native_cuda.cu compiled by the host C++ compiler with cuda/cuda_emulation.h: each launch runs
-    its grid's threads one after another (no races, no device limits beyond the launch shape)."""
-    import importlib.util
-    import shutil
-    import subprocess
-    import sysconfig
-    from pathlib import Path
-
-    import pybind11
-
-    cxx = shutil.which(os.environ.get("CXX", "c++"))
-    assert cxx is not None, "no C++ compiler (CXX or c++) to build the emulated CUDA kernels"
-    src = Path(__file__).resolve().parents[1] / "cuda"
-    out = tmp_path_factory.mktemp("cuda_emulation") / "_native_cuda.so"
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-DCL_CUDA_HOST_EMULATION", f"-I{src}",
-           f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", "-x", "c++",
-           str(src / "native_cuda.cu"), str(src / "bind_cuda.cpp"), "-o", str(out)]
-    built = subprocess.run(cmd, capture_output=True, text=True)
-    assert built.returncode == 0, f"building the emulated CUDA kernels failed:\n{built.stderr[-3000:]}"
-    spec = importlib.util.spec_from_file_location("_native_cuda", out)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-class _OnStreamZero:
-    """A CUDA-kernel module called like the CPU one: the stream argument (unused by the emulation) added."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __getattr__(self, name):
-        kernel = getattr(self.module, name)
-        return lambda *args: kernel(*args, 0)
-
-
 @pytest.fixture(autouse=True)
 def _emulated_cuda_for_marked_tests(request, monkeypatch):
     if request.node.get_closest_marker("cuda_emulated"):
         native.available("cpu")
-        monkeypatch.setitem(native._modules, "cpu", _OnStreamZero(request.getfixturevalue("emulated_cuda")))
+        monkeypatch.setitem(native._modules, "cpu", OnStreamZero(request.getfixturevalue("emulated_cuda")))
 
 # (N, C, H, W), kernel, pad, stride, dilation: odd sizes, stride, dilation, padding past the image, batch > 1
 GEOMETRIES = [
@@ -245,6 +207,29 @@ def test_scan_float32():
     with native.disabled():
         ref = gate_recurrent(x, *gates)
     torch.testing.assert_close(native.gate_recurrent(x, *gates), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda_emulated
+@pytest.mark.parametrize("shared_bytes", [None, "5000", "64"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_emulated_cuda_scan_tiles_and_fallback(direction, shared_bytes, monkeypatch):
+    """The one-launch CUDA scans stage tiles of steps in shared memory: lines outnumbering the block's threads,
+    many tiles with a partial last one (a 5000-byte budget: tiles of 1 to 3 steps), and the per-step kernels
+    where not even one step fits (64 bytes)."""
+    if shared_bytes:
+        monkeypatch.setenv("CL_EMULATED_SHARED_BYTES", shared_bytes)
+    shape = (2, 1, 37, 45)
+    x, gates = _rand(shape, 4), [0.3 * _rand(shape, 5 + i) for i in range(3)]
+    for dtype in (torch.float64, torch.float32):
+        ins = [t.to(dtype) for t in (x, *gates)]
+        for fn in (lambda *t: gate_recurrent(t[0], *t[1:], *direction),
+                   lambda *t: gate_recurrent(t[0], t[1], None, None, *direction, connection="one")):
+            (y, grads), (ry, rgrads) = _both(fn, *ins)
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            _close(y, ry, "forward", tol)
+            for i, (a, b) in enumerate(zip(grads, rgrads)):
+                if b is not None:
+                    _close(a, b, f"grad {i}", tol)
 
 
 # ---- segmentation-aware convolution ----------------------------------------------------------------

@@ -103,3 +103,51 @@ def test_train_level_and_stage_set_the_train_nets_state(files, caplog):
     with caplog.at_level(logging.INFO):
         assert main(common) == 0  # level 0: the rule's min_level 1 excludes the layer
     assert "loss2" not in caplog.text
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("0,1", "--gpu 0,1: no CUDA device is available to torch (data-parallel training on NCCL needs one GPU per "
+            "process); set CAFFE_LAYERS_CPU_FALLBACK=1 to run on the CPU instead"),
+    ("all", "--gpu all: no CUDA device is available to torch (data-parallel training on NCCL needs one GPU per "
+            "process); set CAFFE_LAYERS_CPU_FALLBACK=1 to run on the CPU instead"),
+    ("0", "--gpu 0: no CUDA device is available to torch; set CAFFE_LAYERS_CPU_FALLBACK=1 to run on the CPU instead"),
+    ("0,0", "--gpu 0,0: GPU 0 named twice; data-parallel training runs one NCCL process per GPU (NCCL refuses two "
+            "ranks on one device)")])
+def test_gpu_request_without_a_gpu_refuses_in_one_line(files, monkeypatch, spec, expected):
+    """Asking for NCCL data-parallel training (several GPUs) where torch sees none, or one GPU twice, stops
+    before any process starts, with one line naming the request."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CAFFE_LAYERS_CPU_FALLBACK", raising=False)
+    args = ["train", "--solver", str(files / "solver.prototxt"), "--set", "ITERS=2",
+            "--set", f"LIST={files / 'list.txt'}", "--no-progress", "--gpu", spec]
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert str(err.value) == expected
+
+
+def test_a_backend_refusing_its_setup_stops_in_one_line(monkeypatch):
+    """NCCL refuses two ranks on one GPU at its first collective: start_group makes that one line naming the
+    rank and the device (here gloo, one rank, and a refusing all_reduce stand in for it)."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from caffe_layers.tools.train import start_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def refuse(*args, **kwargs):
+        raise dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp, invalid usage\nLast error:\n"
+                                    "Duplicate GPU detected : rank 0 and rank 1 both on CUDA device 1000")
+
+    monkeypatch.setattr(dist, "all_reduce", refuse)
+    with pytest.raises(SystemExit) as err:
+        start_group("gloo", torch.device("cpu"), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    assert str(err.value) == ("rank 0: torch.distributed (gloo) refused to start on cpu: Duplicate GPU detected : "
+                              "rank 0 and rank 1 both on CUDA device 1000")
+    assert not dist.is_initialized()

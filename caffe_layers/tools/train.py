@@ -51,22 +51,31 @@ CPU_FALLBACK = "CAFFE_LAYERS_CPU_FALLBACK"  # =1: a GPU request on a machine wit
 
 
 def gpu_ids(spec, source=None):
-    """The GPU ids `spec` names ('0,1' or 'all'); `source` says where it came from (default: --gpu)."""
+    """The GPU ids `spec` names ('0,1' or 'all'); `source` says where it came from (default: --gpu). One clear
+    line (SystemExit) where they cannot run: no GPU, an unknown id, or an id named twice (NCCL runs one rank
+    per device and refuses two ranks on one GPU)."""
     if spec is None:
         return []
     source = source or f"--gpu {spec}"
+    ids = None
+    if spec != "all":
+        try:
+            ids = [int(s) for s in spec.split(",") if s.strip()]
+        except ValueError:
+            raise SystemExit(f"--gpu expects comma separated ids or 'all', got {spec!r}") from None
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise SystemExit(f"{source}: GPU {', '.join(map(str, twice))} named twice; data-parallel training "
+                             f"runs one NCCL process per GPU (NCCL refuses two ranks on one device)")
     if not torch.cuda.is_available():
         if os.environ.get(CPU_FALLBACK) == "1":
             log.warning("%s: no CUDA device is available to torch; running on the CPU (%s=1)", source, CPU_FALLBACK)
             return []
-        raise SystemExit(f"{source}: no CUDA device is available to torch; set {CPU_FALLBACK}=1 to run on "
+        what = " (data-parallel training on NCCL needs one GPU per process)" if ids is None or len(ids) > 1 else ""
+        raise SystemExit(f"{source}: no CUDA device is available to torch{what}; set {CPU_FALLBACK}=1 to run on "
                          f"the CPU instead")
-    if spec == "all":
+    if ids is None:
         return list(range(torch.cuda.device_count()))
-    try:
-        ids = [int(s) for s in spec.split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"--gpu expects comma separated ids or 'all', got {spec!r}") from None
     bad = [i for i in ids if not 0 <= i < torch.cuda.device_count()]
     if bad:
         raise SystemExit(f"--gpu: no device {bad}; this machine has {torch.cuda.device_count()}")
@@ -111,7 +120,14 @@ def run(args):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.start_processes(_gpu_worker, args=(args, ids, port), nprocs=len(ids), join=True, start_method="spawn")
+        try:
+            mp.start_processes(_gpu_worker, args=(args, ids, port), nprocs=len(ids), join=True, start_method="spawn")
+        except mp.ProcessRaisedException as err:  # one line, not the child's traceback
+            last = [line for line in str(err).splitlines() if line.strip()][-1].strip()
+            raise SystemExit(f"--gpu {args.gpu}: training process {err.error_index} failed: {last}") from None
+        except mp.ProcessExitedException as err:
+            raise SystemExit(f"--gpu {args.gpu}: training process {err.error_index} exited with status "
+                             f"{err.exit_code}") from None
         return 0
     device = torch.device("cuda", ids[0]) if ids else None
     return train(args, device)
@@ -120,11 +136,26 @@ def run(args):
 def _gpu_worker(rank, args, ids, port):
     setup_logging()
     torch.cuda.set_device(ids[rank])
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(ids))
+    start_group("nccl", torch.device("cuda", ids[rank]), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                world_size=len(ids))
     try:
         train(args, torch.device("cuda", ids[rank]))
     finally:
         dist.destroy_process_group()
+
+
+def start_group(backend, device, **kwargs):
+    """init_process_group, then one all_reduce so that a backend refusing this setup (NCCL: two ranks on one
+    GPU) stops here, in one line naming the rank, instead of a traceback at the first gradient."""
+    dist.init_process_group(backend, **kwargs)
+    rank = dist.get_rank()
+    try:
+        dist.all_reduce(torch.ones(1, device=device))
+    except (RuntimeError, ValueError) as err:  # DistBackendError is a RuntimeError
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        dist.destroy_process_group()
+        raise SystemExit(f"rank {rank}: torch.distributed ({backend}) refused to start on {device}: "
+                         f"{lines[-1] if lines else type(err).__name__}") from None
 
 
 def train(args, device=None):
@@ -139,7 +170,7 @@ def train(args, device=None):
             local = int(os.environ.get("LOCAL_RANK", 0))
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)
-        dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo")
+        start_group("nccl" if device is not None and device.type == "cuda" else "gloo", device or torch.device("cpu"))
         own_group = True
     if device is not None and device.type == "cuda":
         mode.set_mode_gpu()

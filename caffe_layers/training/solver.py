@@ -239,7 +239,7 @@ class Solver:
         request = self.action()
         if self.world > 1:  # every rank must act on a signal that reached any of them
             codes = {None: 0, "snapshot": 1, "stop": 2}
-            t = torch.tensor([codes[request]])
+            t = torch.tensor([codes[request]], device=self.net.device)  # NCCL reduces device tensors only
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             request = {0: None, 1: "snapshot", 2: "stop"}[int(t)]
         return request
