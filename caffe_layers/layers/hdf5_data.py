@@ -8,6 +8,8 @@ from caffe_layers.layers import register
 
 @register("HDF5Data")
 class HDF5Data(DataLayer):
+    prefetch = 0  # Caffe's HDF5DataLayer reads in Forward (no prefetch thread: a small net's GIL handoffs cost more)
+
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         p = param.hdf5_data_param
