@@ -171,8 +171,9 @@ class Net(nn.Module):
         self._need_backward, self._bottom_needs = need_backward(self.plan)
         self._rewritten_later = rewritten_later(self.steps)
         self._fused_indexed, self._fused_blobs = fused_layout(self.steps, self.fused_steps)
-        where = self._step_index = {id(s.layer): i for i, s in enumerate(self.steps)}  # a fused step's x and
-        self._fused_downs = {i: [self._bottom_needs[where[id(s.layer.im2col)]][0],  # mask need diffs as its Im2col and Tile's
+        where = self._step_index = {id(s.layer): i for i, s in enumerate(self.steps)}
+        # a fused step's x and mask need diffs as its Im2col and Tile's
+        self._fused_downs = {i: [self._bottom_needs[where[id(s.layer.im2col)]][0],
                                  self._bottom_needs[where[id(s.layer.tile)]][0]]
                              for i, s in self._fused_indexed if s is not self.steps[i]}
         loaded = self.copy_from(weights, strict=strict_weights).loaded if weights is not None else ()
@@ -217,9 +218,7 @@ class Net(nn.Module):
         return values
 
     def _top_weights(self):
-        """(top, loss weight) for every step's tops, in step order (a top written in place repeats)."""
-        for step in self.steps:
-            yield from zip(step.tops, step.loss_weights)
+        return self.plan.top_weights()
 
     @property
     def top_loss_weights(self):
@@ -271,8 +270,8 @@ class Net(nn.Module):
         wanted = list(self.outputs if last == len(self.steps) else self.steps[last - 1].tops)
         return wanted + [b for b in (blobs or []) if b not in wanted]
 
-    def _forward_step(self, index, step, store=True):
-        """Run one step on the stored bottoms and write its tops into the stored blobs (unless not `store`).
+    def _forward_step(self, index, step, write_tops=True):
+        """Run one step on the stored bottoms and write its tops into the stored blobs (if `write_tops`).
         Where Caffe would backpropagate through the layer, its autograd graph is kept:
         (index, step, [(bottom, leaf)], tops)."""
         need = self._need_backward[index]
@@ -287,7 +286,7 @@ class Net(nn.Module):
                                                                                         value.is_floating_point())
                 leaves.append((name, value))
             bottoms.append(value)
-        replaying = getattr(step.layer, "replaying", None) if not store else None  # a Python layer's tops
+        replaying = None if write_tops else getattr(step.layer, "replaying", None)  # a Python layer's tops
         with torch.set_grad_enabled(need), (replaying([self._blob_data(t) for t in step.tops]) if replaying
                                             else contextlib.nullcontext()):
             tops = step.layer(*bottoms)
@@ -296,7 +295,7 @@ class Net(nn.Module):
         if len(tops) != len(step.tops):
             raise RuntimeError(f"layer {step.layer.name!r} returned {len(tops)} tops, expected {len(step.tops)}")
         with torch.no_grad():
-            for name, value in zip(step.tops, tops if store else ()):
+            for name, value in zip(step.tops, tops if write_tops else ()):
                 store = self._data.get(name)
                 if store is not None and store.shape == value.shape and store.dtype == value.dtype:
                     if store.data_ptr() != value.data_ptr():
@@ -358,7 +357,7 @@ class Net(nn.Module):
                                                                  step.layer.eltwise))
         for index in range(lo, hi + 1):
             if index not in covered and self._need_backward[index]:
-                self._graphs[index] = self._forward_step(index, self.steps[index], store=False)
+                self._graphs[index] = self._forward_step(index, self.steps[index], write_tops=False)
 
     def store_values(self, values):
         """Write tensors {blob: value} (a run's result) into the persistent blobs, as a pycaffe forward would."""
@@ -429,17 +428,22 @@ class Net(nn.Module):
         self.reshape()
 
     def reshape(self):
-        """Infer every blob shape again from the current input shapes (the layers' graphs are dropped)."""
-        self._graphs = {}
-        for step in self.steps:
-            if step.layer.param.type == "Input" and not step.bottoms:
+        """Infer the blob shapes again from the current input shapes: only the layers whose bottom shapes
+        changed since they were last inferred; a blob whose shape changes gets new storage."""
+        seen = self.__dict__.setdefault("_inferred_from", {})
+        for i, step in enumerate(self.steps):
+            if not step.bottoms:
                 continue
-            shapes = step.layer.top_shapes([self.blob_shapes[b] for b in step.bottoms])
-            for name, shape in zip(step.tops, shapes):
+            bottom_shapes = [self.blob_shapes[b] for b in step.bottoms]
+            if seen.get(i) == bottom_shapes:
+                continue
+            seen[i] = bottom_shapes
+            for name, shape in zip(step.tops, step.layer.top_shapes(bottom_shapes)):
                 if self.blob_shapes.get(name) != tuple(shape) and name not in step.bottoms:
                     self._data.pop(name, None)
                     self._diff.pop(name, None)
                 self.blob_shapes[name] = tuple(shape)
+        self._graphs = {}
 
     @property
     def blobs(self):
@@ -465,15 +469,11 @@ class Net(nn.Module):
 
     @property
     def inputs(self):
-        return [t for s in self.steps if s.layer.param.type == "Input" and not s.bottoms for t in s.tops]
+        return self.plan.inputs
 
     @property
     def outputs(self):
-        available = []
-        for step in self.steps:
-            available = [b for b in available if b not in step.bottoms]
-            available += [t for t in step.tops if t not in available]
-        return available
+        return self.plan.outputs
 
     @property
     def top_names(self):
