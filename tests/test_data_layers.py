@@ -100,6 +100,7 @@ def test_hdf5_data_cycles_files_and_checks(tmp_path):
                        [], dtype=torch.float32)
     firsts = [float(layer()[0, 0]) for _ in range(4)]
     assert firsts == [0, 4, 102, 0]  # batches: rows 0-1 | row 2 of file 0, row 0 of file 1 | 1-2 | 0-1
+    assert layer._prefetch.thread is None  # Caffe's HDF5DataLayer reads in Forward: no prefetch thread
     with pytest.raises(ValueError, match="layer 'L'.*datasets \\['y'\\] missing"):
         make_layer(f'type: "HDF5Data" top: "x" top: "y" hdf5_data_param {{ source: "{tmp_path}/l.txt" '
                    f'batch_size: 2 }}', [])

@@ -110,3 +110,39 @@ def test_layer_views():
     assert weight.shape == (4, 3) and weight.count == 12 and weight.num == 4 and weight.channels == 3
     assert np.shares_memory(weight.data, net.params["ip"][0].data)
     assert net.blobs["ip"].num == 2 and net.blobs["ip"].channels == 4
+
+
+def test_backward_without_forward_uses_the_current_blobs():
+    net = make(force=True, loss=False)
+    feed(net)
+    net.blobs["out"].diff[...] = 1
+    grads = net.backward(start="ip2", end="ip2")  # no forward ever: ip2's Backward on the stored blobs
+    assert list(grads) == ["ip"]  # pycaffe returns the bottoms of `end`
+    np.testing.assert_allclose(grads["ip"], np.ones((2, 4)) @ net.params["ip2"][0].data, rtol=1e-5)
+    assert not net.blobs["out"].data.any()  # the stored top is not recomputed
+    np.testing.assert_allclose(net.params["ip2"][1].diff, [2] * 4)
+    net.blobs["data"].reshape(5, 3)  # a reshape drops the graphs: the next backward works at the new shape
+    net.blobs["out"].diff[...] = 1
+    assert net.backward()["data"].shape == (5, 3)
+
+
+def test_pycaffe_constructor_forms_and_hdf5(tmp_path):
+    net = make()
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(NET.format(force="", loss=LOSS))
+    binary, h5 = str(tmp_path / "w.caffemodel"), str(tmp_path / "weights")  # save_hdf5 needs no suffix
+    net.save(binary)
+    net.save_hdf5(h5)
+    with open(h5, "rb") as f:
+        assert f.read(8) == b"\x89HDF\r\n\x1a\n"
+    forms = [caffe.Net(str(proto), caffe.TRAIN, weights=binary), caffe.Net(str(proto), binary, caffe.TRAIN),
+             caffe.Net(str(proto), weights=binary, phase=caffe.TRAIN)]
+    loaded = caffe.Net(str(proto), caffe.TRAIN)
+    loaded.load_hdf5(h5)
+    for other in forms + [loaded]:
+        assert other.phase == caffe.TRAIN
+        for name in net.params:
+            for mine, theirs in zip(net.params[name], other.params[name]):
+                assert np.array_equal(mine.data, theirs.data)
+    with pytest.raises(TypeError, match="at most"):
+        caffe.Net(str(proto), binary, caffe.TRAIN, None, 1)

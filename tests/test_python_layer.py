@@ -70,6 +70,26 @@ LAYERS = textwrap.dedent('''
 
         def backward(self, top, propagate_down, bottom):
             pass
+
+    class Failing(caffe.Layer):
+        def setup(self, bottom, top):
+            raise KeyError("no such thing")
+
+    class Bias(caffe.Layer):
+        """top = bottom + b, b a learnable blob of the layer (pycaffe's self.blobs.add_blob)."""
+        def setup(self, bottom, top):
+            self.blobs.add_blob(bottom[0].channels)
+            self.blobs[0].data[...] = 0.5
+
+        def reshape(self, bottom, top):
+            top[0].reshape(*bottom[0].data.shape)
+
+        def forward(self, bottom, top):
+            top[0].data[...] = bottom[0].data + self.blobs[0].data
+
+        def backward(self, top, propagate_down, bottom):
+            self.blobs[0].diff[...] += top[0].diff.sum(axis=0)
+            bottom[0].diff[...] = top[0].diff
 ''')
 
 
@@ -154,7 +174,7 @@ def test_gradcheck_through_python_layer(model_dir):
 def test_errors(model_dir):
     path = write_net(model_dir, 'layer { name: "p" type: "Python" bottom: "x" top: "z" '
                                 'python_param { module: "no_such_module_here" layer: "X" } }')
-    with pytest.raises(ValueError, match="'p'.*cannot import python_param.module 'no_such_module_here'"):
+    with pytest.raises(ImportError, match="'p'.*cannot import python_param.module 'no_such_module_here'"):
         caffe.Net(path, caffe.TEST)
     path = write_net(model_dir, 'layer { name: "p" type: "Python" bottom: "x" top: "z" '
                                 'python_param { module: "my_py_layers" layer: "Missing" } }')
@@ -162,5 +182,61 @@ def test_errors(model_dir):
         caffe.Net(path, caffe.TEST)
     path = write_net(model_dir, 'layer { name: "p" type: "Python" bottom: "x" bottom: "y" top: "z" '
                                 'python_param { module: "my_py_layers" layer: "Scale" } }')
-    with pytest.raises(ValueError, match="'p'.*Scale needs one bottom"):
+    with pytest.raises(Exception, match="'p'.*Scale needs one bottom") as raised:
         caffe.Net(path, caffe.TEST)
+    assert raised.type is Exception  # the user's exception type goes through, as in Caffe
+
+
+def test_user_exception_type_goes_through(model_dir):
+    path = write_net(model_dir, 'layer { name: "p" type: "Python" bottom: "x" top: "z" '
+                                'python_param { module: "my_py_layers" layer: "Failing" } }')
+    with pytest.raises(KeyError, match="layer 'p' .*no such thing"):
+        caffe.Net(path, caffe.TEST)
+
+
+def test_backward_without_forward_runs_each_layer(model_dir):
+    path = write_net(model_dir, '''
+layer { name: "a" type: "Python" bottom: "x" top: "ax" python_param { module: "my_py_layers" layer: "Scale" param_str: "2" } }
+layer { name: "b" type: "Python" bottom: "ax" top: "bx" python_param { module: "my_py_layers" layer: "Scale" param_str: "5" } }
+''')
+    net = caffe.Net(path, caffe.TRAIN)
+    net.blobs["bx"].diff[...] = 3
+    net.blobs["bx"].data[...] = 7  # a top's stored data is not recomputed by backward
+    net.backward()
+    assert (net.blobs["x"].diff == 30).all() and (net.blobs["ax"].diff == 15).all()
+    assert (net.blobs["bx"].data == 7).all()
+    assert net.layer_dict["a"].module.py.calls == ["setup", ("backward", [True])]  # no forward, as in Caffe
+    net.backward()  # a second one reuses the graphs
+    assert (net.blobs["x"].diff == 30).all()
+
+
+def test_python_layer_parameters(model_dir):
+    path = write_net(model_dir, '''
+layer { name: "bias" type: "Python" bottom: "x" top: "bx" python_param { module: "my_py_layers" layer: "Bias" } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "bx" bottom: "y" top: "loss" }
+''')
+    net = caffe.Net(path, caffe.TRAIN)
+    assert list(net.params) == ["bias"] and net.params["bias"][0].shape == (3,)
+    assert (net.params["bias"][0].data == 0.5).all()  # the setup's values, not refilled by the net
+    x = np.arange(6.0).reshape(2, 3)
+    net.forward(x=x, y=np.zeros((2, 3)))
+    assert np.allclose(net.blobs["bx"].data, x + 0.5)
+    net.backward()
+    expected = (x + 0.5).sum(axis=0) / 2  # EuclideanLoss: diff / num, summed over the batch by Bias
+    assert np.allclose(net.params["bias"][0].diff, expected)
+    layer = net.layers[list(net._layer_names).index("bias")]
+    assert np.allclose(layer.blobs[0].diff, expected)
+    net.backward()  # the user's backward accumulates into the same diff
+    assert np.allclose(net.params["bias"][0].diff, 2 * expected)
+    net.clear_param_diffs()
+    assert (net.layer_dict["bias"].module.py.blobs[0].diff == 0).all()
+    # weights files and share_with carry them
+    net.params["bias"][0].data[...] = [1, 2, 3]
+    saved = str(model_dir / "w.caffemodel")
+    net.save(saved)
+    other = caffe.Net(path, caffe.TRAIN, weights=saved)
+    assert np.array_equal(other.layer_dict["bias"].module.py.blobs[0].data, [1, 2, 3])
+    third = caffe.Net(path, caffe.TRAIN)
+    third.share_with(net)
+    net.params["bias"][0].data[...] = [4, 5, 6]
+    assert np.array_equal(third.layer_dict["bias"].module.py.blobs[0].data, [4, 5, 6])

@@ -1,4 +1,5 @@
 """A Caffe net as a torch.nn.Module, with the pycaffe interface on top."""
+import contextlib
 from collections import OrderedDict
 
 import numpy as np
@@ -132,11 +133,17 @@ class Net(nn.Module):
     `net.backward()` fills every blob's .diff and the parameter diffs.
     """
 
-    def __init__(self, prototxt, weights=None, phase=TEST, variables=None, *, level=0, stages=(),
+    def __init__(self, prototxt, *args, weights=None, phase=TEST, variables=None, level=0, stages=(),
                  strict_weights=False, fuse=True, keep_blobs=()):
+        """Positional: (prototxt, weights, phase, variables), or pycaffe's (prototxt, phase) with weights,
+        level and stages as keywords."""
         super().__init__()
-        if isinstance(weights, int) and not isinstance(weights, bool):
-            weights, phase = None, weights  # pycaffe's caffe.Net(proto, caffe.TEST, weights=...)
+        if args and isinstance(args[0], int) and not isinstance(args[0], bool):
+            args = (weights,) + args  # pycaffe's caffe.Net(proto, caffe.TEST, weights=...)
+        if len(args) > 3:
+            raise TypeError(f"Net takes at most (prototxt, weights, phase, variables), got {len(args) + 1} "
+                            "positional arguments")
+        weights, phase, variables = args + (weights, phase, variables)[len(args):]
         self.phase = phase_value(phase)
         param = read_net(prototxt, variables)
         state = pb.NetState(phase=self.phase, level=level)
@@ -164,8 +171,9 @@ class Net(nn.Module):
         self._need_backward, self._bottom_needs = need_backward(self.plan)
         self._rewritten_later = rewritten_later(self.steps)
         self._fused_indexed, self._fused_blobs = fused_layout(self.steps, self.fused_steps)
-        where = {id(s.layer): i for i, s in enumerate(self.steps)}  # a fused step's x and mask need diffs
-        self._fused_downs = {i: [self._bottom_needs[where[id(s.layer.im2col)]][0],  # as its Im2col and Tile's
+        where = self._step_index = {id(s.layer): i for i, s in enumerate(self.steps)}
+        # a fused step's x and mask need diffs as its Im2col and Tile's
+        self._fused_downs = {i: [self._bottom_needs[where[id(s.layer.im2col)]][0],
                                  self._bottom_needs[where[id(s.layer.tile)]][0]]
                              for i, s in self._fused_indexed if s is not self.steps[i]}
         loaded = self.copy_from(weights, strict=strict_weights).loaded if weights is not None else ()
@@ -262,9 +270,10 @@ class Net(nn.Module):
         wanted = list(self.outputs if last == len(self.steps) else self.steps[last - 1].tops)
         return wanted + [b for b in (blobs or []) if b not in wanted]
 
-    def _forward_step(self, index, step):
-        """Run one step on the stored bottoms and write its tops into the stored blobs. Where Caffe would
-        backpropagate through the layer, its autograd graph is kept: (index, step, [(bottom, leaf)], tops)."""
+    def _forward_step(self, index, step, write_tops=True):
+        """Run one step on the stored bottoms and write its tops into the stored blobs (if `write_tops`).
+        Where Caffe would backpropagate through the layer, its autograd graph is kept:
+        (index, step, [(bottom, leaf)], tops)."""
         need = self._need_backward[index]
         downs = self._fused_downs[index] if step is not self.steps[index] else self._bottom_needs[index]
         leaves, bottoms = [], []
@@ -277,14 +286,16 @@ class Net(nn.Module):
                                                                                         value.is_floating_point())
                 leaves.append((name, value))
             bottoms.append(value)
-        with torch.set_grad_enabled(need):
+        replaying = None if write_tops else getattr(step.layer, "replaying", None)  # a Python layer's tops
+        with torch.set_grad_enabled(need), (replaying([self._blob_data(t) for t in step.tops]) if replaying
+                                            else contextlib.nullcontext()):
             tops = step.layer(*bottoms)
         if isinstance(tops, torch.Tensor):
             tops = (tops,)
         if len(tops) != len(step.tops):
             raise RuntimeError(f"layer {step.layer.name!r} returned {len(tops)} tops, expected {len(step.tops)}")
         with torch.no_grad():
-            for name, value in zip(step.tops, tops):
+            for name, value in zip(step.tops, tops if write_tops else ()):
                 store = self._data.get(name)
                 if store is not None and store.shape == value.shape and store.dtype == value.dtype:
                     if store.data_ptr() != value.data_ptr():
@@ -299,13 +310,14 @@ class Net(nn.Module):
         """pycaffe's backward: from layer `start` (default the last) down to `end` (default the first), each
         layer Caffe would backpropagate through reads its tops' stored diffs and writes its bottoms' diffs
         (a blob read by several layers gets the sum, as Caffe's Split layers give); parameter diffs
-        accumulate until cleared. Loss tops' diffs hold their loss_weight. Returns the diffs of the inputs and
-        of the blobs named in `diffs`."""
+        accumulate until cleared. Loss tops' diffs hold their loss_weight. Returns the diffs of the inputs (of
+        layer `end`'s bottoms when given) and of the blobs named in `diffs`."""
         for name, diff in top_diffs.items():
             self._blob_diff(name)[...] = torch.as_tensor(np.asarray(diff))
         names = self._layer_names
         hi = names.index(start) if start is not None else len(self.steps) - 1
         lo = names.index(end) if end is not None else 0
+        self._record_missing_graphs(lo, hi)
         written = set()
         for index in sorted(self._graphs, reverse=True):
             _, step, leaves, tops = self._graphs[index]
@@ -330,8 +342,22 @@ class Net(nn.Module):
                     else:
                         diff.copy_(leaf.grad)
                         written.add(name)
-        wanted = list(self.inputs) + [b for b in (diffs or []) if b not in self.inputs]
+        first = list(self.inputs) if end is None else list(self.steps[lo].bottoms)  # as pycaffe: `end`'s bottoms
+        wanted = first + [b for b in (diffs or []) if b not in first]
         return {name: _numpy_view(self._blob_diff(name)) for name in wanted}
+
+    def _record_missing_graphs(self, lo, hi):
+        """Caffe's Backward runs on the current blobs, forward or not: a layer in lo..hi that Caffe would
+        backpropagate through and that has no graph (no forward yet, or a reshape since) gets one from
+        its current bottoms; its stored tops are left as they are."""
+        covered = set(self._graphs)
+        for index, (_, step, _, _) in self._graphs.items():
+            if step is not self.steps[index]:  # a fused seg-aware chain stands for its Im2col, Tile, Eltwise
+                covered.update(self._step_index[id(m)] for m in (step.layer.im2col, step.layer.tile,
+                                                                 step.layer.eltwise))
+        for index in range(lo, hi + 1):
+            if index not in covered and self._need_backward[index]:
+                self._graphs[index] = self._forward_step(index, self.steps[index], write_tops=False)
 
     def store_values(self, values):
         """Write tensors {blob: value} (a run's result) into the persistent blobs, as a pycaffe forward would."""
@@ -487,6 +513,23 @@ class Net(nn.Module):
         from caffe_layers.formats.weights import save_weights
 
         save_weights(self, path)
+
+    def save_hdf5(self, path):
+        """pycaffe's net.save_hdf5: the weights in Caffe's HDF5 layout, whatever the path's suffix."""
+        from caffe_layers.formats.weights import net_layers_for_saving, write_hdf5
+
+        write_hdf5(path, net_layers_for_saving(self, hdf5=True))
+
+    def load_hdf5(self, path):
+        """pycaffe's net.load_hdf5 (copy_from reads either format)."""
+        return self.copy_from(path)
+
+    def share_with(self, other):
+        """pycaffe's net.share_with (Caffe's ShareTrainedLayersWith): the layers named as one of `other`'s
+        use its parameter data."""
+        from caffe_layers.training.solver import share_trained_layers
+
+        share_trained_layers(self, other)
 
     def close(self):
         """Stop the data layers' prefetch threads and release their files and LMDB environments (done

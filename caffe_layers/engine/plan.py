@@ -118,7 +118,10 @@ class Plan:
                 top_shapes = layer.top_shapes(bottom_shapes)
             except Exception as err:
                 shapes = ", ".join(f"{b} {list(s)}" for b, s in zip(lp.bottom, bottom_shapes))
-                raise ValueError(f"layer {lp.name!r} ({lp.type}) with bottoms [{shapes}]: {err}") from err
+                message = f"layer {lp.name!r} ({lp.type}) with bottoms [{shapes}]: {err}"
+                if lp.type == "Python":  # Caffe lets the user's exception through: keep its type
+                    raise _same_type(err, message) from err
+                raise ValueError(message) from err
             if len(top_shapes) != len(lp.top):
                 raise ValueError(f"layer {lp.name!r} ({lp.type}) produces {len(top_shapes)} tops, "
                                  f"but the prototxt names {len(lp.top)}")
@@ -191,6 +194,16 @@ class Plan:
         order, as Caffe's layer setup would (shared blobs are filled by their owner only)."""
         for layer in self.layers:
             layer.fill_blobs(loaded)
+
+
+def _same_type(err, message):
+    """An exception of err's type saying `message`; err itself, with the message as a note, where the type
+    cannot be built from one string."""
+    try:
+        return type(err)(message)
+    except Exception:
+        err.add_note(message)
+        return err
 
 
 def need_backward(plan):

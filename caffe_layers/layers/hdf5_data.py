@@ -11,6 +11,7 @@ from caffe_layers.layers import register
 class HDF5Data(DataLayer):
     exact_bottoms = 0
     min_tops = 1
+    prefetch = 0  # Caffe's HDF5DataLayer reads in Forward (no prefetch thread: a small net's GIL handoffs cost more)
 
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
