@@ -102,16 +102,14 @@ def child(args):
             proto, model = Path(tmp) / "net.prototxt", Path(tmp) / "net.caffemodel"
             proto.write_text(text)
             torch.manual_seed(0)
-            TorchNet(text, phase="test").save(model)
+            ours = TorchNet(text, phase="test")
+            ours.save(model)
             start = time.perf_counter()
             net = cv2.dnn.readNetFromCaffe(str(proto), str(model))
             result["build"] = time.perf_counter() - start
-        shapes = TorchNet(text, phase="test").blob_shapes
-        from caffe_layers.engine.graph import compile_plan
-
-        inputs = compile_plan(text).inputs
+        shapes = ours.blob_shapes
         rng = np.random.default_rng(0)
-        for name in inputs:
+        for name in ours.inputs:
             net.setInput(rng.standard_normal(shapes[name]).astype(np.float32), name)
         net.forward()
         result["forward_best"], result["forward_median"] = timed(net.forward, args.runs)

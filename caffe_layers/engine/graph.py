@@ -9,14 +9,12 @@ import keyword
 import operator
 import re
 
-import torch
 from torch import fx, nn
 
 from caffe_layers.engine.folding import FoldedConvolution, fold_batchnorm, folded_convolution
 from caffe_layers.engine.fusion import FusedSegawareConv, fuse_steps
-from caffe_layers.engine.plan import Plan, filter_net
-from caffe_layers.formats.proto import TEST, TRAIN, pb, phase_value
-from caffe_layers.formats.prototxt import read_net
+from caffe_layers.engine.plan import compile_plan
+from caffe_layers.formats.proto import TEST, TRAIN
 from caffe_layers.native import segaware_conv
 
 
@@ -35,18 +33,6 @@ def _identifier(name, taken):
         ident, k = f"{base}_{k}", k + 1
     taken.add(ident)
     return ident
-
-
-def compile_plan(prototxt, phase=TEST, variables=None, level=0, stages=()):
-    """Parse, upgrade and filter a net (path, prototxt text or NetParameter) and compile its Plan."""
-    from caffe_layers.layers.python_layer import module_search_path
-
-    phase = phase_value(phase)
-    state = pb.NetState(phase=phase, level=level)
-    state.stage.extend(stages)
-    net_param = filter_net(read_net(prototxt, variables), state)
-    with module_search_path(prototxt):  # Python layers may import modules beside the prototxt
-        return Plan(net_param, phase)
 
 
 def build_graph(plan, steps, attr_of, keep=()):

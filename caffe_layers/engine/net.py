@@ -7,10 +7,8 @@ import torch
 from torch import nn
 
 from caffe_layers.pycaffe import mode
-from caffe_layers.engine.plan import (Plan, Step, filter_net, fused_layout, need_backward, rewritten_later,  # noqa: F401
-                                      state_meets_rule)
-from caffe_layers.formats.proto import TEST, pb, phase_value
-from caffe_layers.formats.prototxt import read_net
+from caffe_layers.engine.plan import compile_plan, fused_layout, need_backward, rewritten_later
+from caffe_layers.formats.proto import TEST
 
 
 class _Shaped:
@@ -144,18 +142,11 @@ class Net(nn.Module):
             raise TypeError(f"Net takes at most (prototxt, weights, phase, variables), got {len(args) + 1} "
                             "positional arguments")
         weights, phase, variables = args + (weights, phase, variables)[len(args):]
-        self.phase = phase_value(phase)
-        param = read_net(prototxt, variables)
-        state = pb.NetState(phase=self.phase, level=level)
-        state.stage.extend(stages)
-        self.net_param = filter_net(param, state)
+        self.plan = compile_plan(prototxt, phase, variables, level, stages)
+        self.phase, self.net_param = self.plan.phase, self.plan.net_param
         self.name = self.net_param.name
         self.force_backward = self.net_param.force_backward
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
-        from caffe_layers.layers.python_layer import module_search_path
-
-        with module_search_path(prototxt):  # Python layers may import modules beside the prototxt
-            self.plan = Plan(self.net_param, self.phase)
         self.steps = self.plan.steps
         self.blob_shapes = OrderedDict(self.plan.blob_shapes)
         self.param_specs = self.plan.param_specs
@@ -294,16 +285,8 @@ class Net(nn.Module):
             tops = (tops,)
         if len(tops) != len(step.tops):
             raise RuntimeError(f"layer {step.layer.name!r} returned {len(tops)} tops, expected {len(step.tops)}")
-        with torch.no_grad():
-            for name, value in zip(step.tops, tops if write_tops else ()):
-                store = self._data.get(name)
-                if store is not None and store.shape == value.shape and store.dtype == value.dtype:
-                    if store.data_ptr() != value.data_ptr():
-                        store.copy_(value)
-                elif need:
-                    self._data[name] = value.detach().clone()
-                else:
-                    self._data[name] = value.detach()
+        for name, value in zip(step.tops, tops if write_tops else ()):
+            self._write_blob(name, value, copy=need)
         return (index, step, leaves, tops) if need else None
 
     def backward(self, diffs=None, start=None, end=None, **top_diffs):
@@ -359,15 +342,21 @@ class Net(nn.Module):
             if index not in covered and self._need_backward[index]:
                 self._graphs[index] = self._forward_step(index, self.steps[index], write_tops=False)
 
+    @torch.no_grad()
+    def _write_blob(self, name, value, copy):
+        """Write `value` into blob `name`'s storage (a view of it stays the blob); where there is none of that
+        shape yet, adopt the value itself, or a copy (`copy`: the value belongs to a kept graph)."""
+        store = self._data.get(name)
+        if store is not None and store.shape == value.shape and store.dtype == value.dtype:
+            if store.data_ptr() != value.data_ptr():
+                store.copy_(value)
+        else:
+            self._data[name] = value.detach().clone() if copy else value.detach()
+
     def store_values(self, values):
         """Write tensors {blob: value} (a run's result) into the persistent blobs, as a pycaffe forward would."""
-        with torch.no_grad():
-            for name, value in values.items():
-                store = self._data.get(name)
-                if store is not None and store.shape == value.shape:
-                    store.copy_(value)
-                else:
-                    self._data[name] = value.detach().clone()
+        for name, value in values.items():
+            self._write_blob(name, value, copy=True)
         self._fused_away = {b for b in self._fused_blobs if b not in values}
 
     def clear_param_diffs(self):

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from caffe_layers.errors import PrototxtError
-from caffe_layers.formats.proto import check_blob_shape, pb
+from caffe_layers.formats.proto import TEST, check_blob_shape, pb, phase_value
+from caffe_layers.formats.prototxt import read_net
 from caffe_layers.layers import layer_class
 from caffe_layers.layers.base import deferred_fills
 
@@ -204,6 +205,18 @@ def _same_type(err, message):
     except Exception:
         err.add_note(message)
         return err
+
+
+def compile_plan(prototxt, phase=TEST, variables=None, level=0, stages=()):
+    """Parse, upgrade and filter a net (path, prototxt text or NetParameter) and compile its Plan."""
+    from caffe_layers.layers.python_layer import module_search_path
+
+    phase = phase_value(phase)
+    state = pb.NetState(phase=phase, level=level)
+    state.stage.extend(stages)
+    net_param = filter_net(read_net(prototxt, variables), state)
+    with module_search_path(prototxt):  # Python layers may import modules beside the prototxt
+        return Plan(net_param, phase)
 
 
 def need_backward(plan):
