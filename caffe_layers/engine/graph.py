@@ -15,6 +15,7 @@ from caffe_layers.engine.folding import FoldedConvolution, fold_batchnorm, folde
 from caffe_layers.engine.fusion import FusedSegawareConv, fuse_steps
 from caffe_layers.engine.plan import compile_plan
 from caffe_layers.formats.proto import TEST, TRAIN
+from caffe_layers.layers.base import LEAF_FUNCTIONS, Layer, stored_attribute
 from caffe_layers.native import segaware_conv
 
 
@@ -35,9 +36,18 @@ def _identifier(name, taken):
     return ident
 
 
-def build_graph(plan, steps, attr_of, keep=()):
-    """An fx.Graph running `steps`: placeholders for the plan's inputs, a dict of outputs (and `keep`)."""
-    graph = fx.Graph()
+class _LeafTracer(fx.Tracer):
+    """The tracer fx uses to rebuild a TorchNet's graph from its code (unpickling): the lowered layers'
+    functions with control flow (base.leaf_function) stay calls."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(autowrap_functions=tuple(LEAF_FUNCTIONS))
+
+
+def build_graph(plan, steps, attr_of, keep=(), lowered=()):
+    """An fx.Graph running `steps`: placeholders for the plan's inputs, a dict of outputs (and `keep`).
+    The layers in `lowered` (ids) are called as their lowered form (Layer.lowered), the others as modules."""
+    graph = fx.Graph(tracer_cls=_LeafTracer)
     taken = set()
     env = {name: graph.placeholder(_identifier(name, taken)) for name in plan.inputs}
     for step in steps:
@@ -61,11 +71,15 @@ def build_graph(plan, steps, attr_of, keep=()):
                 *args, blob(conv, 0), blob(conv, 1) if conv.bias_term else None, blob(bn, 0), blob(bn, 1),
                 blob(bn, 2), bn.eps, scale, shift, tuple(conv.stride), tuple(conv.pad), tuple(conv.dilation),
                 conv.group))
+        elif id(step.layer) in lowered:
+            function, constants = step.layer.lowered()
+            blobs = tuple(blob(step.layer, i) for i in range(len(step.layer.blobs)))
+            node = graph.create_node("call_function", function, (*args, *blobs, *constants),
+                                     name=attr_of[id(step.layer)])
         else:
             node = graph.call_module(attr_of[id(step.layer)], tuple(args))
         if len(step.tops) == 1:
-            env[step.tops[0]] = node if isinstance(step.layer, (FusedSegawareConv, FoldedConvolution)) else \
-                graph.call_function(only_top, (node,))
+            env[step.tops[0]] = node if node.op == "call_function" else graph.call_function(only_top, (node,))
         else:
             for i, top in enumerate(step.tops):
                 env[top] = graph.call_function(operator.getitem, (node, i))
@@ -81,15 +95,18 @@ class TorchNet(fx.GraphModule):
     """A Caffe net as a plain torch module (the torch face; caffe_layers.Net is the pycaffe face).
 
     TorchNet(prototxt, weights=None, phase="test", variables=None, *, level=0, stages=(), fuse=True,
-    fold=None, keep_blobs=(), strict_weights=False). Call it with the input blobs by name (`net(data=x)`, or
+    fold=None, keep_blobs=(), strict_weights=False, lower=True). Call it with the input blobs by name (`net(data=x)`, or
     positionally in the order of `net.inputs`); it returns {blob: tensor} for the net's outputs and the
     blobs named in keep_blobs. `fuse` runs each segmentation-aware convolution chain as one native step (its
     C*K*H*W intermediates are never made; name one in keep_blobs to get it); `fold` (default: in a TEST net)
-    folds each Convolution -> BatchNorm -> Scale into one convolution (engine/folding.py).
+    folds each Convolution -> BatchNorm -> Scale into one convolution (engine/folding.py). `lower` calls the
+    simple layers (Layer.lowered: plain Convolution, Pooling, PReLU, ReLU, Softmax) as torch functions in the
+    graph rather than as modules, which matters on small nets; module hooks on them are refused (lower=False
+    to hook layers).
     """
 
     def __init__(self, prototxt, weights=None, phase=TEST, variables=None, *, level=0, stages=(), fuse=True,
-                 fold=None, keep_blobs=(), strict_weights=False):
+                 fold=None, keep_blobs=(), strict_weights=False, lower=True):
         plan = compile_plan(prototxt, phase, variables, level, stages)
         steps = (fuse_steps(plan, keep_blobs) if fuse else None) or plan.steps
         if fold if fold is not None else plan.phase == TEST:
@@ -103,9 +120,14 @@ class TorchNet(fx.GraphModule):
             taken.add(attr)
             attr_of[id(layer)] = attr
             root.add_module(attr, layer)
-        super().__init__(root, build_graph(plan, steps, attr_of, keep_blobs), class_name="TorchNet")
+        lowered = {id(s.layer) for s in steps if lower and isinstance(s.layer, Layer) and s.layer.lowered()}
+        super().__init__(root, build_graph(plan, steps, attr_of, keep_blobs, lowered), class_name="TorchNet")
         for layer in plan.layers:  # every layer is a submodule, also those a fused step reads only blobs of
             setattr(self, attr_of[id(layer)], layer)
+            # (this instance's own class) the generated forward reads its layers without a failed lookup
+            setattr(type(self), attr_of[id(layer)], stored_attribute("_modules", attr_of[id(layer)]))
+            if id(layer) in lowered:
+                layer.lowered_in = plan.name
         self.plan = plan
         self.name = plan.name
         self.phase = plan.phase

@@ -1,5 +1,6 @@
 """The base class of every layer."""
 import contextlib
+import functools
 import math
 
 import torch
@@ -13,6 +14,18 @@ from caffe_layers.layers.fillers import fill
 _deferring = [False]
 
 
+def stored_attribute(store, name):
+    """A class property reading `name` from a module's `store` (_modules or _parameters): what
+    nn.Module.__getattr__ finds, without its failed lookup first (0.1 us instead of 0.5 us, for every
+    layer and blob a generated forward reads). Missing there, it falls back to nn.Module.__getattr__."""
+    def read(module):
+        try:
+            return module.__dict__[store][name]
+        except KeyError:
+            return nn.Module.__getattr__(module, name)
+    return property(read)
+
+
 class _BlobList(nn.ParameterList):
     """A layer's parameter blobs; the layer itself writes and reads them in state dicts (as "<i>")."""
 
@@ -23,6 +36,20 @@ class _BlobList(nn.ParameterList):
         pass
 
 
+for _i in range(16):  # blob indices read as properties; more blobs take nn.Module.__getattr__
+    setattr(_BlobList, str(_i), stored_attribute("_parameters", str(_i)))
+
+
+LEAF_FUNCTIONS = []
+
+
+def leaf_function(fn):
+    """Mark a lowered form's function (Layer.lowered) that has Python control flow: a TorchNet traced again
+    from its code (unpickling) keeps it one call instead of tracing into it."""
+    LEAF_FUNCTIONS.append(fn)
+    return fn
+
+
 @contextlib.contextmanager
 def deferred_fills():
     """Inside this block add_blob only allocates; the net fills what its weights do not give (fill_blobs)."""
@@ -31,6 +58,15 @@ def deferred_fills():
         yield
     finally:
         _deferring[0] = old
+
+
+def _refused_when_lowered(register):
+    """nn.Module's hook `register` method, refused for a layer a TorchNet calls as its lowered form."""
+    @functools.wraps(register)
+    def checked(self, *args, **kwargs):
+        self._refuse_hook_when_lowered()
+        return register(self, *args, **kwargs)
+    return checked
 
 
 class Layer(nn.Module):
@@ -53,6 +89,8 @@ class Layer(nn.Module):
     exact_bottoms = min_bottoms = max_bottoms = None
     exact_tops = min_tops = max_tops = None
     same_shape = False  # one top of bottom 0's shape
+    blobs = stored_attribute("_modules", "blobs")
+    lowered_in = None  # the TorchNet calling this layer's lowered form (no module call), if one does
 
     def __init__(self, param, bottom_shapes, phase):
         super().__init__()
@@ -65,15 +103,6 @@ class Layer(nn.Module):
         self._fills = []  # per blob: (filler_param, value), run by fill_blobs
         self._check_blob_counts(len(self.bottom_shapes), len(param.top))
 
-    def add_blob(self, shape, filler_param=None, value=None):
-        """Append a learnable blob, to be filled by a FillerParameter or a constant (a number or a tensor).
-
-        The values are written by fill_blobs, which the net runs for the blobs its weights do not give, so
-        that a net built with weights draws no random numbers it would throw away."""
-        self.blobs.append(nn.Parameter(torch.empty(tuple(shape))))
-        self._fills.append((filler_param, value))
-        if not _deferring[0]:
-            self._fill(len(self.blobs) - 1)
     def _check_blob_counts(self, bottoms, tops):
         checks = [("bottom", bottoms, self.exact_bottoms, self.min_bottoms, self.max_bottoms)]
         if tops:
@@ -109,6 +138,23 @@ class Layer(nn.Module):
         if not _deferring[0]:
             self._fill(len(self.blobs) - 1)
         return self.blobs[-1]
+
+    def lowered(self):
+        """(function, constants) where forward is function(*bottoms, *self.param_blobs(), *constants) for
+        every input: the torch face then calls the function itself, its blobs as graph attributes, without
+        a module call (per-layer overhead on small nets). None (the default): the module is called."""
+        return None
+
+    def _refuse_hook_when_lowered(self):
+        if self.lowered_in is not None:
+            raise ValueError(f"layer {self.name!r} runs as torch functions in TorchNet {self.lowered_in!r}, "
+                             f"not as a module call: a module hook would not run; build the net with "
+                             f"lower=False to hook its layers")
+
+    register_forward_pre_hook = _refused_when_lowered(nn.Module.register_forward_pre_hook)
+    register_forward_hook = _refused_when_lowered(nn.Module.register_forward_hook)
+    register_full_backward_pre_hook = _refused_when_lowered(nn.Module.register_full_backward_pre_hook)
+    register_full_backward_hook = _refused_when_lowered(nn.Module.register_full_backward_hook)
 
     def param_blobs(self):
         """The parameter blobs as a tuple, for forward: indexing the ParameterList costs microseconds.

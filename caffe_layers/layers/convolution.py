@@ -48,6 +48,11 @@ def conv_setup(layer, param, bottom_shapes, kind):
     return p, channels
 
 
+def _short(values):
+    """One int for equal values along every axis (torch parses it faster than a list)."""
+    return values[0] if len(set(values)) == 1 else tuple(values)
+
+
 def kernel_extents(layer):
     """The dilated kernel size along each spatial axis."""
     return [d * (k - 1) + 1 for d, k in zip(layer.dilation, layer.kernel)]
@@ -97,6 +102,11 @@ class Convolution(Layer):
         self.add_blob([self.num_output, per_group] + self.kernel, p.weight_filler)
         if self.bias_term:
             self.add_blob([self.num_output], p.bias_filler)
+        # the usual case (one bottom, channels on axis 1): forward makes one call with arguments made here
+        self._plain_args = None
+        if not self.bottom_is_im2col and len(bottom_shapes) == 1 and self.axis == 1:
+            self._plain_args = ((() if self.bias_term else (None,))
+                                + tuple(_short(v) for v in (self.stride, self.pad, self.dilation)) + (self.group,))
         if not self.bottom_is_im2col:
             for i, extent in enumerate(kernel_extents(self)):
                 size = bottom_shapes[0][self.axis + 1 + i]
@@ -111,7 +121,12 @@ class Convolution(Layer):
         return conv_top_shapes(self, bottom_shapes, lambda i, size: (
             size + 2 * self.pad[i] - extents[i]) // self.stride[i] + 1)
 
+    def lowered(self):
+        return None if self._plain_args is None else (_CONV[self.nsp], self._plain_args)
+
     def forward(self, *bottoms):
+        if self._plain_args is not None:  # (weight, bias) or (weight,) + (None, ...): F.conv2d's order
+            return _CONV[self.nsp](bottoms[0], *self.param_blobs(), *self._plain_args)
         weight, bias = (self.param_blobs() + (None,))[:2]
         if self.bottom_is_im2col:
             # segaware: the column buffer is used as is: a 1x1 (grouped) convolution, output size =
@@ -119,7 +134,5 @@ class Convolution(Layer):
             w = weight.reshape(weight.shape[0], -1, *([1] * self.nsp))
             return each_bottom(self, bottoms, lambda x: _CONV[self.nsp](x, w, bias, 1, 0, 1, self.group))
         conv = _CONV[self.nsp]
-        if len(bottoms) == 1 and self.axis == 1:  # the usual case, without the per-bottom wrapping
-            return conv(bottoms[0], weight, bias, self.stride, self.pad, self.dilation, self.group)
         return each_bottom(self, bottoms, lambda x: conv(x, weight, bias, self.stride, self.pad, self.dilation,
                                                          self.group))

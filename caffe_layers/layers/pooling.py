@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer, check_4d
+from caffe_layers.layers.base import Layer, check_4d, leaf_function
 from caffe_layers.formats.proto import TRAIN, pb
 from caffe_layers.ops.geometry import flt_max
 
@@ -35,6 +35,29 @@ def pool_channels_last(pool, x, *args, **kwargs):
 
 def _call(pool, x, *args, **kwargs):
     return pool(x, *args, **kwargs)
+
+
+def _check_pool_input(x, smallest, what):
+    if x.dim() != 4 or x.shape[2] < smallest[0] or x.shape[3] < smallest[1]:
+        raise ValueError(f"{what}: input {list(x.shape)} does not fit: needs 4 axes and at least "
+                         f"{list(smallest)} (height, width)")
+
+
+@leaf_function
+def caffe_max_pool(x, kernel, stride, pad, ceil_mode, smallest, what):
+    """Caffe's MAX pooling (no mask top) through torch's kernel, for settings where torch's windows are
+    Caffe's at every input size (Pooling.lowered); `smallest` is the least input size giving a window."""
+    _check_pool_input(x, smallest, what)
+    # every torch window overlaps the image here; only -inf inputs fall below Caffe's start, -FLT_MAX
+    return pool_channels_last(torch.max_pool2d, x, kernel, stride, pad, 1, ceil_mode).clamp_min(-flt_max(x.dtype))
+
+
+@leaf_function
+def caffe_ave_pool(x, kernel, stride, pad, ceil_mode, smallest, what):
+    """Caffe's AVE pooling as caffe_max_pool: torch's divisor is Caffe's, the window clipped to the padded
+    image."""
+    _check_pool_input(x, smallest, what)
+    return pool_channels_last(F.avg_pool2d, x, kernel, stride, pad, ceil_mode, True)
 
 
 def torch_pooled_size(size, kernel, pad, stride, ceil_mode):
@@ -100,6 +123,26 @@ class Pooling(Layer):
         self._plans = {}  # input (height, width) -> (kernel, output size, whether torch's kernels fit)
         # global pooling reads each plane once: the layout change would cost more than it saves
         self._pool = _call if self.global_pooling else pool_channels_last
+        self._lowered = self._torch_at_every_size()
+
+    def _torch_at_every_size(self):
+        """(function, arguments) of caffe_max_pool / caffe_ave_pool where torch's kernels give Caffe's
+        windows at every input size: pad <= kernel / 2, and in ceil mode without padding stride <= kernel
+        (else torch may drop a last window starting past the image that Caffe keeps). None otherwise."""
+        if self.global_pooling or self.mask_top or self.method not in (PP.MAX, PP.AVE):
+            return None
+        if any(2 * p > k for p, k in zip(self.pad, self.kernel)):
+            return None
+        if self.ceil_mode and self.pad == (0, 0) and any(s > k for s, k in zip(self.stride, self.kernel)):
+            return None
+        # Caffe's output size is at least 1 from these input sizes on (its ceil keeps a partial window)
+        smallest = tuple(max(1, k - 2 * p + (1 - s if self.ceil_mode else 0))
+                         for k, p, s in zip(self.kernel, self.pad, self.stride))
+        pool = caffe_max_pool if self.method == PP.MAX else caffe_ave_pool
+        return pool, (self.kernel, self.stride, self.pad, self.ceil_mode, smallest, self.what)
+
+    def lowered(self):
+        return self._lowered
 
     def out_size(self, shape):
         check_4d(shape, self.what)
@@ -131,6 +174,9 @@ class Pooling(Layer):
         return xp.unfold(2, kh, sh).unfold(3, kw, sw)[:, :, :oh, :ow]
 
     def forward(self, x):
+        if self._lowered is not None:
+            pool, args = self._lowered
+            return pool(x, *args)
         size = (x.shape[2], x.shape[3])
         plan = self._plans.get(size)
         if plan is None:  # Python arithmetic once per input size

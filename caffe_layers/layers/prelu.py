@@ -33,6 +33,9 @@ class PReLU(Layer):
             raise ValueError(f"layer {self.name!r} (PReLU): {self.blobs[0].numel()} slopes for {shape[1]} channels")
         return [shape]
 
+    def lowered(self):
+        return None if self.channel_shared else (F.prelu, ())
+
     def forward(self, x):
         # F.prelu is x where x > 0, else slope * x: Caffe's values and (x = 0 as negative) gradients
         (slope,) = self.param_blobs()

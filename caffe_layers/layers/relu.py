@@ -1,4 +1,5 @@
 """ReLU: max(0, x) + negative_slope * min(0, x)."""
+import torch
 import torch.nn.functional as F
 
 from caffe_layers.layers import register
@@ -14,6 +15,9 @@ class ReLU(Layer):
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
         self.negative_slope = param.relu_param.negative_slope
+
+    def lowered(self):
+        return (torch.relu, ()) if self.negative_slope == 0 else (F.leaky_relu, (self.negative_slope,))
 
     def forward(self, x):
         if self.negative_slope == 0:

@@ -18,5 +18,8 @@ class Softmax(Layer):
         canonical_axis(self.axis, len(bottom_shapes[0]), self.name)
         return [tuple(bottom_shapes[0])]
 
+    def lowered(self):
+        return torch.softmax, (self.axis,)
+
     def forward(self, x):
         return torch.softmax(x, self.axis)

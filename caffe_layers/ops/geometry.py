@@ -1,4 +1,6 @@
 """Patch geometry shared by the im2* operations (Caffe's convolution arithmetic)."""
+import functools
+
 import numpy as np
 import torch
 
@@ -8,6 +10,7 @@ FLT_MAX_100 = float(np.float32(np.finfo(np.float32).max) / np.float32(100))
 FLT_MAX = float(np.finfo(np.float32).max)
 
 
+@functools.cache
 def flt_max(dtype):
     """Caffe's FLT_MAX sentinel in `dtype`: FLT_MAX, or the largest finite value of a narrower type
     (float16, bfloat16), where FLT_MAX itself overflows."""
