@@ -148,6 +148,7 @@ class Net(nn.Module):
         self.force_backward = self.net_param.force_backward
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
         self.steps = self.plan.steps
+        self._outputs = tuple(self.plan.outputs)  # (the steps do not change; read by every forward)
         self.blob_shapes = OrderedDict(self.plan.blob_shapes)
         self.param_specs = self.plan.param_specs
         self.layer_modules = nn.ModuleList(self.plan.layers)
@@ -175,7 +176,7 @@ class Net(nn.Module):
     # ---- running -------------------------------------------------------------------------
     @property
     def device(self):
-        return self._device_marker.device
+        return self._buffers["_device_marker"].device  # (no Module.__getattr__: read for every layer run)
 
     def run(self, inputs, start=0, end=None, hook=None):
         """Run steps[start:end] and return every blob value (dict name -> tensor).
@@ -245,13 +246,14 @@ class Net(nn.Module):
         full = first == 0 and last == len(self.steps) and self.fused_steps is not None
         if full:
             self._graphs = {}
-        for index, step in (self._fused_indexed if full else list(enumerate(self.steps))[first:last]):
-            if not step.is_input:  # each layer keeps the graph of its last forward, as a Caffe layer its state
-                record = self._forward_step(index, step)
-                if record is None:
-                    self._graphs.pop(index, None)
-                else:
-                    self._graphs[index] = record
+        with torch.no_grad():  # each step sets grad mode as it needs; most need none, and enter nothing
+            for index, step in (self._fused_indexed if full else list(enumerate(self.steps))[first:last]):
+                if not step.is_input:  # each layer keeps the graph of its last forward, as a Caffe layer its state
+                    record = self._forward_step(index, step)
+                    if record is None:
+                        self._graphs.pop(index, None)
+                    else:
+                        self._graphs[index] = record
         self._fused_away = set(self._fused_blobs) if full else set()
         return {name: _numpy_view(self._blob_data(name)) for name in self._wanted(last, blobs)}
 
@@ -270,17 +272,21 @@ class Net(nn.Module):
         leaves, bottoms = [], []
         fused = step is not self.steps[index]  # fusion guarantees its x and mask are not rewritten later
         rewrites = [False] * len(step.bottoms) if fused else self._rewritten_later[index]
+        device = self.device
         for name, down, rewritten in zip(step.bottoms, downs, rewrites):
-            value = self._blob_data(name).to(self.device)
+            value = self._blob_data(name).to(device)
             if need:  # a leaf of its own; copied if a later layer rewrites the blob in place
                 value = (value.clone() if rewritten else value.detach()).requires_grad_(down and
                                                                                         value.is_floating_point())
                 leaves.append((name, value))
             bottoms.append(value)
         replaying = None if write_tops else getattr(step.layer, "replaying", None)  # a Python layer's tops
-        with torch.set_grad_enabled(need), (replaying([self._blob_data(t) for t in step.tops]) if replaying
-                                            else contextlib.nullcontext()):
+        if replaying is None and need == torch.is_grad_enabled():  # (no context to enter: small nets)
             tops = step.layer(*bottoms)
+        else:
+            with torch.set_grad_enabled(need), (replaying([self._blob_data(t) for t in step.tops]) if replaying
+                                                else contextlib.nullcontext()):
+                tops = step.layer(*bottoms)
         if isinstance(tops, torch.Tensor):
             tops = (tops,)
         if len(tops) != len(step.tops):
@@ -342,16 +348,16 @@ class Net(nn.Module):
             if index not in covered and self._need_backward[index]:
                 self._graphs[index] = self._forward_step(index, self.steps[index], write_tops=False)
 
-    @torch.no_grad()
     def _write_blob(self, name, value, copy):
         """Write `value` into blob `name`'s storage (a view of it stays the blob); where there is none of that
         shape yet, adopt the value itself, or a copy (`copy`: the value belongs to a kept graph)."""
         store = self._data.get(name)
+        value = value.detach()  # (cheaper than torch.no_grad for the copy: this runs for every top)
         if store is not None and store.shape == value.shape and store.dtype == value.dtype:
             if store.data_ptr() != value.data_ptr():
                 store.copy_(value)
         else:
-            self._data[name] = value.detach().clone() if copy else value.detach()
+            self._data[name] = value.clone() if copy else value
 
     def store_values(self, values):
         """Write tensors {blob: value} (a run's result) into the persistent blobs, as a pycaffe forward would."""
@@ -365,7 +371,7 @@ class Net(nn.Module):
                 p.grad.zero_()
 
     def _range(self, start, end):
-        names = self._layer_names
+        names = self._layer_names if start is not None or end is not None else None
         first = names.index(start) if start is not None else 0
         last = names.index(end) + 1 if end is not None else len(self.steps)
         return first, last
@@ -462,7 +468,7 @@ class Net(nn.Module):
 
     @property
     def outputs(self):
-        return self.plan.outputs
+        return list(self._outputs)
 
     @property
     def top_names(self):
