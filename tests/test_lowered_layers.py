@@ -149,3 +149,20 @@ def test_lowered_net_pickles(tmp_path):
         [n.target for n in net.graph.nodes if n.op == "call_function"]
     for name, value in net(data=x).items():
         assert torch.equal(again(data=x)[name], value)
+
+
+def test_layers_named_as_torchnet_methods():
+    """A layer named "loss" (as in most train nets), "save" or "name" neither hides nor is hidden by TorchNet's methods;
+    the state_dict keys keep the layer names."""
+    net = TorchNet("""
+        name: "n"
+        layer { name: "data" type: "Input" top: "data" top: "label"
+                input_param { shape { dim: 2 dim: 3 } shape { dim: 2 } } }
+        layer { name: "save" type: "InnerProduct" bottom: "data" top: "ip"
+                inner_product_param { num_output: 4 weight_filler { type: "gaussian" } } }
+        layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+        layer { name: "name" type: "Sigmoid" bottom: "ip" top: "s" }
+    """, phase="train")
+    out = net(data=torch.randn(2, 3), label=torch.tensor([0.0, 3.0]))
+    assert net.loss(out) == out["loss"] and net.name == "n"
+    assert list(net.state_dict()) == ["save.0", "save.1"]
