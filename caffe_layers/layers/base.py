@@ -14,16 +14,22 @@ from caffe_layers.layers.fillers import fill
 _deferring = [False]
 
 
-def stored_attribute(store, name):
-    """A class property reading `name` from a module's `store` (_modules or _parameters): what
+class stored_attribute:
+    """A class attribute reading `name` from a module's `store` (_modules or _parameters): what
     nn.Module.__getattr__ finds, without its failed lookup first (0.1 us instead of 0.5 us, for every
-    layer and blob a generated forward reads). Missing there, it falls back to nn.Module.__getattr__."""
-    def read(module):
+    layer and blob a generated forward reads). Missing there, it falls back to nn.Module.__getattr__.
+    A non-data descriptor: a value in the instance's own __dict__ still comes first."""
+
+    def __init__(self, store, name):
+        self.store, self.name = store, name
+
+    def __get__(self, module, owner=None):
+        if module is None:
+            return self
         try:
-            return module.__dict__[store][name]
+            return module.__dict__[self.store][self.name]
         except KeyError:
-            return nn.Module.__getattr__(module, name)
-    return property(read)
+            return nn.Module.__getattr__(module, self.name)
 
 
 class _BlobList(nn.ParameterList):
