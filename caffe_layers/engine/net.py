@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from caffe_layers.pycaffe import mode
-from caffe_layers.engine.plan import compile_plan, fused_layout, need_backward, rewritten_later
+from caffe_layers.engine.plan import compile_plan, fused_layout, infer_top_shapes, need_backward, rewritten_later
 from caffe_layers.formats.proto import TEST
 
 
@@ -427,7 +427,7 @@ class Net(nn.Module):
             if seen.get(i) == bottom_shapes:
                 continue
             seen[i] = bottom_shapes
-            for name, shape in zip(step.tops, step.layer.top_shapes(bottom_shapes)):
+            for name, shape in zip(step.tops, infer_top_shapes(step.layer, bottom_shapes)):
                 if self.blob_shapes.get(name) != tuple(shape) and name not in step.bottoms:
                     self._data.pop(name, None)
                     self._diff.pop(name, None)
