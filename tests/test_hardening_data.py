@@ -226,9 +226,12 @@ def test_a_layers_error_keeps_its_type_through_the_net(tmp_path):
         Net(f'layer {{ name: "d" type: "ImageData" top: "x" top: "l" '
             f'image_data_param {{ source: "{tmp_path}/missing.txt" batch_size: 1 }} }}')
     net = Net('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 1 dim: 2 dim: 2 } } }'
-              'layer { name: "c" type: "Im2col" bottom: "x" top: "y" convolution_param { kernel_size: 1 } }')
-    with pytest.raises(PrototxtError, match=r"layer 'c' \(Im2col\).*invalid blob shape"):
-        net.blobs["x"].reshape(1, 1, 2**17, 2**17)  # pycaffe's reshape infers again, checked as at build
+              'layer { name: "c" type: "Im2col" bottom: "x" top: "y" convolution_param { kernel_size: 5 pad: 2 } }')
+    with pytest.raises(PrototxtError, match=r"^layer 'c' \(Im2col\): top 'y': invalid blob shape \[1, 25, 16384, "):
+        net.blobs["x"].reshape(1, 1, 16384, 16384)  # pycaffe's reshape infers again, checked as at build
+    for shape in [(1, -1, 2, 2), (2**16, 2**16, 1, 1)]:  # the reshaped blob itself is named, not the next layer
+        with pytest.raises(ValueError, match=r"^blob 'x': reshape: invalid blob shape"):
+            net.blobs["x"].reshape(*shape)
 
 
 @pytest.mark.parametrize("method", ["MAX", "AVE"])

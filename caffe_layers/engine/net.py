@@ -8,7 +8,7 @@ from torch import nn
 
 from caffe_layers.pycaffe import mode
 from caffe_layers.engine.plan import compile_plan, fused_layout, infer_top_shapes, need_backward, rewritten_later
-from caffe_layers.formats.proto import TEST
+from caffe_layers.formats.proto import TEST, check_blob_shape
 
 
 class _Shaped:
@@ -411,7 +411,9 @@ class Net(nn.Module):
         self._blob_data(name).detach().copy_(torch.as_tensor(value))
 
     def reshape_blob(self, name, shape):
-        self.blob_shapes[name] = tuple(int(s) for s in shape)
+        shape = tuple(int(s) for s in shape)
+        check_blob_shape(shape, f"blob {name!r}: reshape", ValueError)  # Blob::Reshape's checks, here
+        self.blob_shapes[name] = shape
         self._data.pop(name, None)
         self._diff.pop(name, None)
         self.reshape()
