@@ -42,8 +42,13 @@ def _exp(x):
         return float(np.exp(np.float64(x)))
 
 
+_FLT_MAX = float(np.finfo(np.float32).max)
+
+
 def _f32(x):
     """A double rounded to float, as C++ does (out-of-range values become inf)."""
+    if abs(x) <= _FLT_MAX:  # no overflow warning to silence (np.errstate costs microseconds)
+        return float(np.float32(x))
     with np.errstate(all="ignore"):
         return float(np.float32(x))
 
