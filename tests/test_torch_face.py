@@ -155,8 +155,10 @@ def _folded_and_plain():
 
 def test_batchnorm_folding_equals_unfolded():
     folded, plain = _folded_and_plain()
-    # c1+bn1+s1 in place and c2+bn2 (no Scale, no conv bias, groups) fold; c3 does not: AbsVal reads c3 too
+    # c1+bn1+s1+r1 in place and c2+bn2 (no Scale, no conv bias, groups) fold; c3 does not: AbsVal reads c3 too
     assert len(_folded_calls(folded)) == 2 and not _folded_calls(plain)
+    assert [n.args[-1] for n in _folded_calls(folded)] == [True, False]  # the ReLU after s1 runs in the fold
+    assert "r1" not in {n.target for n in folded.graph.nodes if n.op == "call_module"}
     x = torch.randn(2, 3, 9, 9)
     got, expected = folded(data=x), plain(data=x)
     assert set(got) == set(expected) == {"b2", "b3", "a3"}
@@ -171,11 +173,13 @@ def test_folded_weights_kept_between_inference_calls_follow_every_change():
     folded, plain = _folded_and_plain()
     x = torch.randn(2, 3, 9, 9)
 
-    def check(inference):
-        with torch.inference_mode() if inference else torch.enable_grad():
-            got, expected = folded(data=x), plain(data=x)
-        for blob in expected:
-            torch.testing.assert_close(got[blob], expected[blob], rtol=1e-5, atol=1e-5)
+    def check(inference):  # c1 (3x3) runs on oneDNN with kept weights when inferring float32; also at another size
+        for data in (x, x[:1, :, 1:, 2:]):
+            with torch.inference_mode() if inference else torch.enable_grad():
+                got, expected = folded(data=data), plain(data=data)
+            for blob in expected:
+                assert got[blob].is_contiguous()
+                torch.testing.assert_close(got[blob], expected[blob], rtol=1e-5, atol=1e-5)
 
     check(True)
     check(True)  # the kept folded weights

@@ -60,7 +60,7 @@ def build_graph(plan, steps, attr_of, keep=()):
             node = graph.call_function(folded_convolution, (
                 *args, blob(conv, 0), blob(conv, 1) if conv.bias_term else None, blob(bn, 0), blob(bn, 1),
                 blob(bn, 2), bn.eps, scale, shift, tuple(conv.stride), tuple(conv.pad), tuple(conv.dilation),
-                conv.group))
+                conv.group, step.layer.relu is not None))
         else:
             node = graph.call_module(attr_of[id(step.layer)], tuple(args))
         if len(step.tops) == 1:
