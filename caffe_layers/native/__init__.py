@@ -71,6 +71,11 @@ def disabled():
         _enabled[0] = old
 
 
+def enabled():
+    """False inside `disabled()`."""
+    return _enabled[0]
+
+
 def use_native(*tensors):
     """True when every tensor is float32/float64 on one CPU or CUDA device with its module built, or on the meta
     device (shape inference: the ops' fake kernels, much faster than the references' many small meta ops)."""
