@@ -295,6 +295,11 @@ class Solver:
                 self._regularize(i, q, diffs[i])
                 diffs[i] = self._update_value(i, diffs[i], rate)
                 q.sub_(diffs[i])
+                # As Caffe's ComputeUpdateValue, the diff keeps the update value (Net::Update: data -= diff)
+                if q.grad is None:
+                    q.grad = diffs[i]
+                else:
+                    q.grad.copy_(diffs[i])
 
     def _clip(self, diffs):
         clip = self.param.clip_gradients
