@@ -548,35 +548,83 @@ void spn_backward(const T* x, const T* g1, const T* g2, const T* g3, const T* h,
   }
 }
 
-// ---- segmentation-aware convolution: masked column buffers for output rows [r0, r1) of image n -----
-// cols[(c*K + k), p] = im2col(x)[c, k, p] * mask[k, p], p over the chunk's output positions.
+// ---- segmentation-aware convolution ------------------------------------------------------------
+// cols[(c*K + k), p - p0] = im2col(x)[c, k, p] * mask[k, p] for the rows ck in [ck0, ck1) and the output
+// positions p in [p0, p1) of image n (a span may start and end inside an output row).
 template <typename T>
-void masked_im2col(const T* x, const T* mask, T* cols, const Geom& g, int64_t n, int64_t r0, int64_t r1) {
-  const int64_t K = g.K(), P = (r1 - r0) * g.Wo;
-#pragma omp parallel for schedule(static) if (parallel_worth(g.C * g.K() * (r1 - r0) * g.Wo))
-  for (int64_t ck = 0; ck < g.C * K; ++ck) {
+void masked_im2col_span(const T* x, const T* mask, T* cols, const Geom& g, int64_t n, int64_t p0, int64_t p1,
+                        int64_t ck0, int64_t ck1) {
+  const int64_t K = g.K(), span = p1 - p0;
+  for (int64_t ck = ck0; ck < ck1; ++ck) {
     const int64_t c = ck / K, k = ck % K, i = k / g.kw, j = k % g.kw;
     const T* xc = x + (n * g.C + c) * g.H * g.W;
     int64_t lo, hi;
     valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
-    T* dst = cols + ck * P;
-    for (int64_t oh = r0; oh < r1; ++oh) {
-      T* d = dst + (oh - r0) * g.Wo;
+    for (int64_t p = p0; p < p1;) {
+      const int64_t oh = p / g.Wo, ow0 = p % g.Wo, ow1 = std::min(g.Wo, ow0 + (p1 - p));
+      T* d = cols + ck * span + (p - p0) - ow0;  // d[ow] is position (oh, ow)
+      p += ow1 - ow0;
       const int64_t hh = oh * g.sh - g.ph + i * g.dh;
       if (!in(hh, g.H)) {
-        std::fill(d, d + g.Wo, T(0));
+        std::fill(d + ow0, d + ow1, T(0));
         continue;
       }
       const T* m = mask + ((n * K + k) * g.Ho + oh) * g.Wo;
       const T* xr = xc + hh * g.W + j * g.dw - g.pw;
-      for (int64_t o = 0; o < lo; ++o) d[o] = 0;
+      const int64_t a = std::max(ow0, std::min(lo, ow1)), b = std::max(a, std::min(hi, ow1));
+      for (int64_t o = ow0; o < a; ++o) d[o] = 0;
       if (g.sw == 1) {  // contiguous: lets the compiler vectorise
-        for (int64_t o = lo; o < hi; ++o) d[o] = xr[o] * m[o];
+        for (int64_t o = a; o < b; ++o) d[o] = xr[o] * m[o];
       } else {
-        for (int64_t o = lo; o < hi; ++o) d[o] = xr[o * g.sw] * m[o];
+        for (int64_t o = a; o < b; ++o) d[o] = xr[o * g.sw] * m[o];
       }
-      for (int64_t o = hi; o < g.Wo; ++o) d[o] = 0;
+      for (int64_t o = b; o < ow1; ++o) d[o] = 0;
     }
+  }
+}
+
+// The masked columns of output rows [r0, r1) of image n, in parallel over the rows of cols.
+template <typename T>
+void masked_im2col(const T* x, const T* mask, T* cols, const Geom& g, int64_t n, int64_t r0, int64_t r1) {
+  const int64_t CK = g.C * g.K();
+#pragma omp parallel for schedule(static) if (parallel_worth(CK * (r1 - r0) * g.Wo))
+  for (int64_t ck = 0; ck < CK; ++ck) masked_im2col_span(x, mask, cols, g, n, r0 * g.Wo, r1 * g.Wo, ck, ck + 1);
+}
+
+// The Fortran BLAS ?gemm (column-major), as exported by the BLAS torch links; Python passes its address.
+template <typename T>
+using Gemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*, const int*,
+                      const T*, const int*, const T*, T*, const int*);
+
+// The fused forward y[n] = w (O x CK) * masked_im2col(x[n]) + b, a tile of `tile` output positions at a time:
+// each thread fills its own column buffer for a tile (small enough to stay in its cache) and multiplies it
+// straight into y's columns of the tile (no copy; y[n] is O x P with leading dimension P). One parallel region
+// for the whole call, so the gemm inside runs on its thread alone (the BLAS does not nest).
+template <typename T>
+void segaware_conv_forward(const T* x, const T* mask, const T* w, const T* b, T* y, const Geom& g, int64_t O,
+                           int64_t tile, Gemm<T> gemm) {
+  const int64_t CK = g.C * g.K(), P = g.Ho * g.Wo, tiles = (P + tile - 1) / tile;
+  const int ldc = int(P), k = int(CK), n_out = int(O);
+  const T one = 1, zero = 0;
+#pragma omp parallel if (parallel_worth(g.N * P * CK * O) && g.N * tiles > 1)
+  {
+    // 64-byte aligned: the BLAS's results do not then depend on where the allocator put the buffer
+    const size_t bytes = (size_t(CK * tile) * sizeof(T) + 63) / 64 * 64;
+    T* cols = static_cast<T*>(std::aligned_alloc(64, bytes));
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t p0 = t * tile, p1 = std::min(P, p0 + tile);
+        const int m = int(p1 - p0);
+        masked_im2col_span(x, mask, cols, g, n, p0, p1, 0, CK);
+        T* out = y + n * O * P + p0;
+        if (b) {
+          for (int64_t o = 0; o < O; ++o) std::fill(out + o * P, out + o * P + m, b[o]);
+        }
+        gemm("N", "N", &m, &n_out, &k, &one, cols, &m, w, &k, b ? &one : &zero, out, &ldc);
+      }
+    }
+    std::free(cols);
   }
 }
 

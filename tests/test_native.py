@@ -23,6 +23,7 @@ def _emulated_cuda_for_marked_tests(request, monkeypatch):
     if request.node.get_closest_marker("cuda_emulated"):
         native.available("cpu")
         monkeypatch.setitem(native._modules, "cpu", OnStreamZero(request.getfixturevalue("emulated_cuda")))
+        monkeypatch.setattr(native, "_blas_gemm", lambda double: 0)  # the CUDA path: row chunks, torch's GEMM
 
 # (N, C, H, W), kernel, pad, stride, dilation: odd sizes, stride, dilation, padding past the image, batch > 1
 GEOMETRIES = [
@@ -233,13 +234,23 @@ def test_emulated_cuda_scan_tiles_and_fallback(direction, shared_bytes, monkeypa
 
 
 # ---- segmentation-aware convolution ----------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
+def _small_segaware_tiles(monkeypatch, rows_path=False):
+    """Several tiles (of 5 output positions, across row ends) or row chunks per image; rows_path: the chunked
+    path that CUDA and a CPU without an exported BLAS gemm take."""
+    monkeypatch.setattr(native, "_TILE_ELEMENTS", 1)
+    monkeypatch.setattr(native, "_MIN_TILE", 5)
+    monkeypatch.setattr(native, "_CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(native, "_CHUNK_ELEMENTS_CUDA", 40)
+    if rows_path:
+        monkeypatch.setattr(native, "_blas_gemm", lambda double: 0)
+
+
+@pytest.mark.parametrize("device", DEVICES + [pytest.param("cpu", id="cpu-rows")])
 @pytest.mark.parametrize("geom", GEOMETRIES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_segaware_conv_matches_reference(device, geom, bias, monkeypatch):
+def test_segaware_conv_matches_reference(device, geom, bias, monkeypatch, request):
     shape, k, p, s, d = geom
-    monkeypatch.setattr(native, "_CHUNK_ELEMENTS", 40)  # several row chunks per image
-    monkeypatch.setattr(native, "_CHUNK_ELEMENTS_CUDA", 40)
+    _small_segaware_tiles(monkeypatch, "cpu-rows" in request.node.callspec.id)
     x = _rand(shape, 11, device=device)
     from caffe_layers.ops.geometry import check_geometry
 
@@ -256,8 +267,23 @@ def test_segaware_conv_matches_reference(device, geom, bias, monkeypatch):
         _close(a, b2, f"grad {i}")
 
 
-def test_segaware_conv_gradcheck(monkeypatch):
-    monkeypatch.setattr(native, "_CHUNK_ELEMENTS", 30)
+def test_segaware_conv_cpu_forward_is_one_tiled_kernel(monkeypatch):
+    """On CPU the forward is one kernel call (tiles, gemm inside) with MKL's gemm from torch's library."""
+    assert native._blas_gemm(False) and native._blas_gemm(True)
+    calls = []
+    real = native._call
+    monkeypatch.setattr(native, "_call", lambda t, name, *a: (calls.append(name), real(t, name, *a))[1])
+    x, mask, w = _rand((2, 3, 7, 9), 1), _rand((2, 9, 7, 9), 2), _rand((4, 27), 3)
+    _small_segaware_tiles(monkeypatch)
+    y = segaware_conv(x, mask, w, None, 3, 1)
+    assert calls == ["segaware_conv_forward"]
+    with native.disabled():
+        _close(y, segaware_conv(x, mask, w, None, 3, 1), "forward")
+
+
+@pytest.mark.parametrize("rows_path", [False, True])
+def test_segaware_conv_gradcheck(monkeypatch, rows_path):
+    _small_segaware_tiles(monkeypatch, rows_path)
     x = _rand((2, 2, 5, 4), 1).requires_grad_(True)
     mask = _rand((2, 9, 3, 2), 2).requires_grad_(True)
     w = _rand((3, 18), 3).requires_grad_(True)
@@ -371,7 +397,7 @@ def test_norm_conv_filter_native_is_used_and_checks_shapes(monkeypatch):
     monkeypatch.setattr(native, "_call", lambda t, name, *a: (calls.append(name), real(t, name, *a))[1])
     norm_conv_filter(img, dist, _rand((2, 1, 3, 3), 2), None, None, 1, group=2)
     norm_conv_filter(img, dist, _rand((3, 2, 3, 3), 2), None, None, 1, group=1)
-    assert calls == ["normfilter_forward", "masked_im2col"]
+    assert calls == ["normfilter_forward", "segaware_conv_forward"]
     with pytest.raises(ValueError, match="distances of shape"):
         native.norm_conv_filter(img, _rand((1, 4, 5, 5), 3), _rand((2, 2, 3, 3), 2), None, None, 1)
 

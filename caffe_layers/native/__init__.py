@@ -15,8 +15,10 @@ CPU, or CUDA with the CUDA module, or meta tensors: the fake kernels); otherwise
 one-line warning when a module is missing).
 """
 import contextlib
+import ctypes
 import importlib
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -302,14 +304,40 @@ def _buffer(x, geom, chunks, rows):
     return x.new_empty(rows * max(r1 - r0 for r0, r1 in chunks) * geom[13])
 
 
+# The CPU kernel's tiles of output positions: a column buffer (C*K x tile) of about 2 MiB of float32 (it stays in
+# the thread's L2 cache between the masked im2col and the gemm), but at least _MIN_TILE positions (a narrower
+# gemm is slower), and as many tiles as a multiple of the threads (none waits for the last).
+_TILE_ELEMENTS = 1 << 19
+_MIN_TILE = 512
+_gemms = {}
+
+
+def _blas_gemm(double):
+    """The address of the Fortran ?gemm of the BLAS torch links (MKL's sgemm_/dgemm_ in torch's libtorch_cpu), or 0
+    where that library exports none (the fused CPU kernel then falls back to chunks and torch.addmm)."""
+    key = "dgemm_" if double else "sgemm_"
+    if key not in _gemms:
+        address = 0
+        for path in sorted(Path(torch.__file__).parent.joinpath("lib").glob("libtorch_cpu.*")):
+            try:
+                address = ctypes.cast(getattr(ctypes.CDLL(str(path)), key), ctypes.c_void_p).value or 0
+            except (OSError, AttributeError):
+                continue
+            break
+        _gemms[key] = address
+    return _gemms[key]
+
+
 @torch.library.custom_op("caffe_layers::segaware_conv", mutates_args=(), device_types=_OPS)
 def _segconv_op(x: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor], kernel: list[int], pad: list[int],
                 stride: list[int], dilation: list[int]) -> Tensor:
-    """y = W (im2col(x) * tile(mask)) + b, a few large chunks of output rows at a time (no C*K*H*W buffer).
+    """y = W (im2col(x) * tile(mask)) + b without the C*K*H*W buffer.
 
-    Chunks are few and large on purpose: each chunk switches between the kernel's and BLAS's threads,
-    which costs a scheduler time slice on a loaded machine. One column buffer serves every chunk, and each
-    GEMM writes its rows of y in place (y[n, :, rows] is an O x P matrix with leading dimension Ho*Wo).
+    On CPU one kernel call: tiles of output positions in parallel, each thread's gemm straight into y (see
+    segaware_conv_forward in cuda/native_cpu_kernels.h). Elsewhere (CUDA, or no BLAS gemm found) a few large
+    chunks of output rows: each chunk switches between the kernel's and BLAS's threads, which costs a scheduler
+    time slice on a loaded machine. One column buffer serves every chunk, and each GEMM writes its rows of y in
+    place (y[n, :, rows] is an O x P matrix with leading dimension Ho*Wo).
     """
     x, mask, weight, bias = _checked("segaware_conv", x, mask, weight, bias)
     geom, _ = _geom(x, kernel, pad, stride, dilation, "segaware_conv")
@@ -317,6 +345,14 @@ def _segconv_op(x: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor],
     N, Ho, Wo = geom[0], geom[12], geom[13]
     O, CK = w.shape
     y = x.new_empty((N, O, Ho * Wo))
+    gemm = _blas_gemm(x.dtype == torch.float64) if x.device.type == "cpu" else 0
+    if gemm:
+        P, threads = Ho * Wo, torch.get_num_threads()
+        tiles = -(-P // max(_MIN_TILE, _TILE_ELEMENTS // CK))
+        tile = -(-P // (-(-tiles // threads) * threads))
+        _call(x, "segaware_conv_forward", x.data_ptr(), mask.data_ptr(), w.data_ptr(), _ptr(bias), y.data_ptr(),
+              geom, O, tile, gemm)
+        return y.reshape(N, O, Ho, Wo)
     chunks = _row_chunks(geom, x.device)
     cols_buf = _buffer(x, geom, chunks, CK)
     for n in range(N):
