@@ -628,6 +628,102 @@ void segaware_conv_forward(const T* x, const T* mask, const T* w, const T* b, T*
   }
 }
 
+// Backward of masked_im2col_span for the output positions [p0, p1) of image n (dcols: C*K x (p1 - p0)):
+// gx[n] += col2im(dcols * mask) where gx is given; gmask[n, :, p] = sum_c dcols * col where gmask is given.
+template <typename T>
+void masked_col2im_span(const T* x, const T* mask, const T* dcols, T* gx, T* gmask, const Geom& g, int64_t n,
+                        int64_t p0, int64_t p1) {
+  const int64_t K = g.K(), span = p1 - p0;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t i = k / g.kw, j = k % g.kw;
+    int64_t lo, hi;
+    valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
+    for (int64_t p = p0; p < p1;) {
+      const int64_t oh = p / g.Wo, ow0 = p % g.Wo, ow1 = std::min(g.Wo, ow0 + (p1 - p));
+      const int64_t at = (p - p0) - ow0;  // dcols row + at + ow is position (oh, ow)
+      p += ow1 - ow0;
+      const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+      T* gm = gmask ? gmask + ((n * K + k) * g.Ho + oh) * g.Wo : nullptr;
+      if (gm) std::fill(gm + ow0, gm + ow1, T(0));
+      if (!in(hh, g.H)) continue;
+      const T* m = mask + ((n * K + k) * g.Ho + oh) * g.Wo;
+      const int64_t a = std::max(ow0, std::min(lo, ow1)), b = std::max(a, std::min(hi, ow1));
+      for (int64_t c = 0; c < g.C; ++c) {
+        const T* s = dcols + (c * K + k) * span + at;
+        const int64_t row = ((n * g.C + c) * g.H + hh) * g.W + j * g.dw - g.pw;
+        if (gx) {
+          T* gr = gx + row;
+          for (int64_t o = a; o < b; ++o) gr[o * g.sw] += s[o] * m[o];
+        }
+        if (gm) {
+          const T* xr = x + row;
+          for (int64_t o = a; o < b; ++o) gm[o] += s[o] * xr[o * g.sw];
+        }
+      }
+    }
+  }
+}
+
+// The fused backward: gw (O x CK, zeroed) += gy masked_im2col(x)^T, and d cols = w^T gy into
+// masked_col2im_span (gx zeroed; gx, gmask or gw null: not wanted), tile by tile as the forward. Each thread
+// takes a contiguous block of tiles and sums gx and gw into its own buffers (thread 0 into gx and gw), added in
+// thread order at the end: the result does not depend on the scheduling.
+template <typename T>
+void segaware_conv_backward(const T* x, const T* mask, const T* w, const T* gy, T* gx, T* gmask, T* gw,
+                            const Geom& g, int64_t O, int64_t tile, Gemm<T> gemm) {
+  const int64_t CK = g.C * g.K(), P = g.Ho * g.Wo, tiles = (P + tile - 1) / tile, jobs = g.N * tiles;
+  const int64_t x_size = g.N * g.C * g.H * g.W, w_size = O * CK;
+  const int ldy = int(P), k = int(CK), n_out = int(O);
+  const T one = 1, zero = 0;
+  const int team = parallel_worth(g.N * P * CK * O) ? int(std::min<int64_t>(threads(), jobs)) : 1;
+  std::vector<T*> gx_of(team, nullptr), gw_of(team, nullptr);  // the threads' sums (thread 0: gx and gw)
+  gx_of[0] = gx;
+  gw_of[0] = gw;
+#pragma omp parallel num_threads(team)
+  {
+#if defined(_OPENMP)
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();  // nt <= team
+#else
+    const int t = 0, nt = 1;
+#endif
+    if (t > 0 && gx) gx_of[t] = static_cast<T*>(std::calloc(x_size, sizeof(T)));
+    if (t > 0 && gw) gw_of[t] = static_cast<T*>(std::calloc(w_size, sizeof(T)));
+    const size_t bytes = (size_t(CK * tile) * sizeof(T) + 63) / 64 * 64;
+    T* cols = static_cast<T*>(std::aligned_alloc(64, bytes));
+    for (int64_t job = jobs * t / nt; job < jobs * (t + 1) / nt; ++job) {
+      const int64_t n = job / tiles, p0 = job % tiles * tile, p1 = std::min(P, p0 + tile);
+      const int m = int(p1 - p0);
+      const T* gyt = gy + n * O * P + p0;
+      if (gw) {
+        masked_im2col_span(x, mask, cols, g, n, p0, p1, 0, CK);
+        gemm("T", "N", &k, &n_out, &m, &one, cols, &m, gyt, &ldy, &one, gw_of[t], &k);
+      }
+      if (gx || gmask) {  // the buffer now takes d cols
+        gemm("N", "T", &m, &k, &n_out, &one, gyt, &ldy, w, &k, &zero, cols, &m);
+        masked_col2im_span(x, mask, cols, gx_of[t], gmask, g, n, p0, p1);
+      }
+    }
+    std::free(cols);
+#pragma omp barrier
+    if (gx && nt > 1) {
+#pragma omp for schedule(static)
+      for (int64_t e = 0; e < x_size; ++e) {
+        for (int u = 1; u < nt; ++u) gx[e] += gx_of[u][e];
+      }
+    }
+    if (gw && nt > 1) {
+#pragma omp for schedule(static)
+      for (int64_t e = 0; e < w_size; ++e) {
+        for (int u = 1; u < nt; ++u) gw[e] += gw_of[u][e];
+      }
+    }
+  }
+  for (int u = 1; u < team; ++u) {
+    std::free(gx_of[u]);
+    std::free(gw_of[u]);
+  }
+}
+
 // Backward of masked_im2col for a chunk: gx[n] += col2im(dcols * mask); gmask[n, :, r0:r1] = sum_c dcols * col.
 // One parallel region (two work-shared loops writing different arrays, no barrier between them): under load
 // every extra region costs a thread hand-over.

@@ -281,6 +281,26 @@ def test_segaware_conv_cpu_forward_is_one_tiled_kernel(monkeypatch):
         _close(y, segaware_conv(x, mask, w, None, 3, 1), "forward")
 
 
+def test_segaware_conv_cpu_threads_share_tiles_and_sum_in_order(monkeypatch):
+    """Two threads over several tiles (each its own gx and gw sums, added in thread order): the reference's
+    numbers, and the same bits on every run."""
+    _small_segaware_tiles(monkeypatch)
+    monkeypatch.setattr(native, "_MIN_TILE", 7)
+    x, mask, w, b = _rand((2, 8, 12, 10), 1), _rand((2, 9, 12, 10), 2).exp(), _rand((8, 8, 3, 3), 3), _rand((8,), 4)
+    fn = lambda *t: segaware_conv(*t, 3, 1, 1, 1)  # noqa: E731
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        (y, grads), (ry, rgrads) = _both(fn, x, mask, w, b)
+        y2, grads2 = _run(fn, x, mask, w, b)
+    finally:
+        torch.set_num_threads(threads)
+    _close(y, ry, "forward")
+    for i, (a, r, a2) in enumerate(zip(grads, rgrads, grads2)):
+        _close(a, r, f"grad {i}")
+        assert torch.equal(a, a2), f"grad {i} differs between two runs"
+
+
 @pytest.mark.parametrize("rows_path", [False, True])
 def test_segaware_conv_gradcheck(monkeypatch, rows_path):
     _small_segaware_tiles(monkeypatch, rows_path)

@@ -328,6 +328,13 @@ def _blas_gemm(double):
     return _gemms[key]
 
 
+def _tile(geom, CK):
+    """Output positions per tile of the CPU kernels (see _TILE_ELEMENTS)."""
+    P, threads = geom[12] * geom[13], torch.get_num_threads()
+    tiles = -(-P // max(_MIN_TILE, _TILE_ELEMENTS // CK))
+    return -(-P // (-(-tiles // threads) * threads))
+
+
 @torch.library.custom_op("caffe_layers::segaware_conv", mutates_args=(), device_types=_OPS)
 def _segconv_op(x: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor], kernel: list[int], pad: list[int],
                 stride: list[int], dilation: list[int]) -> Tensor:
@@ -347,11 +354,8 @@ def _segconv_op(x: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor],
     y = x.new_empty((N, O, Ho * Wo))
     gemm = _blas_gemm(x.dtype == torch.float64) if x.device.type == "cpu" else 0
     if gemm:
-        P, threads = Ho * Wo, torch.get_num_threads()
-        tiles = -(-P // max(_MIN_TILE, _TILE_ELEMENTS // CK))
-        tile = -(-P // (-(-tiles // threads) * threads))
         _call(x, "segaware_conv_forward", x.data_ptr(), mask.data_ptr(), w.data_ptr(), _ptr(bias), y.data_ptr(),
-              geom, O, tile, gemm)
+              geom, O, _tile(geom, CK), gemm)
         return y.reshape(N, O, Ho, Wo)
     chunks = _row_chunks(geom, x.device)
     cols_buf = _buffer(x, geom, chunks, CK)
@@ -388,19 +392,24 @@ def _segconv_backward_op(grad: Tensor, x: Tensor, mask: Tensor, weight: Tensor, 
     gx = torch.zeros_like(x) if need_x else None
     gmask = mask.new_empty(mask.shape) if need_mask else None
     gw = torch.zeros_like(w) if need_w else None
-    chunks = _row_chunks(geom, x.device)
-    buf = _buffer(x, geom, chunks, CK)
-    wt = w.t().contiguous()
-    for n in range(N):
-        for r0, r1 in chunks:
-            g, cols = gy[n, :, r0 * Wo:r1 * Wo], buf[:CK * (r1 - r0) * Wo].view(CK, -1)
-            if need_w:
-                _call(x, "masked_im2col", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), geom, n, r0, r1)
-                gw.addmm_(g, cols.t())
-            if need_x or need_mask:  # the buffer now takes d(cols) = W^T dy
-                torch.mm(wt, g, out=cols)
-                _call(x, "masked_col2im", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), _ptr(gx), _ptr(gmask),
-                      geom, n, r0, r1)
+    gemm = _blas_gemm(x.dtype == torch.float64) if x.device.type == "cpu" else 0
+    if gemm:  # one kernel call, tiles as the forward
+        _call(x, "segaware_conv_backward", x.data_ptr(), mask.data_ptr(), w.data_ptr(), gy.data_ptr(), _ptr(gx),
+              _ptr(gmask), _ptr(gw), geom, O, _tile(geom, CK), gemm)
+    else:
+        chunks = _row_chunks(geom, x.device)
+        buf = _buffer(x, geom, chunks, CK)
+        wt = w.t().contiguous()
+        for n in range(N):
+            for r0, r1 in chunks:
+                g, cols = gy[n, :, r0 * Wo:r1 * Wo], buf[:CK * (r1 - r0) * Wo].view(CK, -1)
+                if need_w:
+                    _call(x, "masked_im2col", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), geom, n, r0, r1)
+                    gw.addmm_(g, cols.t())
+                if need_x or need_mask:  # the buffer now takes d(cols) = W^T dy
+                    torch.mm(wt, g, out=cols)
+                    _call(x, "masked_col2im", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), _ptr(gx), _ptr(gmask),
+                          geom, n, r0, r1)
     empty = x.new_empty(0)
     return (empty if gx is None else gx, empty.clone() if gmask is None else gmask,
             empty.clone() if gw is None else gw.reshape(weight.shape))
