@@ -23,7 +23,6 @@ def _emulated_cuda_for_marked_tests(request, monkeypatch):
     if request.node.get_closest_marker("cuda_emulated"):
         native.available("cpu")
         monkeypatch.setitem(native._modules, "cpu", OnStreamZero(request.getfixturevalue("emulated_cuda")))
-        monkeypatch.setattr(native, "_blas_gemm", lambda double: 0)  # the CUDA path: row chunks, torch's GEMM
 
 # (N, C, H, W), kernel, pad, stride, dilation: odd sizes, stride, dilation, padding past the image, batch > 1
 GEOMETRIES = [

@@ -328,6 +328,14 @@ def _blas_gemm(double):
     return _gemms[key]
 
 
+def _fused_kernel_gemm(x):
+    """The gemm address for the fused seg-aware kernels of x's module, or 0 where that module has none (the CUDA
+    one: its path is row chunks with torch's GEMM) or torch's library exports no gemm."""
+    if not hasattr(_modules[x.device.type], "segaware_conv_forward"):
+        return 0
+    return _blas_gemm(x.dtype == torch.float64)
+
+
 def _tile(geom, CK):
     """Output positions per tile of the CPU kernels (see _TILE_ELEMENTS)."""
     P, threads = geom[12] * geom[13], torch.get_num_threads()
@@ -352,7 +360,7 @@ def _segconv_op(x: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor],
     N, Ho, Wo = geom[0], geom[12], geom[13]
     O, CK = w.shape
     y = x.new_empty((N, O, Ho * Wo))
-    gemm = _blas_gemm(x.dtype == torch.float64) if x.device.type == "cpu" else 0
+    gemm = _fused_kernel_gemm(x)
     if gemm:
         _call(x, "segaware_conv_forward", x.data_ptr(), mask.data_ptr(), w.data_ptr(), _ptr(bias), y.data_ptr(),
               geom, O, _tile(geom, CK), gemm)
@@ -392,7 +400,7 @@ def _segconv_backward_op(grad: Tensor, x: Tensor, mask: Tensor, weight: Tensor, 
     gx = torch.zeros_like(x) if need_x else None
     gmask = mask.new_empty(mask.shape) if need_mask else None
     gw = torch.zeros_like(w) if need_w else None
-    gemm = _blas_gemm(x.dtype == torch.float64) if x.device.type == "cpu" else 0
+    gemm = _fused_kernel_gemm(x)
     if gemm:  # one kernel call, tiles as the forward
         _call(x, "segaware_conv_backward", x.data_ptr(), mask.data_ptr(), w.data_ptr(), gy.data_ptr(), _ptr(gx),
               _ptr(gmask), _ptr(gw), geom, O, _tile(geom, CK), gemm)
