@@ -71,16 +71,16 @@ def _malloc_regime(mmap_threshold):
 
 COLD, STEADY = 1 << 16, 32 << 20  # STEADY: where glibc's own threshold ends in a long-running process
 DEVICE = [torch.device("cpu")]  # --device
-FIGURES = {"ops": [], "nets": []}  # what --json writes
+FIGURES = {"ops": [], "versus_conv": [], "nets": []}  # what --json writes
 _NO_REFERENCE = [False]  # --no-reference
 
 
-def _best(fn, repeat, min_seconds=0.0):
+def _best(fn, repeat, min_seconds=0.0, clock=time.perf_counter):
     best, runs, start = float("inf"), 0, time.perf_counter()
     while runs < repeat or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
+        t = clock()
         fn()
-        best, runs = min(best, time.perf_counter() - t), runs + 1
+        best, runs = min(best, clock() - t), runs + 1
     return best
 
 
@@ -164,18 +164,6 @@ def compare(title, run_native, run_ref, repeat, target=None):
           f"memory ratio {mem:5.2f}" + (f"  [{target}]" if target else ""))
 
 
-def _best_cpu(fn, repeat):
-    """Best process CPU time (all threads) of `repeat` calls after one warm-up: less moved by other processes'
-    load than wall time, and it counts the time threads spin waiting for each other."""
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t)
-    return best
-
-
 def versus_conv(title, run_fused, run_conv, repeat):
     """The fused seg-aware convolution against a plain convolution of the same shape, 1 and 2 threads, process
     CPU time (wall time on CUDA), the two interleaved in one run; the ratio's target is <= 1.2x."""
@@ -184,14 +172,16 @@ def versus_conv(title, run_fused, run_conv, repeat):
     threads = torch.get_num_threads()
     for n in ([1, 2] if DEVICE[0].type == "cpu" else [threads]):
         torch.set_num_threads(n)
-        if DEVICE[0].type == "cpu":
-            t_f, t_c = (min(ts) for ts in zip(*[(_best_cpu(run_fused, 2), _best_cpu(run_conv, 2))
+        if DEVICE[0].type == "cpu":  # process CPU time (all threads): less moved by other processes' load
+            run_fused(), run_conv()
+            t_f, t_c = (min(ts) for ts in zip(*[(_best(run_fused, 2, clock=time.process_time),
+                                                   _best(run_conv, 2, clock=time.process_time))
                                                   for _ in range(max(1, repeat // 2))]))
             clock = "cpu"
         else:
             (t_f, _, _), (t_c, _, _) = measure(run_fused, repeat, cold=False), measure(run_conv, repeat, cold=False)
             clock = "wall"
-        FIGURES["ops"].append(dict(name=title, threads=n, fused_s=t_f, conv_s=t_c, clock=clock))
+        FIGURES["versus_conv"].append(dict(title=title, threads=n, fused_s=t_f, conv_s=t_c, clock=clock))
         print(f"{title:<58} {n} thr: fused {t_f * 1e3:8.1f} ms | torch convolution {t_c * 1e3:8.1f} ms {clock} | "
               f"ratio {t_f / t_c:5.2f}x  [target <= 1.2x]")
     torch.set_num_threads(threads)
