@@ -221,7 +221,9 @@ class Net(nn.Module):
         total = None
         for name, weight in self._top_weights():
             if weight and name in values:
-                term = weight * values[name].sum()
+                term = values[name]
+                term = term.sum() if term.dim() else term  # (a weight of 1 or a 0-d sum changes no value)
+                term = term if weight == 1 else weight * term
                 total = term if total is None else total + term
         return total
 
