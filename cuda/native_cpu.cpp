@@ -129,6 +129,21 @@ PYBIND11_MODULE(_native_cpu, m) {
     const Geom g = make_geom(geom);
     DISPATCH(dbl, masked_im2col<T>(ptr<T>(x), ptr<T>(mask), ptr<T>(cols), g, n, r0, r1));
   }, nogil);
+  m.def("segaware_conv_forward", [](bool dbl, uintptr_t x, uintptr_t mask, uintptr_t w, uintptr_t b, uintptr_t y,
+                                    std::vector<int64_t> geom, int64_t O, int64_t tile, uintptr_t gemm) {
+    const Geom g = make_geom(geom);
+    if (tile < 1 || !gemm) throw std::invalid_argument("segaware_conv_forward: needs a tile >= 1 and a gemm");
+    DISPATCH(dbl, segaware_conv_forward<T>(ptr<T>(x), ptr<T>(mask), ptr<T>(w), ptr<T>(b), ptr<T>(y), g, O, tile,
+                                           reinterpret_cast<Gemm<T>>(gemm)));
+  }, nogil);
+  m.def("segaware_conv_backward", [](bool dbl, uintptr_t x, uintptr_t mask, uintptr_t w, uintptr_t gy, uintptr_t gx,
+                                     uintptr_t gmask, uintptr_t gw, std::vector<int64_t> geom, int64_t O, int64_t tile,
+                                     uintptr_t gemm) {
+    const Geom g = make_geom(geom);
+    if (tile < 1 || !gemm) throw std::invalid_argument("segaware_conv_backward: needs a tile >= 1 and a gemm");
+    DISPATCH(dbl, segaware_conv_backward<T>(ptr<T>(x), ptr<T>(mask), ptr<T>(w), ptr<T>(gy), ptr<T>(gx),
+                                            ptr<T>(gmask), ptr<T>(gw), g, O, tile, reinterpret_cast<Gemm<T>>(gemm)));
+  }, nogil);
   m.def("masked_col2im", [](bool dbl, uintptr_t x, uintptr_t mask, uintptr_t dcols, uintptr_t gx, uintptr_t gmask,
                             std::vector<int64_t> geom, int64_t n, int64_t r0, int64_t r1) {
     const Geom g = make_geom(geom);

@@ -548,35 +548,179 @@ void spn_backward(const T* x, const T* g1, const T* g2, const T* g3, const T* h,
   }
 }
 
-// ---- segmentation-aware convolution: masked column buffers for output rows [r0, r1) of image n -----
-// cols[(c*K + k), p] = im2col(x)[c, k, p] * mask[k, p], p over the chunk's output positions.
+// ---- segmentation-aware convolution ------------------------------------------------------------
+// cols[(c*K + k), p - p0] = im2col(x)[c, k, p] * mask[k, p] for the rows ck in [ck0, ck1) and the output
+// positions p in [p0, p1) of image n (a span may start and end inside an output row).
 template <typename T>
-void masked_im2col(const T* x, const T* mask, T* cols, const Geom& g, int64_t n, int64_t r0, int64_t r1) {
-  const int64_t K = g.K(), P = (r1 - r0) * g.Wo;
-#pragma omp parallel for schedule(static) if (parallel_worth(g.C * g.K() * (r1 - r0) * g.Wo))
-  for (int64_t ck = 0; ck < g.C * K; ++ck) {
+void masked_im2col_span(const T* x, const T* mask, T* cols, const Geom& g, int64_t n, int64_t p0, int64_t p1,
+                        int64_t ck0, int64_t ck1) {
+  const int64_t K = g.K(), span = p1 - p0;
+  for (int64_t ck = ck0; ck < ck1; ++ck) {
     const int64_t c = ck / K, k = ck % K, i = k / g.kw, j = k % g.kw;
     const T* xc = x + (n * g.C + c) * g.H * g.W;
     int64_t lo, hi;
     valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
-    T* dst = cols + ck * P;
-    for (int64_t oh = r0; oh < r1; ++oh) {
-      T* d = dst + (oh - r0) * g.Wo;
+    for (int64_t p = p0; p < p1;) {
+      const int64_t oh = p / g.Wo, ow0 = p % g.Wo, ow1 = std::min(g.Wo, ow0 + (p1 - p));
+      T* d = cols + ck * span + (p - p0) - ow0;  // d[ow] is position (oh, ow)
+      p += ow1 - ow0;
       const int64_t hh = oh * g.sh - g.ph + i * g.dh;
       if (!in(hh, g.H)) {
-        std::fill(d, d + g.Wo, T(0));
+        std::fill(d + ow0, d + ow1, T(0));
         continue;
       }
       const T* m = mask + ((n * K + k) * g.Ho + oh) * g.Wo;
       const T* xr = xc + hh * g.W + j * g.dw - g.pw;
-      for (int64_t o = 0; o < lo; ++o) d[o] = 0;
+      const int64_t a = std::max(ow0, std::min(lo, ow1)), b = std::max(a, std::min(hi, ow1));
+      for (int64_t o = ow0; o < a; ++o) d[o] = 0;
       if (g.sw == 1) {  // contiguous: lets the compiler vectorise
-        for (int64_t o = lo; o < hi; ++o) d[o] = xr[o] * m[o];
+        for (int64_t o = a; o < b; ++o) d[o] = xr[o] * m[o];
       } else {
-        for (int64_t o = lo; o < hi; ++o) d[o] = xr[o * g.sw] * m[o];
+        for (int64_t o = a; o < b; ++o) d[o] = xr[o * g.sw] * m[o];
       }
-      for (int64_t o = hi; o < g.Wo; ++o) d[o] = 0;
+      for (int64_t o = b; o < ow1; ++o) d[o] = 0;
     }
+  }
+}
+
+// The masked columns of output rows [r0, r1) of image n, in parallel over the rows of cols.
+template <typename T>
+void masked_im2col(const T* x, const T* mask, T* cols, const Geom& g, int64_t n, int64_t r0, int64_t r1) {
+  const int64_t CK = g.C * g.K();
+#pragma omp parallel for schedule(static) if (parallel_worth(CK * (r1 - r0) * g.Wo))
+  for (int64_t ck = 0; ck < CK; ++ck) masked_im2col_span(x, mask, cols, g, n, r0 * g.Wo, r1 * g.Wo, ck, ck + 1);
+}
+
+// The Fortran BLAS ?gemm (column-major), as exported by the BLAS torch links; Python passes its address.
+template <typename T>
+using Gemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*, const int*,
+                      const T*, const int*, const T*, T*, const int*);
+
+// The fused forward y[n] = w (O x CK) * masked_im2col(x[n]) + b, a tile of `tile` output positions at a time:
+// each thread fills its own column buffer for a tile (small enough to stay in its cache) and multiplies it
+// straight into y's columns of the tile (no copy; y[n] is O x P with leading dimension P). One parallel region
+// for the whole call, so the gemm inside runs on its thread alone (the BLAS does not nest).
+template <typename T>
+void segaware_conv_forward(const T* x, const T* mask, const T* w, const T* b, T* y, const Geom& g, int64_t O,
+                           int64_t tile, Gemm<T> gemm) {
+  const int64_t CK = g.C * g.K(), P = g.Ho * g.Wo, tiles = (P + tile - 1) / tile;
+  const int ldc = int(P), k = int(CK), n_out = int(O);
+  const T one = 1, zero = 0;
+#pragma omp parallel if (parallel_worth(g.N * P * CK * O) && g.N * tiles > 1)
+  {
+    // 64-byte aligned: the BLAS's results do not then depend on where the allocator put the buffer
+    const size_t bytes = (size_t(CK * tile) * sizeof(T) + 63) / 64 * 64;
+    T* cols = static_cast<T*>(std::aligned_alloc(64, bytes));
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t p0 = t * tile, p1 = std::min(P, p0 + tile);
+        const int m = int(p1 - p0);
+        masked_im2col_span(x, mask, cols, g, n, p0, p1, 0, CK);
+        T* out = y + n * O * P + p0;
+        if (b) {
+          for (int64_t o = 0; o < O; ++o) std::fill(out + o * P, out + o * P + m, b[o]);
+        }
+        gemm("N", "N", &m, &n_out, &k, &one, cols, &m, w, &k, b ? &one : &zero, out, &ldc);
+      }
+    }
+    std::free(cols);
+  }
+}
+
+// Backward of masked_im2col_span for the output positions [p0, p1) of image n (dcols: C*K x (p1 - p0)):
+// gx[n] += col2im(dcols * mask) where gx is given; gmask[n, :, p] = sum_c dcols * col where gmask is given.
+template <typename T>
+void masked_col2im_span(const T* x, const T* mask, const T* dcols, T* gx, T* gmask, const Geom& g, int64_t n,
+                        int64_t p0, int64_t p1) {
+  const int64_t K = g.K(), span = p1 - p0;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t i = k / g.kw, j = k % g.kw;
+    int64_t lo, hi;
+    valid_range(g.W, g.pw, g.sw, j * g.dw, g.Wo, lo, hi);
+    for (int64_t p = p0; p < p1;) {
+      const int64_t oh = p / g.Wo, ow0 = p % g.Wo, ow1 = std::min(g.Wo, ow0 + (p1 - p));
+      const int64_t at = (p - p0) - ow0;  // dcols row + at + ow is position (oh, ow)
+      p += ow1 - ow0;
+      const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+      T* gm = gmask ? gmask + ((n * K + k) * g.Ho + oh) * g.Wo : nullptr;
+      if (gm) std::fill(gm + ow0, gm + ow1, T(0));
+      if (!in(hh, g.H)) continue;
+      const T* m = mask + ((n * K + k) * g.Ho + oh) * g.Wo;
+      const int64_t a = std::max(ow0, std::min(lo, ow1)), b = std::max(a, std::min(hi, ow1));
+      for (int64_t c = 0; c < g.C; ++c) {
+        const T* s = dcols + (c * K + k) * span + at;
+        const int64_t row = ((n * g.C + c) * g.H + hh) * g.W + j * g.dw - g.pw;
+        if (gx) {
+          T* gr = gx + row;
+          for (int64_t o = a; o < b; ++o) gr[o * g.sw] += s[o] * m[o];
+        }
+        if (gm) {
+          const T* xr = x + row;
+          for (int64_t o = a; o < b; ++o) gm[o] += s[o] * xr[o * g.sw];
+        }
+      }
+    }
+  }
+}
+
+// The fused backward: gw (O x CK, zeroed) += gy masked_im2col(x)^T, and d cols = w^T gy into
+// masked_col2im_span (gx zeroed; gx, gmask or gw null: not wanted), tile by tile as the forward. Each thread
+// takes a contiguous block of tiles and sums gx and gw into its own buffers (thread 0 into gx and gw), added in
+// thread order at the end: the result does not depend on the scheduling.
+template <typename T>
+void segaware_conv_backward(const T* x, const T* mask, const T* w, const T* gy, T* gx, T* gmask, T* gw,
+                            const Geom& g, int64_t O, int64_t tile, Gemm<T> gemm) {
+  const int64_t CK = g.C * g.K(), P = g.Ho * g.Wo, tiles = (P + tile - 1) / tile, jobs = g.N * tiles;
+  const int64_t x_size = g.N * g.C * g.H * g.W, w_size = O * CK;
+  const int ldy = int(P), k = int(CK), n_out = int(O);
+  const T one = 1, zero = 0;
+  const int team = parallel_worth(g.N * P * CK * O) ? int(std::min<int64_t>(threads(), jobs)) : 1;
+  std::vector<T*> gx_of(team, nullptr), gw_of(team, nullptr);  // the threads' sums (thread 0: gx and gw)
+  gx_of[0] = gx;
+  gw_of[0] = gw;
+#pragma omp parallel num_threads(team)
+  {
+#if defined(_OPENMP)
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();  // nt <= team
+#else
+    const int t = 0, nt = 1;
+#endif
+    if (t > 0 && gx) gx_of[t] = static_cast<T*>(std::calloc(x_size, sizeof(T)));
+    if (t > 0 && gw) gw_of[t] = static_cast<T*>(std::calloc(w_size, sizeof(T)));
+    const size_t bytes = (size_t(CK * tile) * sizeof(T) + 63) / 64 * 64;
+    T* cols = static_cast<T*>(std::aligned_alloc(64, bytes));
+    for (int64_t job = jobs * t / nt; job < jobs * (t + 1) / nt; ++job) {
+      const int64_t n = job / tiles, p0 = job % tiles * tile, p1 = std::min(P, p0 + tile);
+      const int m = int(p1 - p0);
+      const T* gyt = gy + n * O * P + p0;
+      if (gw) {
+        masked_im2col_span(x, mask, cols, g, n, p0, p1, 0, CK);
+        gemm("T", "N", &k, &n_out, &m, &one, cols, &m, gyt, &ldy, &one, gw_of[t], &k);
+      }
+      if (gx || gmask) {  // the buffer now takes d cols
+        gemm("N", "T", &m, &k, &n_out, &one, gyt, &ldy, w, &k, &zero, cols, &m);
+        masked_col2im_span(x, mask, cols, gx_of[t], gmask, g, n, p0, p1);
+      }
+    }
+    std::free(cols);
+#pragma omp barrier
+    if (gx && nt > 1) {
+#pragma omp for schedule(static)
+      for (int64_t e = 0; e < x_size; ++e) {
+        for (int u = 1; u < nt; ++u) gx[e] += gx_of[u][e];
+      }
+    }
+    if (gw && nt > 1) {
+#pragma omp for schedule(static)
+      for (int64_t e = 0; e < w_size; ++e) {
+        for (int u = 1; u < nt; ++u) gw[e] += gw_of[u][e];
+      }
+    }
+  }
+  for (int u = 1; u < team; ++u) {
+    std::free(gx_of[u]);
+    std::free(gw_of[u]);
   }
 }
 

@@ -373,6 +373,35 @@ def test_lrn_matches_formula_and_gradcheck(region, size, channels):
     gradcheck_layer(text, [(1, 4, 3, 3)])
 
 
+@pytest.mark.parametrize("region", ["ACROSS_CHANNELS", "WITHIN_CHANNEL"])
+def test_lrn_image_result_independent_of_batch_and_threads(region):
+    """An image's float32 output is the same alone, inside a batch and on any thread count (the
+    02-fine-tuning notebook asserts fc7 of one image equal in a batch-1 and a batch-10 net); each power
+    is the correctly rounded one."""
+    text = f'type: "LRN" lrn_param {{ local_size: 5 alpha: 0.0001 beta: 0.75 norm_region: {region} }}'
+    x = torch.as_tensor(np.random.default_rng(3).uniform(0, 300, (10, 96, 27, 27)), dtype=torch.float32)
+    layer = make_layer(text, [tuple(x.shape)])
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outputs += [layer(x)[:1], layer(x[:1].clone()), layer(x[:3].clone())[:1]]
+    finally:
+        torch.set_num_threads(threads)
+    for out in outputs[1:]:
+        assert torch.equal(out, outputs[0])
+    if region == "ACROSS_CHANNELS":
+        sq = x[:1] * x[:1]
+        scale = sq.clone()
+        for j in (1, 2):
+            scale[:, j:] += sq[:, :-j]
+            scale[:, :-j] += sq[:, j:]
+        scale = (scale * (0.0001 / 5) + 1).numpy()
+        expected = x[:1].numpy() * np.power(scale.astype(np.float64), -0.75).astype(np.float32)
+        np.testing.assert_array_equal(outputs[0].numpy(), expected)
+
+
 def test_lrn_errors():
     with pytest.raises(ValueError, match="'n'.*local_size must be odd"):
         make_layer('name: "n" type: "LRN" lrn_param { local_size: 4 }', [(1, 3, 2, 2)])

@@ -233,13 +233,23 @@ def test_emulated_cuda_scan_tiles_and_fallback(direction, shared_bytes, monkeypa
 
 
 # ---- segmentation-aware convolution ----------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
+def _small_segaware_tiles(monkeypatch, rows_path=False):
+    """Several tiles (of 5 output positions, across row ends) or row chunks per image; rows_path: the chunked
+    path that CUDA and a CPU without an exported BLAS gemm take."""
+    monkeypatch.setattr(native, "_TILE_ELEMENTS", 1)
+    monkeypatch.setattr(native, "_MIN_TILE", 5)
+    monkeypatch.setattr(native, "_CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(native, "_CHUNK_ELEMENTS_CUDA", 40)
+    if rows_path:
+        monkeypatch.setattr(native, "_blas_gemm", lambda double: 0)
+
+
+@pytest.mark.parametrize("device", DEVICES + [pytest.param("cpu", id="cpu-rows")])
 @pytest.mark.parametrize("geom", GEOMETRIES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_segaware_conv_matches_reference(device, geom, bias, monkeypatch):
+def test_segaware_conv_matches_reference(device, geom, bias, monkeypatch, request):
     shape, k, p, s, d = geom
-    monkeypatch.setattr(native, "_CHUNK_ELEMENTS", 40)  # several row chunks per image
-    monkeypatch.setattr(native, "_CHUNK_ELEMENTS_CUDA", 40)
+    _small_segaware_tiles(monkeypatch, "cpu-rows" in request.node.callspec.id)
     x = _rand(shape, 11, device=device)
     from caffe_layers.ops.geometry import check_geometry
 
@@ -256,8 +266,43 @@ def test_segaware_conv_matches_reference(device, geom, bias, monkeypatch):
         _close(a, b2, f"grad {i}")
 
 
-def test_segaware_conv_gradcheck(monkeypatch):
-    monkeypatch.setattr(native, "_CHUNK_ELEMENTS", 30)
+def test_segaware_conv_cpu_forward_is_one_tiled_kernel(monkeypatch):
+    """On CPU the forward is one kernel call (tiles, gemm inside) with MKL's gemm from torch's library."""
+    assert native._blas_gemm(False) and native._blas_gemm(True)
+    calls = []
+    real = native._call
+    monkeypatch.setattr(native, "_call", lambda t, name, *a: (calls.append(name), real(t, name, *a))[1])
+    x, mask, w = _rand((2, 3, 7, 9), 1), _rand((2, 9, 7, 9), 2), _rand((4, 27), 3)
+    _small_segaware_tiles(monkeypatch)
+    y = segaware_conv(x, mask, w, None, 3, 1)
+    assert calls == ["segaware_conv_forward"]
+    with native.disabled():
+        _close(y, segaware_conv(x, mask, w, None, 3, 1), "forward")
+
+
+def test_segaware_conv_cpu_threads_share_tiles_and_sum_in_order(monkeypatch):
+    """Two threads over several tiles (each its own gx and gw sums, added in thread order): the reference's
+    numbers, and the same bits on every run."""
+    _small_segaware_tiles(monkeypatch)
+    monkeypatch.setattr(native, "_MIN_TILE", 7)
+    x, mask, w, b = _rand((2, 8, 12, 10), 1), _rand((2, 9, 12, 10), 2).exp(), _rand((8, 8, 3, 3), 3), _rand((8,), 4)
+    fn = lambda *t: segaware_conv(*t, 3, 1, 1, 1)  # noqa: E731
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        (y, grads), (ry, rgrads) = _both(fn, x, mask, w, b)
+        y2, grads2 = _run(fn, x, mask, w, b)
+    finally:
+        torch.set_num_threads(threads)
+    _close(y, ry, "forward")
+    for i, (a, r, a2) in enumerate(zip(grads, rgrads, grads2)):
+        _close(a, r, f"grad {i}")
+        assert torch.equal(a, a2), f"grad {i} differs between two runs"
+
+
+@pytest.mark.parametrize("rows_path", [False, True])
+def test_segaware_conv_gradcheck(monkeypatch, rows_path):
+    _small_segaware_tiles(monkeypatch, rows_path)
     x = _rand((2, 2, 5, 4), 1).requires_grad_(True)
     mask = _rand((2, 9, 3, 2), 2).requires_grad_(True)
     w = _rand((3, 18), 3).requires_grad_(True)
@@ -371,7 +416,7 @@ def test_norm_conv_filter_native_is_used_and_checks_shapes(monkeypatch):
     monkeypatch.setattr(native, "_call", lambda t, name, *a: (calls.append(name), real(t, name, *a))[1])
     norm_conv_filter(img, dist, _rand((2, 1, 3, 3), 2), None, None, 1, group=2)
     norm_conv_filter(img, dist, _rand((3, 2, 3, 3), 2), None, None, 1, group=1)
-    assert calls == ["normfilter_forward", "masked_im2col"]
+    assert calls == ["normfilter_forward", "segaware_conv_forward"]
     with pytest.raises(ValueError, match="distances of shape"):
         native.norm_conv_filter(img, _rand((1, 4, 5, 5), 3), _rand((2, 2, 3, 3), 2), None, None, 1)
 

@@ -220,6 +220,16 @@ def test_apply_update_callbacks_snapshot_restore(solver_file, tmp_path):
     np.testing.assert_array_equal(again.net.params["ip"][0].data, saved)
 
 
+def test_param_diff_view_holds_the_update_after_step(solver_file):
+    solver = caffe.SGDSolver(solver_file)
+    blob = solver.net.params["ip"][0]
+    diff = blob.diff  # taken before the step: the same memory after it
+    before = blob.data.copy()
+    solver.step(1)
+    np.testing.assert_allclose(diff, before - blob.data, rtol=1e-5, atol=1e-7)
+    assert np.abs(diff).max() > 0
+
+
 def test_set_random_seed_repeats_fillers(tmp_path):
     (tmp_path / "net.prototxt").write_text(NET)
     caffe.set_random_seed(5)

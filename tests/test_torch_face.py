@@ -137,7 +137,7 @@ def _folded_calls(net):
     return [n for n in net.graph.nodes if n.op == "call_function" and n.target.__name__ == "folded_convolution"]
 
 
-def test_batchnorm_folding_equals_unfolded():
+def _folded_and_plain():
     torch.manual_seed(0)
     folded, plain = TorchNet(BN_NET), TorchNet(BN_NET, fold=False)
     for layer in folded.layer_modules:
@@ -150,14 +150,59 @@ def test_batchnorm_folding_equals_unfolded():
                 layer.blobs[0].uniform_(0.5, 1.5)
                 layer.blobs[1].normal_()
     plain.load_state_dict(folded.state_dict())
-    # c1+bn1+s1 in place and c2+bn2 (no Scale, no conv bias, groups) fold; c3 does not: AbsVal reads c3 too
+    return folded, plain
+
+
+def test_batchnorm_folding_equals_unfolded():
+    folded, plain = _folded_and_plain()
+    # c1+bn1+s1+r1 in place and c2+bn2 (no Scale, no conv bias, groups) fold; c3 does not: AbsVal reads c3 too
     assert len(_folded_calls(folded)) == 2 and not _folded_calls(plain)
+    assert [n.args[-1] for n in _folded_calls(folded)] == [True, False]  # the ReLU after s1 runs in the fold
+    assert "r1" not in {n.target for n in folded.graph.nodes if n.op == "call_module"}
     x = torch.randn(2, 3, 9, 9)
     got, expected = folded(data=x), plain(data=x)
     assert set(got) == set(expected) == {"b2", "b3", "a3"}
     for blob in expected:
         torch.testing.assert_close(got[blob], expected[blob], rtol=1e-5, atol=1e-5)
     assert not _folded_calls(TorchNet(BN_NET, phase="train"))  # batch statistics in TRAIN: nothing folds
+
+
+def test_folded_weights_kept_between_inference_calls_follow_every_change():
+    from caffe_layers.engine.folding import clear_fold_cache
+
+    folded, plain = _folded_and_plain()
+    x = torch.randn(2, 3, 9, 9)
+
+    def check(inference):  # c1 (3x3) runs on oneDNN with kept weights when inferring float32; also at another size
+        for data in (x, x[:1, :, 1:, 2:]):
+            with torch.inference_mode() if inference else torch.enable_grad():
+                got, expected = folded(data=data), plain(data=data)
+            for blob in expected:
+                assert got[blob].is_contiguous()
+                torch.testing.assert_close(got[blob], expected[blob], rtol=1e-5, atol=1e-5)
+
+    check(True)
+    check(True)  # the kept folded weights
+    for net in (folded, plain):  # in-place writes through torch, on each kind of blob
+        with torch.no_grad():
+            net.c1.blobs[0].mul_(-2)
+            net.bn1.blobs[1].mul_(3)
+            net.s1.blobs[1].add_(1)
+            net.bn2.blobs[2].fill_(0.5)
+    check(True)
+    state = {k: torch.randn_like(v) for k, v in plain.state_dict().items() if not k.startswith("bn")}
+    folded.load_state_dict(state, strict=False)
+    plain.load_state_dict(state, strict=False)
+    check(True)
+    folded.double()
+    plain.double()
+    x = x.double()
+    check(True)
+    check(False)  # under autograd the weights are folded in the graph
+    for net in (folded, plain):  # a write that bypasses the version counter: seen after clear_fold_cache
+        net.c2.blobs[0].data.mul_(0.5)
+    clear_fold_cache()
+    check(True)
 
 
 def test_compile_fullgraph_segaware_deploy():

@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from caffe_layers.engine.folding import FoldedConvolution, fold_batchnorm, folded_convolution
 from caffe_layers.engine.fusion import FusedSegawareConv, fuse_steps
-from caffe_layers.engine.plan import compile_plan
+from caffe_layers.engine.plan import compile_plan, paused_gc
 from caffe_layers.formats.proto import TEST, TRAIN
 from caffe_layers.layers.base import LEAF_FUNCTIONS, Layer, stored_attribute
 from caffe_layers.native import segaware_conv
@@ -70,7 +70,7 @@ def build_graph(plan, steps, attr_of, keep=(), lowered=()):
             node = graph.call_function(folded_convolution, (
                 *args, blob(conv, 0), blob(conv, 1) if conv.bias_term else None, blob(bn, 0), blob(bn, 1),
                 blob(bn, 2), bn.eps, scale, shift, tuple(conv.stride), tuple(conv.pad), tuple(conv.dilation),
-                conv.group))
+                conv.group, step.layer.relu is not None))
         elif id(step.layer) in lowered:
             function, constants = step.layer.lowered()
             blobs = tuple(blob(step.layer, i) for i in range(len(step.layer.blobs)))
@@ -107,6 +107,12 @@ class TorchNet(fx.GraphModule):
 
     def __init__(self, prototxt, weights=None, phase=TEST, variables=None, *, level=0, stages=(), fuse=True,
                  fold=None, keep_blobs=(), strict_weights=False, lower=True):
+        with paused_gc():
+            self._build(prototxt, weights, phase, variables, level, stages, fuse, fold, keep_blobs, strict_weights,
+                        lower)
+
+    def _build(self, prototxt, weights, phase, variables, level, stages, fuse, fold, keep_blobs, strict_weights,
+               lower):
         plan = compile_plan(prototxt, phase, variables, level, stages)
         steps = (fuse_steps(plan, keep_blobs) if fuse else None) or plan.steps
         if fold if fold is not None else plan.phase == TEST:

@@ -35,6 +35,8 @@ def comment_start(line):
 
 def substitute(text, variables, source="<string>"):
     """Replace every ${NAME} with str(variables[NAME]); an unset name is an error naming its line."""
+    if "${" not in text:  # nothing to replace: skip the per-character comment scan
+        return text
     variables = variables or {}
     missing = []
     lines = text.splitlines(keepends=True)

@@ -1,10 +1,21 @@
 """LRN: local response normalization across channels or within a channel, Caffe's formulas."""
+import torch
 import torch.nn.functional as F
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, check_4d
 from caffe_layers.layers.pooling import pool_channels_last
 from caffe_layers.formats.proto import pb
+
+
+def position_independent_pow(x, exponent):
+    """x ** exponent with the same result for an element wherever it sits in the tensor. torch's float32
+    pow on CPU rounds differently in its vector loop and its scalar tails, whose places move with the
+    batch size and the thread count: an image's LRN output changed by an ulp with the batch around it
+    (Caffe's CPU powx is per element). In float64 then rounded, which is also powf's correct rounding."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return x.double().pow_(exponent).float()
+    return x.pow(exponent)
 
 
 @register("LRN")
@@ -41,8 +52,8 @@ class LRN(Layer):
                 scale[:, j:] += sq[:, :channels - j]
                 scale[:, :channels - j] += sq[:, j:]
             scale.mul_(self.alpha / self.size).add_(self.k)
-            return x * scale.pow(-self.beta)
+            return x * position_independent_pow(scale, -self.beta)
         # WITHIN_CHANNEL: (1 + alpha * mean of squares over a size x size window) ^ -beta. Caffe builds it
         # from AVE pooling (pad pre, always size^2 elements here) and a Power layer with shift 1: k is unused.
         mean = pool_channels_last(F.avg_pool2d, sq, self.size, stride=1, padding=pre, count_include_pad=True)
-        return x * mean.mul_(self.alpha).add_(1).pow(-self.beta)
+        return x * position_independent_pow(mean.mul_(self.alpha).add_(1), -self.beta)

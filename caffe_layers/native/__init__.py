@@ -15,8 +15,10 @@ CPU, or CUDA with the CUDA module, or meta tensors: the fake kernels); otherwise
 one-line warning when a module is missing).
 """
 import contextlib
+import ctypes
 import importlib
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -69,6 +71,11 @@ def disabled():
         yield
     finally:
         _enabled[0] = old
+
+
+def enabled():
+    """False inside `disabled()`."""
+    return _enabled[0]
 
 
 def use_native(*tensors):
@@ -302,14 +309,56 @@ def _buffer(x, geom, chunks, rows):
     return x.new_empty(rows * max(r1 - r0 for r0, r1 in chunks) * geom[13])
 
 
+# The CPU kernel's tiles of output positions: a column buffer (C*K x tile) of about 2 MiB of float32 (it stays in
+# the thread's L2 cache between the masked im2col and the gemm), but at least _MIN_TILE positions (a narrower
+# gemm is slower), and as many tiles as a multiple of the threads (none waits for the last), rounded to fewer
+# and larger tiles (each gemm call packs the weights again: 9 MiB in vgg's conv5).
+_TILE_ELEMENTS = 1 << 19
+_MIN_TILE = 512
+_gemms = {}
+
+
+def _blas_gemm(double):
+    """The address of the Fortran ?gemm of the BLAS torch links (MKL's sgemm_/dgemm_ in torch's libtorch_cpu), or 0
+    where that library exports none (the fused CPU kernel then falls back to chunks and torch.addmm)."""
+    key = "dgemm_" if double else "sgemm_"
+    if key not in _gemms:
+        address = 0
+        for path in sorted(Path(torch.__file__).parent.joinpath("lib").glob("libtorch_cpu.*")):
+            try:
+                address = ctypes.cast(getattr(ctypes.CDLL(str(path)), key), ctypes.c_void_p).value or 0
+            except (OSError, AttributeError):
+                continue
+            break
+        _gemms[key] = address
+    return _gemms[key]
+
+
+def _fused_kernel_gemm(x):
+    """The gemm address for the fused seg-aware kernels of x's module, or 0 where that module has none (the CUDA
+    one: its path is row chunks with torch's GEMM) or torch's library exports no gemm."""
+    if not hasattr(_modules[x.device.type], "segaware_conv_forward"):
+        return 0
+    return _blas_gemm(x.dtype == torch.float64)
+
+
+def _tile(geom, CK):
+    """Output positions per tile of the CPU kernels (see _TILE_ELEMENTS)."""
+    P, threads = geom[12] * geom[13], torch.get_num_threads()
+    tiles = max(threads, P // max(_MIN_TILE, _TILE_ELEMENTS // CK) // threads * threads)
+    return -(-P // tiles)
+
+
 @torch.library.custom_op("caffe_layers::segaware_conv", mutates_args=(), device_types=_OPS)
 def _segconv_op(x: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor], kernel: list[int], pad: list[int],
                 stride: list[int], dilation: list[int]) -> Tensor:
-    """y = W (im2col(x) * tile(mask)) + b, a few large chunks of output rows at a time (no C*K*H*W buffer).
+    """y = W (im2col(x) * tile(mask)) + b without the C*K*H*W buffer.
 
-    Chunks are few and large on purpose: each chunk switches between the kernel's and BLAS's threads,
-    which costs a scheduler time slice on a loaded machine. One column buffer serves every chunk, and each
-    GEMM writes its rows of y in place (y[n, :, rows] is an O x P matrix with leading dimension Ho*Wo).
+    On CPU one kernel call: tiles of output positions in parallel, each thread's gemm straight into y (see
+    segaware_conv_forward in cuda/native_cpu_kernels.h). Elsewhere (CUDA, or no BLAS gemm found) a few large
+    chunks of output rows: each chunk switches between the kernel's and BLAS's threads, which costs a scheduler
+    time slice on a loaded machine. One column buffer serves every chunk, and each GEMM writes its rows of y in
+    place (y[n, :, rows] is an O x P matrix with leading dimension Ho*Wo).
     """
     x, mask, weight, bias = _checked("segaware_conv", x, mask, weight, bias)
     geom, _ = _geom(x, kernel, pad, stride, dilation, "segaware_conv")
@@ -317,6 +366,11 @@ def _segconv_op(x: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor],
     N, Ho, Wo = geom[0], geom[12], geom[13]
     O, CK = w.shape
     y = x.new_empty((N, O, Ho * Wo))
+    gemm = _fused_kernel_gemm(x)
+    if gemm:
+        _call(x, "segaware_conv_forward", x.data_ptr(), mask.data_ptr(), w.data_ptr(), _ptr(bias), y.data_ptr(),
+              geom, O, _tile(geom, CK), gemm)
+        return y.reshape(N, O, Ho, Wo)
     chunks = _row_chunks(geom, x.device)
     cols_buf = _buffer(x, geom, chunks, CK)
     for n in range(N):
@@ -352,19 +406,24 @@ def _segconv_backward_op(grad: Tensor, x: Tensor, mask: Tensor, weight: Tensor, 
     gx = torch.zeros_like(x) if need_x else None
     gmask = mask.new_empty(mask.shape) if need_mask else None
     gw = torch.zeros_like(w) if need_w else None
-    chunks = _row_chunks(geom, x.device)
-    buf = _buffer(x, geom, chunks, CK)
-    wt = w.t().contiguous()
-    for n in range(N):
-        for r0, r1 in chunks:
-            g, cols = gy[n, :, r0 * Wo:r1 * Wo], buf[:CK * (r1 - r0) * Wo].view(CK, -1)
-            if need_w:
-                _call(x, "masked_im2col", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), geom, n, r0, r1)
-                gw.addmm_(g, cols.t())
-            if need_x or need_mask:  # the buffer now takes d(cols) = W^T dy
-                torch.mm(wt, g, out=cols)
-                _call(x, "masked_col2im", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), _ptr(gx), _ptr(gmask),
-                      geom, n, r0, r1)
+    gemm = _fused_kernel_gemm(x)
+    if gemm:  # one kernel call, tiles as the forward
+        _call(x, "segaware_conv_backward", x.data_ptr(), mask.data_ptr(), w.data_ptr(), gy.data_ptr(), _ptr(gx),
+              _ptr(gmask), _ptr(gw), geom, O, _tile(geom, CK), gemm)
+    else:
+        chunks = _row_chunks(geom, x.device)
+        buf = _buffer(x, geom, chunks, CK)
+        wt = w.t().contiguous()
+        for n in range(N):
+            for r0, r1 in chunks:
+                g, cols = gy[n, :, r0 * Wo:r1 * Wo], buf[:CK * (r1 - r0) * Wo].view(CK, -1)
+                if need_w:
+                    _call(x, "masked_im2col", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), geom, n, r0, r1)
+                    gw.addmm_(g, cols.t())
+                if need_x or need_mask:  # the buffer now takes d(cols) = W^T dy
+                    torch.mm(wt, g, out=cols)
+                    _call(x, "masked_col2im", x.data_ptr(), mask.data_ptr(), cols.data_ptr(), _ptr(gx), _ptr(gmask),
+                          geom, n, r0, r1)
     empty = x.new_empty(0)
     return (empty if gx is None else gx, empty.clone() if gmask is None else gmask,
             empty.clone() if gw is None else gw.reshape(weight.shape))
