@@ -94,7 +94,7 @@ class TorchNet(fx.GraphModule):
         steps = (fuse_steps(plan, keep_blobs) if fuse else None) or plan.steps
         if fold if fold is not None else plan.phase == TEST:
             steps = fold_batchnorm(steps, set(plan.outputs) | set(keep_blobs))
-        root, attr_of, renamed, taken = nn.Module(), {}, {}, set(dir(fx.GraphModule))
+        root, attr_of, renamed, taken = nn.Module(), {}, {}, set(dir(type(self)))  # a layer "loss": not TorchNet.loss
         for layer in plan.layers:
             attr = layer.name if layer.name.isidentifier() and layer.name not in taken else None
             if attr is None:

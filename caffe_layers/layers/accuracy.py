@@ -30,9 +30,20 @@ def labels_per_prediction(scores, label, axis, ignore_label, name):
                          f"(scores {list(scores.shape)}, axis {axis}); expected one label per prediction")
     lab = labels_as_int(label).reshape(outer, 1, inner)
     valid = torch.ones_like(lab, dtype=torch.bool) if ignore_label is None else lab != ignore_label
-    if scores.device.type != "meta" and ((lab < 0) | (lab >= classes))[valid].any():
-        raise ValueError(f"layer {name!r}: labels must lie in [0, {classes}) (or be the ignore_label)")
+    if scores.device.type != "meta":
+        check_labels(lab, valid, classes, name)
     return scores.reshape(outer, classes, inner), lab, valid
+
+
+def check_labels(lab, valid, classes, name):
+    """Every valid label a class index. Inside torch.compile as an assertion op in the graph (a branch on the
+    labels' values would break it)."""
+    bad = ((lab < 0) | (lab >= classes)) & valid
+    message = f"layer {name!r}: labels must lie in [0, {classes}) (or be the ignore_label)"
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), message)
+    elif bad.any():
+        raise ValueError(message)
 
 
 @register("Accuracy")
