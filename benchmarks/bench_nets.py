@@ -4,7 +4,7 @@ weights, same threads, measured in this run) and against the original Caffe's fi
 
     python benchmarks/bench_nets.py                       # vgg321 res129 embs321 (add res513: --nets all)
     python benchmarks/bench_nets.py --nets none path/to/bvlc_googlenet/deploy.prototxt [more.prototxt ...]
-    python benchmarks/bench_nets.py --train lenet         # solver iterations per second (see --help)
+    python benchmarks/bench_nets.py --train               # LeNet, brewing-logreg, embs and vgg training (--help)
     python benchmarks/bench_nets.py --compile [--nets ...] [deploy.prototxt ...]   # eager against torch.compile
 
 Each figure comes from a fresh process, so that its peak memory is its own. "ours" is the torch face
@@ -137,6 +137,7 @@ def child(args):
 
 
 LENET = "examples/mnist/lenet_train_test.prototxt"
+TRAIN_NETS = ("lenet", "logreg", "embs", "vgg")
 
 
 def lenet_solver(tmp, bvlc_repo):
@@ -165,17 +166,117 @@ def lenet_solver(tmp, bvlc_repo):
     return Path(tmp) / "solver.prototxt"
 
 
+def logreg_solver(tmp):
+    """BVLC's examples/brewing-logreg.ipynb solver: HDF5Data -> InnerProduct -> Accuracy/SoftmaxWithLoss (batch 10),
+    10,000 SGD iterations, a test of 250 batches every 1,000 and a snapshot at the end; the notebook's data
+    (sklearn's make_classification, 4 features, 7,500/2,500 rows) replaced by numpy draws of the same sizes."""
+    import h5py
+    import numpy as np
+
+    from caffe_layers import pycaffe as caffe
+    from caffe_layers.pycaffe import layers as L
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((10000, 4)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] + 0.3 * rng.standard_normal(10000) > 0).astype(np.float32)
+    tmp = Path(tmp)
+    with h5py.File(tmp / "train.h5", "w") as f:
+        f["data"], f["label"] = x[:7500], y[:7500]
+    (tmp / "train.txt").write_text(f"{tmp / 'train.h5'}\n" * 2)  # the notebook lists the file twice
+    with h5py.File(tmp / "test.h5", "w") as f:
+        f.create_dataset("data", data=x[7500:], compression="gzip", compression_opts=1)
+        f.create_dataset("label", data=y[7500:], compression="gzip", compression_opts=1)
+    (tmp / "test.txt").write_text(f"{tmp / 'test.h5'}\n")
+    for phase in ("train", "test"):
+        n = caffe.NetSpec()
+        n.data, n.label = L.HDF5Data(batch_size=10, source=str(tmp / f"{phase}.txt"), ntop=2)
+        n.ip1 = L.InnerProduct(n.data, num_output=2, weight_filler=dict(type="xavier"))
+        n.accuracy = L.Accuracy(n.ip1, n.label)
+        n.loss = L.SoftmaxWithLoss(n.ip1, n.label)
+        (tmp / f"{phase}.prototxt").write_text(str(n.to_proto()))
+    s = caffe.proto.caffe_pb2.SolverParameter(
+        train_net=str(tmp / "train.prototxt"), test_net=[str(tmp / "test.prototxt")], test_interval=1000,
+        test_iter=[250], max_iter=10000, base_lr=0.01, lr_policy="step", gamma=0.1, stepsize=5000, momentum=0.9,
+        weight_decay=5e-4, display=1000, snapshot=10000, snapshot_prefix=str(tmp / "train"),
+        solver_mode=caffe.proto.caffe_pb2.SolverParameter.CPU)
+    (tmp / "solver.prototxt").write_text(str(s))
+    return tmp / "solver.prototxt"
+
+
+def segaware_solver(tmp, net, crop):
+    """The segaware fork's `net` TRAIN config and solver (../shared/reference/segaware) over synthetic
+    VOC-style images (caffe_layers/training/synthetic.py) cropped to `crop`; no snapshots, no display."""
+    from caffe_layers.formats.prototxt import read_net, read_solver
+    from caffe_layers.training import synthetic
+
+    root = Path(tmp) / "VOC"
+    synthetic.write_voc(root, 4, crop + 32, crop + 32, list_name="train")
+    data = json.loads((ROOT / "models" / "segaware" / "variables.json").read_text())
+    v = {**data["common"], **data[net], "EXP": str(root), "TRAIN_SET": "train", "DATA_ROOT": f"{root}/",
+         "CROP_SIZE": crop, "SOLVER_MODE": "CPU"}
+    param = read_solver(REFERENCE / net / "solver.prototxt", v)
+    param.ClearField("train_net")
+    param.train_net_param.CopyFrom(read_net(REFERENCE / net / "train.prototxt", v))
+    param.snapshot, param.display, param.snapshot_after_train = 0, 0, False
+    return param
+
+
 def train_child(args):
+    """One training measurement in this process; prints one JSON line."""
+    import caffe_layers  # noqa: F401  (first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP)
     import torch
 
     torch.set_num_threads(args.threads)
+    from caffe_layers import pycaffe as caffe
     from caffe_layers.training.solver import Solver
 
     with tempfile.TemporaryDirectory() as tmp:
-        solver = Solver(str(lenet_solver(tmp, args.bvlc)))
-        solver.step(5)  # warm-up
-        best = min(timed(lambda: solver.step(args.iters), 1)[0] for _ in range(args.runs)) / args.iters
-    print(json.dumps({"iteration": best, "peak_rss_mb": peak_rss_mb()}))
+        if args.child_net == "logreg":  # the notebook's %%timeit cell: get_solver and solve
+            path = logreg_solver(tmp)
+            wall, cpu = time.perf_counter(), time.process_time()
+            caffe.get_solver(str(path)).solve()
+            print(json.dumps({"solve": time.perf_counter() - wall, "solve_cpu": time.process_time() - cpu}))
+            return
+        if args.child_net == "lenet":
+            solver, iters = Solver(str(lenet_solver(tmp, args.bvlc))), args.iters
+        else:
+            solver, iters = Solver(segaware_solver(tmp, args.child_net, args.crop)), args.seg_iters
+        solver.step(2)  # warm-up
+        best = best_cpu = float("inf")
+        for _ in range(args.runs):
+            wall, cpu = time.perf_counter(), time.process_time()
+            solver.step(iters)
+            best = min(best, (time.perf_counter() - wall) / iters)
+            best_cpu = min(best_cpu, (time.process_time() - cpu) / iters)
+    print(json.dumps({"iteration": best, "iteration_cpu": best_cpu, "peak_rss_mb": peak_rss_mb()}))
+
+
+def train_figures(args):
+    """The --train table: one fresh process per net."""
+    print(f"Training, {args.threads} threads, best of {args.runs} runs after a warm-up (wall; process CPU time "
+          f"in brackets: on a shared machine that is the steadier figure)")
+    for name in args.train.split(","):
+        cmd = [sys.executable, __file__, "--child-net", name, "--runs", str(args.runs), "--iters", str(args.iters),
+               "--seg-iters", str(args.seg_iters), "--crop", str(args.crop), "--threads", str(args.threads),
+               "--bvlc", args.bvlc]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        if done.returncode:
+            print(f"{name}: failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:160]}")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        if name == "logreg":
+            print(f"brewing-logreg solve (10,000 iterations + 11 tests of 250 batches): {r['solve']:.2f} s "
+                  f"[{r['solve_cpu']:.2f} s CPU]; the original Caffe: ~0.2 s (issue 15's figure) -> "
+                  f"{r['solve'] / 0.2:.1f}x its time")
+        elif name == "lenet":
+            it = r["iteration"]
+            print(f"LeNet solver iteration (batch 64): {it * 1e3:.1f} ms [{r['iteration_cpu'] * 1e3:.1f} ms CPU], "
+                  f"{1 / it:.0f} it/s; the original Caffe: 34 ms (issue 14's figure, `caffe train`, 2 threads) "
+                  f"-> x{0.034 / it:.2f}")
+        else:
+            it = r["iteration"]
+            print(f"segaware {name} TRAIN (crop {args.crop}, batch 1, iter_size as its solver): {it:.2f} s an "
+                  f"iteration [{r['iteration_cpu']:.2f} s CPU], {1 / it:.2f} it/s, peak {r['peak_rss_mb']:.0f} MB")
 
 
 def measure(net, mode, args):
@@ -229,29 +330,23 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--train", action="store_true", help="LeNet solver iterations (BVLC's example, generated "
-                        "LMDB) instead of forward passes; needs --bvlc")
+    parser.add_argument("--train", nargs="?", const="lenet,logreg,embs,vgg", help="training figures instead of "
+                        "forward passes, for a comma list of lenet (BVLC's example over a generated LMDB; needs "
+                        "--bvlc), logreg (BVLC's brewing-logreg solve), embs, vgg (default: all four)")
     parser.add_argument("--bvlc", default=str(ROOT.parent / ".mirror" / "BVLC+caffe" / "repo"),
                         help="a git checkout or snapshot of BVLC/caffe (for its LeNet example)")
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--iters", type=int, default=50, help="LeNet iterations a run")
+    parser.add_argument("--seg-iters", type=int, default=2, help="segaware iterations a run")
+    parser.add_argument("--crop", type=int, default=161, help="segaware crop size")
     parser.add_argument("--compile", action="store_true", help="eager against torch.compile(fullgraph=True) "
                         "forward times and the compile time, for --nets and the configs")
     parser.add_argument("--child-net", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="ours", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_net:
-        return train_child(args) if args.child_net == "lenet" else child(args)
+        return train_child(args) if args.child_net in TRAIN_NETS else child(args)
     if args.train:
-        cmd = [sys.executable, __file__, "--child-net", "lenet", "--runs", str(args.runs), "--iters",
-               str(args.iters), "--threads", str(args.threads), "--bvlc", args.bvlc]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(done.stderr.strip().splitlines()[-1])
-        it = json.loads(done.stdout.strip().splitlines()[-1])["iteration"]
-        print(f"LeNet solver iteration (batch 64, {args.threads} threads): {it * 1e3:.1f} ms, "
-              f"{1 / it:.0f} it/s; the original Caffe: 34 ms (issue 14's figure, `caffe train`, 2 threads) "
-              f"-> x{0.034 / it:.2f}")
-        return
+        return train_figures(args)
     names = list(NETS) if args.nets == "all" else [] if args.nets == "none" else args.nets.split(",")
     if args.compile:
         print(f"{args.threads} threads, {args.device}, best/median of {args.runs} runs after a warm-up; "

@@ -106,6 +106,15 @@ def test_hdf5_data_cycles_files_and_checks(tmp_path):
                    f'batch_size: 2 }}', [])
 
 
+def test_hdf5_data_batch_longer_than_its_file(tmp_path):
+    with h5py.File(tmp_path / "0.h5", "w") as f:
+        f["x"] = np.arange(3, dtype=np.float32).reshape(3, 1)
+    (tmp_path / "l.txt").write_text(f"{tmp_path}/0.h5\n")
+    layer = make_layer(f'type: "HDF5Data" top: "x" hdf5_data_param {{ source: "{tmp_path}/l.txt" batch_size: 5 }}',
+                       [], dtype=torch.float32)
+    assert [layer().ravel().tolist() for _ in range(2)] == [[0, 1, 2, 0, 1], [2, 0, 1, 2, 0]]
+
+
 def test_sharding_reads_every_world_th_batch(tmp_path):
     with h5py.File(tmp_path / "0.h5", "w") as f:
         f["x"] = np.arange(12, dtype=np.float32).reshape(12, 1)

@@ -2,6 +2,7 @@
 input ends ok or in a clean error, none raw, none killing or hanging its process."""
 import os
 import signal
+import time
 
 import pytest
 
@@ -49,6 +50,10 @@ def _hang(path):
         pass
 
 
+def _wait(path):  # a child waiting (for a CPU, on a busy machine) is not hanging: hangs count CPU time
+    time.sleep(5)
+
+
 def _die(path):
     os.kill(os.getpid(), signal.SIGSEGV)
 
@@ -58,7 +63,7 @@ def _allocate(path):
 
 
 @pytest.mark.parametrize("run,outcome", [(_raw, "unclean"), (_ours, "clean"), (_several_lines, "unclean"),
-                                         (_raw_value_error, "unclean"), (_hang, "hang"), (_die, "crash"),
+                                         (_raw_value_error, "unclean"), (_hang, "hang"), (_wait, "ok"), (_die, "crash"),
                                          (_allocate, "oom"), (lambda path: None, "ok")])
 def test_the_engine_classifies(run, outcome):
     assert fuzz.run_isolated(run, "x", timeout=2.0, memory_mb=256)[0] == outcome

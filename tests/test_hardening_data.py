@@ -1,5 +1,7 @@
 """Bad input to the data layers and layer settings is one of the project's errors naming the layer
 and the file (and line); the blob counts of every layer are Caffe's, checked once."""
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -113,7 +115,7 @@ def test_hdf5_data_files_of_different_row_shapes(tmp_path):
 def test_negative_dims_are_refused_by_the_layer_that_has_them(layer):
     with pytest.raises(PrototxtError, match=r"layer 'in': top 'x': invalid blob shape \[2, -\d\]"):
         make_layer(layer[len("layer {"):-1], [])
-    with pytest.raises(ValueError, match=r"layer 'in': top 'x': invalid blob shape \[2, -\d\]"):
+    with pytest.raises(PrototxtError, match=r"^layer 'in' \(\w+\) with bottoms \[\]: top 'x': invalid blob shape \[2, -\d\]"):
         Net(layer)
 
 
@@ -184,6 +186,8 @@ def test_set_device_past_the_last_gpu_refuses():
 
 
 @pytest.mark.parametrize("filler,message", [('type: "uniform" min: 2 max: 1', "uniform filler needs min <= max"),
+                                            ('type: "uniform" min: -inf max: 1', "uniform filler needs max - min finite"),
+                                            ('type: "uniform" min: -3e38 max: 3e38', "uniform filler needs max - min finite"),
                                             ('type: "gaussian" std: -1', "gaussian filler needs std > 0")])
 def test_filler_settings_are_checked(filler, message):
     with pytest.raises(ValueError, match=rf"layer 'ip': parameter blob 0: {message}"):
@@ -207,3 +211,61 @@ def test_max_pooling_an_empty_batch():
     layer = make_layer('name: "p" type: "Pooling" top: "y" pooling_param { pool: MAX kernel_size: 2 }',
                        [(0, 4, 4, 4)])
     assert layer.top_shapes([(0, 4, 4, 4)]) == [(0, 4, 3, 3)]
+
+
+def test_a_layers_error_keeps_its_type_through_the_net(tmp_path):
+    (tmp_path / "h5.txt").write_text(f"{tmp_path}/d0.h5\n")
+    with h5py.File(tmp_path / "d0.h5", "w") as f:
+        f["y"] = np.zeros((2, 3), np.float32)
+    with pytest.raises(DataError, match=r"^layer 'h5' \(HDF5Data\) with bottoms \[\]: HDF5 file .*datasets "
+                                        r"\['x'\] missing[^\n]*$") as caught:
+        Net(f'layer {{ name: "h5" type: "HDF5Data" top: "x" '
+            f'hdf5_data_param {{ source: "{tmp_path}/h5.txt" batch_size: 2 }} }}')
+    assert isinstance(caught.value.__cause__, DataError)
+    with pytest.raises(FileNotFoundError, match=r"^layer 'd' \(ImageData\) with bottoms \[\]: cannot open "):
+        Net(f'layer {{ name: "d" type: "ImageData" top: "x" top: "l" '
+            f'image_data_param {{ source: "{tmp_path}/missing.txt" batch_size: 1 }} }}')
+    net = Net('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 1 dim: 2 dim: 2 } } }'
+              'layer { name: "c" type: "Im2col" bottom: "x" top: "y" convolution_param { kernel_size: 5 pad: 2 } }')
+    with pytest.raises(PrototxtError, match=r"^layer 'c' \(Im2col\): top 'y': invalid blob shape \[1, 25, 16384, "):
+        net.blobs["x"].reshape(1, 1, 16384, 16384)  # pycaffe's reshape infers again, checked as at build
+    for shape in [(1, -1, 2, 2), (2**16, 2**16, 1, 1)]:  # the reshaped blob itself is named, not the next layer
+        with pytest.raises(ValueError, match=r"^blob 'x': reshape: invalid blob shape"):
+            net.blobs["x"].reshape(*shape)
+
+
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+def test_pooling_windows_past_the_image_are_not_read_from_a_padded_copy(method):
+    # ceil((8 - 2) / 2**20) + 1 = 2 windows a side, the second starting 2**20 rows down: Caffe's loops see an
+    # empty window there (MAX: -FLT_MAX and mask -1; AVE: 0 over Caffe's negative pool size)
+    stride = 2**20
+    tops = 'top: "y" top: "mask"' if method == "MAX" else 'top: "y"'
+    layer = make_layer(f'name: "p" type: "Pooling" {tops} pooling_param {{ pool: {method} kernel_size: 2 '
+                       f'stride: {stride} }}', [(1, 2, 8, 8)], dtype=torch.float32)
+    x = torch.randn(1, 2, 8, 8)
+    out = layer(x)
+    y = out[0] if method == "MAX" else out
+    assert y.shape == (1, 2, 2, 2)
+    first = x[:, :, :2, :2].amax((2, 3)) if method == "MAX" else x[:, :, :2, :2].mean((2, 3))
+    torch.testing.assert_close(y[:, :, 0, 0], first)
+    empty = -torch.finfo(torch.float32).max if method == "MAX" else 0.0
+    assert (y[:, :, 1, :] == empty).all() and (y[:, :, :, 1] == empty).all()
+    if method == "MAX":
+        assert (out[1][:, :, 1, :] == -1).all() and (out[1][:, :, :, 1] == -1).all()
+
+
+def _build_and_run(text):
+    with torch.no_grad():
+        Net(text).forward()
+
+
+def test_a_blob_larger_than_the_process_may_allocate_is_refused_before_allocating():
+    from caffe_layers.tools.fuzz import run_isolated
+
+    text = ('layer { name: "in" type: "DummyData" top: "x" dummy_data_param { shape { dim: 1 dim: 16384 '
+            'dim: 32768 } } } layer { name: "r" type: "ReLU" bottom: "x" top: "y" }')  # 2 GiB of float32
+    outcome, _, message = run_isolated(lambda path: _build_and_run(text), "x", timeout=60.0, memory_mb=512)
+    assert outcome == "clean", message
+    assert re.search(r"^PrototxtError: layer 'in' \(DummyData\) with bottoms \[\]: top 'x': shape \[1, 16384, "
+                     r"32768\] needs 2.0 GiB, more than this process can allocate \(0.\d GiB: its address-space "
+                     r"limit, RLIMIT_AS", message), message

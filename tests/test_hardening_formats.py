@@ -144,6 +144,15 @@ def test_bad_hdf5_weights_are_weights_errors(tmp_path, build, message):
         load_weights(Net(NET), str(path))
 
 
+def test_hdf5_layer_name_that_is_not_utf8(tmp_path):
+    path = h5_weights(tmp_path / "w.caffemodel.h5",
+                      lambda d: d.create_group(b"ip\xff").create_dataset("0", data=np.zeros(3, np.float32)))
+    with pytest.raises(WeightsError, match=rf"^{path}: /data/b'ip\\xff': a layer name that is not UTF-8$"):
+        read_caffemodel(path)
+    report = load_weights(Net(NET), str(path))  # as Caffe: a name no layer of the net has
+    assert report.ignored == [b"ip\xff"]
+
+
 def test_big_endian_hdf5_weights_load(tmp_path):
     values = np.arange(12, dtype=">f4").reshape(4, 3)
     path = h5_weights(tmp_path / "w.caffemodel.h5", lambda d: d.create_group("ip1").create_dataset("0", data=values))

@@ -194,6 +194,24 @@ def test_accuracy_top_k_ignore_and_per_class():
         run('name: "acc" type: "Accuracy"', scores, np.full((3, 1, 4), 7.0))
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_accuracy_without_ignore_label(k):
+    rng = np.random.RandomState(1)
+    scores = rng.randint(0, 3, size=(3, 5, 4)).astype(np.float64)  # many ties
+    labels = rng.randint(0, 5, size=(3, 4)).astype(np.float64)
+    _, (acc, per_class) = run(f'type: "Accuracy" top: "a" top: "pc" accuracy_param {{ top_k: {k} }}',
+                              scores, labels[:, None])
+    assert acc.item() == pytest.approx(accuracy_reference(scores, labels, k, None))
+    lab = labels.astype(int)
+    for c in range(5):
+        mask = lab == c
+        want = (accuracy_reference(scores.transpose(1, 0, 2)[:, mask].T[:, :, None], np.full((mask.sum(), 1), c), k)
+                if mask.any() else 0)
+        assert per_class[c].item() == pytest.approx(want)
+    with pytest.raises(ValueError, match="labels must lie"):
+        run('name: "acc" type: "Accuracy"', scores, np.full((3, 1, 4), -1.0))
+
+
 # ---- losses ------------------------------------------------------------------------------------
 def test_softmaxloss_golden():
     check_golden("softmaxloss_ign")
@@ -217,6 +235,21 @@ def test_softmaxloss_normalization(mode):
     text = f'type: "SoftmaxWithLoss" loss_param {{ ignore_label: 9 normalization: {mode} }}'
     _, loss = run(text, x, lab[:, None].double())
     assert loss.shape == () and loss.item() == pytest.approx(softmax_loss_reference(x, lab, 9, mode).item())
+    gradcheck_layer(text, [(2, 3, 2, 3), (2, 1, 2, 3)], inputs=[x, lab[:, None].double()], grad_inputs=[0])
+
+
+@pytest.mark.parametrize("mode", ["FULL", "VALID", "BATCH_SIZE", "NONE"])
+def test_softmaxloss_normalization_without_ignore_label(mode):
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 2, 3, dtype=torch.float64)
+    lab = torch.randint(0, 3, (2, 2, 3))
+    text = f'type: "SoftmaxWithLoss" loss_param {{ normalization: {mode} }}'
+    layer = make_layer(text, [x.shape, (2, 1, 2, 3)], dtype=torch.float64)
+    loss = layer(x.clone().requires_grad_(), lab[:, None].double())  # through the autograd.Function
+    assert loss.requires_grad
+    assert loss.item() == pytest.approx(softmax_loss_reference(x, lab, -1, mode).item())
+    same = layer(x, lab[:, None].double())  # nothing to differentiate: the plain path, the same value
+    assert not same.requires_grad and same.item() == loss.item()
     gradcheck_layer(text, [(2, 3, 2, 3), (2, 1, 2, 3)], inputs=[x, lab[:, None].double()], grad_inputs=[0])
 
 

@@ -181,6 +181,20 @@ def test_update_rules_match_reference(tmp_path, kind, extra, p):
         np.testing.assert_allclose(ours.detach().double().numpy(), theirs, rtol=2e-5, atol=2e-6)
 
 
+def test_param_diffs_hold_the_update_after_a_step(tmp_path):
+    # as Caffe's ComputeUpdateValue: the diff becomes the update (SGD: the new history), then data -= diff
+    write_data(tmp_path)
+    solver = toy_solver(tmp_path, 'type: "SGD" base_lr: 0.05 lr_policy: "fixed" momentum: 0.9 weight_decay: 0.01')
+    solver.step(1)
+    views = [q.grad.numpy() for q in solver.params]  # pycaffe's diff views stay the diffs
+    before = [q.detach().clone() for q in solver.params]
+    solver.step(1)
+    for q, h, view, old in zip(solver.params, solver.history, views, before):
+        torch.testing.assert_close(q.grad, h, rtol=0, atol=0)
+        np.testing.assert_array_equal(view, h.numpy())
+        torch.testing.assert_close(q.detach(), old - h, rtol=0, atol=0)
+
+
 def test_iter_size_clipping_and_l1(tmp_path):
     x, y = write_data(tmp_path)
     solver = toy_solver(tmp_path, 'type: "SGD" base_lr: 0.1 lr_policy: "fixed" momentum: 0.5 iter_size: 3 '

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from caffe_layers.pycaffe import mode
-from caffe_layers.engine.plan import compile_plan, fused_layout, need_backward, rewritten_later
-from caffe_layers.formats.proto import TEST
+from caffe_layers.engine.plan import compile_plan, fused_layout, infer_top_shapes, need_backward, rewritten_later
+from caffe_layers.formats.proto import TEST, check_blob_shape
 
 
 class _Shaped:
@@ -221,7 +221,9 @@ class Net(nn.Module):
         total = None
         for name, weight in self._top_weights():
             if weight and name in values:
-                term = weight * values[name].sum()
+                term = values[name]
+                term = term.sum() if term.dim() else term  # (a weight of 1 or a 0-d sum changes no value)
+                term = term if weight == 1 else weight * term
                 total = term if total is None else total + term
         return total
 
@@ -411,7 +413,9 @@ class Net(nn.Module):
         self._blob_data(name).detach().copy_(torch.as_tensor(value))
 
     def reshape_blob(self, name, shape):
-        self.blob_shapes[name] = tuple(int(s) for s in shape)
+        shape = tuple(int(s) for s in shape)
+        check_blob_shape(shape, f"blob {name!r}: reshape", ValueError)  # Blob::Reshape's checks, here
+        self.blob_shapes[name] = shape
         self._data.pop(name, None)
         self._diff.pop(name, None)
         self.reshape()
@@ -427,7 +431,7 @@ class Net(nn.Module):
             if seen.get(i) == bottom_shapes:
                 continue
             seen[i] = bottom_shapes
-            for name, shape in zip(step.tops, step.layer.top_shapes(bottom_shapes)):
+            for name, shape in zip(step.tops, infer_top_shapes(step.layer, bottom_shapes)):
                 if self.blob_shapes.get(name) != tuple(shape) and name not in step.bottoms:
                     self._data.pop(name, None)
                     self._diff.pop(name, None)

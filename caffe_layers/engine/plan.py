@@ -2,11 +2,12 @@
 the blobs' last readers, and the fused steps. Both faces run a plan: the torch face (engine/graph.py) as a
 torch.fx graph, the pycaffe face (pycaffe/pycaffe.py) step by step with Caffe's persistent blobs.
 """
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from caffe_layers.errors import PrototxtError
+from caffe_layers.errors import CaffeLayersError, PrototxtError
 from caffe_layers.formats.proto import TEST, check_blob_shape, pb, phase_value
 from caffe_layers.formats.prototxt import read_net
 from caffe_layers.layers import layer_class
@@ -29,7 +30,7 @@ def filter_net(net, state):
     kept = []
     for layer in net.layer:
         if len(layer.include) and len(layer.exclude):
-            raise ValueError(f"layer {layer.name!r} specifies both include and exclude rules")
+            raise PrototxtError(f"layer {layer.name!r} specifies both include and exclude rules")
         if len(layer.include):
             keep = any(state_meets_rule(state, r) for r in layer.include)
         else:
@@ -95,16 +96,16 @@ class Plan:
         for lp in self.net_param.layer:
             for b in lp.bottom:
                 if b not in self.blob_shapes:
-                    raise ValueError(f"layer {lp.name!r} ({lp.type}): unknown bottom blob {b!r}; "
-                                     f"known blobs: {list(self.blob_shapes)}")
+                    raise PrototxtError(f"layer {lp.name!r} ({lp.type}): unknown bottom blob {b!r}; "
+                                        f"known blobs: {list(self.blob_shapes)}")
             for t in lp.top:
                 if t in written_by and t not in lp.bottom:
-                    raise ValueError(f"layer {lp.name!r} ({lp.type}): top blob {t!r} is produced by multiple "
-                                     f"sources (layer {written_by[t]!r} already writes it; only a layer that "
-                                     f"also reads it may write it again, in place)")
+                    raise PrototxtError(f"layer {lp.name!r} ({lp.type}): top blob {t!r} is produced by multiple "
+                                        f"sources (layer {written_by[t]!r} already writes it; only a layer that "
+                                        f"also reads it may write it again, in place)")
             if len(lp.propagate_down) not in (0, len(lp.bottom)):
-                raise ValueError(f"layer {lp.name!r}: propagate_down must be given for all "
-                                 f"{len(lp.bottom)} bottoms or none")
+                raise PrototxtError(f"layer {lp.name!r}: propagate_down must be given for all "
+                                    f"{len(lp.bottom)} bottoms or none")
             lp.phase = self.phase
             cls = layer_class(lp.type, lp.name)
             if cls.is_loss and not len(lp.top):
@@ -114,21 +115,11 @@ class Plan:
                     name, k = f"{lp.name} (automatic {k})", k + 1
                 lp.top.append(name)
             bottom_shapes = [self.blob_shapes[b] for b in lp.bottom]
-            try:
+            with naming_layer(lp, bottom_shapes):
                 layer = cls(lp, bottom_shapes, self.phase)
-                top_shapes = layer.top_shapes(bottom_shapes)
-            except Exception as err:
-                shapes = ", ".join(f"{b} {list(s)}" for b, s in zip(lp.bottom, bottom_shapes))
-                message = f"layer {lp.name!r} ({lp.type}) with bottoms [{shapes}]: {err}"
-                if lp.type == "Python":  # Caffe lets the user's exception through: keep its type
-                    raise _same_type(err, message) from err
-                raise ValueError(message) from err
-            if len(top_shapes) != len(lp.top):
-                raise ValueError(f"layer {lp.name!r} ({lp.type}) produces {len(top_shapes)} tops, "
-                                 f"but the prototxt names {len(lp.top)}")
+            top_shapes = infer_top_shapes(layer, bottom_shapes)
             for name, shape in zip(lp.top, top_shapes):
-                check_blob_shape(shape, f"layer {lp.name!r} ({lp.type}): top {name!r}", PrototxtError)
-                self.blob_shapes[name] = tuple(shape)
+                self.blob_shapes[name] = shape
                 written_by.setdefault(name, lp.name)
             self._share_params(lp, layer, owners)
             self.steps.append(Step(layer, list(lp.bottom), list(lp.top),
@@ -139,15 +130,15 @@ class Plan:
     def _loss_weights(lp, layer):
         if len(lp.loss_weight):
             if len(lp.loss_weight) != len(lp.top):
-                raise ValueError(f"layer {lp.name!r}: loss_weight must be given for each of its "
-                                 f"{len(lp.top)} tops or none")
+                raise PrototxtError(f"layer {lp.name!r}: loss_weight must be given for each of its "
+                                    f"{len(lp.top)} tops or none")
             return list(lp.loss_weight)
         return [1.0 if (layer.is_loss and i == 0) else 0.0 for i in range(len(lp.top))]
 
     def _share_params(self, lp, layer, owners):
         if len(lp.param) > len(layer.blobs):
-            raise ValueError(f"layer {lp.name!r} ({lp.type}) has {len(layer.blobs)} parameter blobs "
-                             f"but {len(lp.param)} param specs")
+            raise PrototxtError(f"layer {lp.name!r} ({lp.type}) has {len(layer.blobs)} parameter blobs "
+                                f"but {len(lp.param)} param specs")
         for i, blob in enumerate(layer.blobs):
             spec = lp.param[i] if i < len(lp.param) else pb.ParamSpec()
             if spec.name and spec.name in owners:
@@ -155,8 +146,8 @@ class Plan:
                 permissive = spec.share_mode == pb.ParamSpec.PERMISSIVE
                 same = owner.numel() == blob.numel() if permissive else owner.shape == blob.shape
                 if not same:
-                    raise ValueError(f"layer {lp.name!r}: shared parameter {spec.name!r} has shape "
-                                     f"{list(blob.shape)} here but {list(owner.shape)} in layer {owner_layer!r}")
+                    raise PrototxtError(f"layer {lp.name!r}: shared parameter {spec.name!r} has shape "
+                                        f"{list(blob.shape)} here but {list(owner.shape)} in layer {owner_layer!r}")
                 layer.shared_blobs.add(i)
                 if tuple(owner.shape) == tuple(blob.shape):
                     layer.blobs[i] = owner
@@ -195,6 +186,35 @@ class Plan:
         order, as Caffe's layer setup would (shared blobs are filled by their owner only)."""
         for layer in self.layers:
             layer.fill_blobs(loaded)
+
+
+@contextmanager
+def naming_layer(lp, bottom_shapes):
+    """An exception raised inside a layer's setup or shape inference, said again with the layer, its type and
+    its bottoms, of the same type where it is one of the project's or an OSError (the cause chained): a
+    PrototxtError otherwise. A Python layer's exception keeps its type, as Caffe lets it through."""
+    try:
+        yield
+    except Exception as err:
+        shapes = ", ".join(f"{b} {list(s)}" for b, s in zip(lp.bottom, bottom_shapes))
+        said = str(err).removeprefix(f"layer {lp.name!r}: ")
+        message = f"layer {lp.name!r} ({lp.type}) with bottoms [{shapes}]: {said}"
+        if lp.type == "Python" or isinstance(err, (CaffeLayersError, OSError)):
+            raise _same_type(err, message) from err
+        raise PrototxtError(message) from err
+
+
+def infer_top_shapes(layer, bottom_shapes):
+    """The layer's top shapes for these bottoms (Caffe's Reshape), checked as Blob::Reshape does."""
+    lp = layer.param
+    with naming_layer(lp, bottom_shapes):
+        top_shapes = [tuple(s) for s in layer.top_shapes(bottom_shapes)]
+    if len(top_shapes) != len(lp.top):
+        raise PrototxtError(f"layer {lp.name!r} ({lp.type}) produces {len(top_shapes)} tops, "
+                            f"but the prototxt names {len(lp.top)}")
+    for name, shape in zip(lp.top, top_shapes):
+        check_blob_shape(shape, f"layer {lp.name!r} ({lp.type}): top {name!r}", PrototxtError)
+    return top_shapes
 
 
 def _same_type(err, message):

@@ -389,6 +389,8 @@ def _read_hdf5(path):
     weights = OrderedDict()
     with _hdf5_data(path) as data:
         for name, group in data.items():  # h5py iterates in name order, as Caffe does
+            if isinstance(name, bytes):  # h5py's name for one that is not UTF-8; a net's names are
+                raise WeightsError(f"{path}: /data/{name!r}: a layer name that is not UTF-8")
             blobs = _hdf5_layer_blobs(path, name, group)
             if list(blobs) != list(range(len(blobs))):
                 raise WeightsError(f"{path}: /data/{name}: blobs {list(blobs)}, expected 0..{len(blobs) - 1}")

@@ -7,7 +7,7 @@ from caffe_layers.layers.base import Layer, canonical_axis, count, optional
 
 def labels_as_int(label):
     """Caffe reads labels with static_cast<int>: truncation toward zero."""
-    return label.detach().to(torch.int64)
+    return label.to(torch.int64)  # (integer tensors never carry a gradient: no detach needed)
 
 
 def check_label_count(name, scores, label, axis):
@@ -22,27 +22,33 @@ def check_label_count(name, scores, label, axis):
 
 def labels_per_prediction(scores, label, axis, ignore_label, name):
     """Scores as (outer, classes, inner), the labels as int (outer, 1, inner) and where they are valid
-    (not the ignore_label); `axis` is the canonical class axis. Checks one label per prediction and,
-    except on meta tensors, that every valid label is a class index."""
+    (not the ignore_label; None without an ignore_label: all are); `axis` is the canonical class axis.
+    Checks one label per prediction and, except on meta tensors, that every valid label is a class index."""
     outer, classes, inner = count(scores.shape, 0, axis), scores.shape[axis], count(scores.shape, axis + 1)
     if outer * inner != label.numel():
         raise ValueError(f"layer {name!r}: {label.numel()} labels for {outer * inner} predictions "
                          f"(scores {list(scores.shape)}, axis {axis}); expected one label per prediction")
     lab = labels_as_int(label).reshape(outer, 1, inner)
-    valid = torch.ones_like(lab, dtype=torch.bool) if ignore_label is None else lab != ignore_label
-    if scores.device.type != "meta":
+    valid = None if ignore_label is None else lab != ignore_label
+    if scores.device.type != "meta" and lab.numel():
         check_labels(lab, valid, classes, name)
     return scores.reshape(outer, classes, inner), lab, valid
 
 
 def check_labels(lab, valid, classes, name):
-    """Every valid label a class index. Inside torch.compile as an assertion op in the graph (a branch on the
-    labels' values would break it)."""
-    bad = ((lab < 0) | (lab >= classes)) & valid
+    """Every valid label (valid None: all) a class index. Inside torch.compile and torch.export an assertion op
+    in the graph (a branch on the labels' values would break it)."""
     message = f"layer {name!r}: labels must lie in [0, {classes}) (or be the ignore_label)"
     if torch.compiler.is_compiling():
-        torch._assert_async(~bad.any(), message)
-    elif bad.any():
+        bad = (lab < 0) | (lab >= classes)
+        torch._assert_async(~(bad if valid is None else bad & valid).any(), message)
+        return
+    if valid is None:
+        low, high = torch.aminmax(lab)
+        bad = low.item() < 0 or high.item() >= classes
+    else:
+        bad = bool((((lab < 0) | (lab >= classes)) & valid).any())
+    if bad:
         raise ValueError(message)
 
 
@@ -72,17 +78,22 @@ class Accuracy(Layer):
             raise ValueError(f"layer {self.name!r}: top_k {self.top_k} exceeds the number of classes")
         s, lab, valid = labels_per_prediction(scores, label, axis, self.ignore_label, self.name)
         classes = s.shape[1]
-        safe = torch.where(valid, lab, torch.zeros_like(lab))
+        safe = lab if valid is None else torch.where(valid, lab, torch.zeros_like(lab))
         mine = s.gather(1, safe)
         # rank of the label in Caffe's (value, index) descending order: ties rank higher indices first
         cls = torch.arange(classes, device=s.device).reshape(1, classes, 1)
         above = (s > mine) | ((s == mine) & (cls > safe))
-        hit = (above.sum(1, keepdim=True) < self.top_k) & valid
-        acc = hit.sum().to(s.dtype) / valid.sum().to(s.dtype)  # 0/0 = NaN, as in Caffe
+        hit = above.sum(1, keepdim=True) < self.top_k
+        if valid is None:
+            acc = hit.sum().to(s.dtype) / float(lab.numel())  # 0/0 = NaN, as in Caffe
+        else:
+            hit &= valid
+            acc = hit.sum().to(s.dtype) / valid.sum().to(s.dtype)
         if self.num_tops < 2:
             return acc.reshape(())
         flat = safe.reshape(-1)
-        nums = torch.zeros(classes, dtype=s.dtype, device=s.device).index_add_(0, flat, valid.reshape(-1).to(s.dtype))
+        counted = torch.ones_like(flat, dtype=s.dtype) if valid is None else valid.reshape(-1).to(s.dtype)
+        nums = torch.zeros(classes, dtype=s.dtype, device=s.device).index_add_(0, flat, counted)
         hits = torch.zeros(classes, dtype=s.dtype, device=s.device).index_add_(0, flat, hit.reshape(-1).to(s.dtype))
         per_class = torch.where(nums > 0, hits / nums.clamp(min=1), torch.zeros_like(nums))
         return acc.reshape(()), per_class

@@ -65,15 +65,6 @@ class Layer(nn.Module):
         self._fills = []  # per blob: (filler_param, value), run by fill_blobs
         self._check_blob_counts(len(self.bottom_shapes), len(param.top))
 
-    def add_blob(self, shape, filler_param=None, value=None):
-        """Append a learnable blob, to be filled by a FillerParameter or a constant (a number or a tensor).
-
-        The values are written by fill_blobs, which the net runs for the blobs its weights do not give, so
-        that a net built with weights draws no random numbers it would throw away."""
-        self.blobs.append(nn.Parameter(torch.empty(tuple(shape))))
-        self._fills.append((filler_param, value))
-        if not _deferring[0]:
-            self._fill(len(self.blobs) - 1)
     def _check_blob_counts(self, bottoms, tops):
         checks = [("bottom", bottoms, self.exact_bottoms, self.min_bottoms, self.max_bottoms)]
         if tops:

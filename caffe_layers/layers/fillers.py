@@ -61,6 +61,10 @@ def constant(shape, param, dtype):
 def uniform(shape, param, dtype):
     if not param.min <= param.max:  # caffe_rng_uniform: CHECK_LE(a, b)
         raise ValueError(f"uniform filler needs min <= max, got min {param.min:g}, max {param.max:g}")
+    width = torch.tensor(param.max, dtype=dtype) - torch.tensor(param.min, dtype=dtype)
+    if not torch.isfinite(width):  # boost's uniform_real then draws inf/nan forever: Caffe never returns
+        raise ValueError(f"uniform filler needs max - min finite in {dtype}, got min {param.min:g}, "
+                         f"max {param.max:g}")
     return torch.empty(shape, dtype=dtype).uniform_(param.min, param.max)
 
 

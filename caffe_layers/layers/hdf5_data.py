@@ -62,8 +62,9 @@ class HDF5Data(DataLayer):
         self.current_row = 0
 
     def load_batch(self):
-        out = [np.empty((self.batch_size,) + a.shape[1:], np.float32) for a in self.arrays]
-        for i in range(self.batch_size):
+        parts = [[] for _ in self.arrays]  # per top, the row ranges of this batch (one unless it wraps)
+        filled = 0
+        while filled < self.batch_size:
             if self.current_row == len(self.rows):
                 if len(self.files) > 1:
                     self.current_file += 1
@@ -75,7 +76,11 @@ class HDF5Data(DataLayer):
                 self.current_row = 0
                 if self.shuffle:
                     self.rng.shuffle(self.rows)
-            for o, a in zip(out, self.arrays):
-                o[i] = a[self.rows[self.current_row]]
-            self.current_row += 1
-        return out
+            # the rows up to the batch's end or the file's, whichever comes first, in one copy
+            n = min(self.batch_size - filled, len(self.rows) - self.current_row)
+            rows = self.rows[self.current_row:self.current_row + n]
+            for part, a in zip(parts, self.arrays):
+                part.append(a[rows])
+            filled += n
+            self.current_row += n
+        return [part[0] if len(part) == 1 else np.concatenate(part) for part in parts]

@@ -125,10 +125,16 @@ class Pooling(Layer):
         """View (N, C, oh, ow, kh, kw) of the windows; outside the image reads `value`."""
         (kh, kw), (oh, ow), (ph, pw), (sh, sw) = kernel, out, self.pad, self.stride
         H, W = x.shape[2:]
-        bottom = max((oh - 1) * sh + kh - H - ph, 0)
-        right = max((ow - 1) * sw + kw - W - pw, 0)
+        # Windows that start past the image (a stride far above the kernel) read only `value`: they are
+        # padded onto the result, not read from an input padded to reach them (that could be gigabytes).
+        nh, nw = min(oh, -(-(H + ph) // sh)), min(ow, -(-(W + pw) // sw))
+        bottom = max((nh - 1) * sh + kh - H - ph, 0)
+        right = max((nw - 1) * sw + kw - W - pw, 0)
         xp = F.pad(x, (pw, right, ph, bottom), value=value)
-        return xp.unfold(2, kh, sh).unfold(3, kw, sw)[:, :, :oh, :ow]
+        win = xp.unfold(2, kh, sh).unfold(3, kw, sw)[:, :, :nh, :nw]
+        if (nh, nw) != (oh, ow):
+            win = F.pad(win, (0, 0, 0, 0, 0, ow - nw, 0, oh - nh), value=value)
+        return win
 
     def forward(self, x):
         size = (x.shape[2], x.shape[3])

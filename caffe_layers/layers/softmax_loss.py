@@ -36,6 +36,31 @@ def normalizer(mode, outer, inner, valid_count):
     return torch.clamp(torch.as_tensor(n, dtype=valid_count.dtype, device=valid_count.device), min=1.0)
 
 
+def _count_normalizer(mode, outer, inner):
+    """normalizer() as a number where every label is valid (no ignore_label)."""
+    n = {NORM.FULL: outer * inner, NORM.VALID: outer * inner, NORM.BATCH_SIZE: outer, NORM.NONE: 1}.get(mode)
+    if n is None:
+        raise ValueError(f"unknown loss normalization mode {mode}")
+    return float(max(n, 1))
+
+
+def _softmax_loss(x, lab, valid, mode):
+    """(loss, prob, safe labels, valid as x's dtype or None, normalizer) of Caffe's forward; `valid` None:
+    every label counts (the products with an all-ones mask are skipped: they change no value)."""
+    outer, classes, inner = x.shape
+    prob = torch.softmax(x, 1)
+    if valid is None:
+        safe, v, norm = lab, None, _count_normalizer(mode, outer, inner)
+    else:
+        safe = torch.where(valid, lab, torch.zeros_like(lab))
+        v = valid.to(x.dtype)
+        norm = normalizer(mode, outer, inner, v.sum())
+    logs = torch.log(prob.gather(1, safe).clamp(min=FLT_MIN))
+    if v is not None:
+        logs = logs * v
+    return -logs.sum() / norm, prob, safe, v, norm
+
+
 class _SoftmaxLoss(torch.autograd.Function):
     """Caffe's forward and backward: d bottom = (prob - onehot) * top_diff / normalizer, 0 where ignored.
 
@@ -44,21 +69,18 @@ class _SoftmaxLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lab, valid, mode):
-        outer, classes, inner = x.shape
-        prob = torch.softmax(x, 1)
-        safe = torch.where(valid, lab, torch.zeros_like(lab))
-        picked = prob.gather(1, safe).clamp(min=FLT_MIN)
-        v = valid.to(x.dtype)
-        norm = normalizer(mode, outer, inner, v.sum())
-        loss = -(torch.log(picked) * v).sum() / norm
-        ctx.save_for_backward(prob, safe, v, norm)
+        loss, prob, safe, v, norm = _softmax_loss(x, lab, valid, mode)
+        ctx.v, ctx.norm = v, norm
+        ctx.save_for_backward(prob, safe)
         return loss, prob
 
     @staticmethod
     def backward(ctx, grad_loss, grad_prob):
-        prob, safe, v, norm = ctx.saved_tensors
-        diff = prob.scatter_add(1, safe, -torch.ones_like(v))
-        return diff * v * (grad_loss / norm), None, None, None
+        prob, safe = ctx.saved_tensors
+        diff = prob.scatter_add(1, safe, torch.full(safe.shape, -1.0, dtype=prob.dtype, device=prob.device))
+        if ctx.v is not None:
+            diff = diff * ctx.v
+        return diff * (grad_loss / ctx.norm), None, None, None
 
 
 @register("SoftmaxWithLoss")
@@ -86,7 +108,10 @@ class SoftmaxWithLoss(Layer):
     def forward(self, scores, label):
         axis = self.axis % scores.dim()
         s, lab, valid = labels_per_prediction(scores, label, axis, self.ignore_label, self.name)
-        loss, prob = _SoftmaxLoss.apply(s, lab, valid, self.mode)
+        if torch.is_grad_enabled() and scores.requires_grad:
+            loss, prob = _SoftmaxLoss.apply(s, lab, valid, self.mode)
+        else:  # no graph to record (a test net, a frozen input): the same values without autograd.Function
+            loss, prob = _softmax_loss(s, lab, valid, self.mode)[:2]
         if self.num_tops < 2:
             return loss
         # Caffe's second top shares the softmax data; diffs given to it do not reach the bottom.

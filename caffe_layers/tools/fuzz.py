@@ -9,7 +9,8 @@ forked child with a memory cap and a timeout, and classified as
            (or by a non-`raise` line of ours, e.g. an IndexError), or a message of several lines
   oom      the memory cap was reached while allocating (reported apart: a resource limit)
   crash    the child died of a signal or without a report
-  hang     the child ran past the timeout (it is killed)
+  hang     the child used more than the timeout in CPU time, or ten times it in wall time (it is
+           killed): CPU time, so that a busy machine does not turn a slow input into a hang
 
 One worker process imports everything once and forks a child per input (a fresh interpreter per
 input would cost ~1.5 s of imports). Run: python -m caffe_layers.tools.fuzz --per-reader 10000
@@ -94,6 +95,16 @@ def _child(run, path, memory_mb, report_fd):
     os._exit(0)
 
 
+def _cpu_seconds(pid):
+    """User and system CPU time of a live process (0 where /proc cannot tell)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def run_isolated(run, path, timeout=10.0, memory_mb=1024):
     """Run `run(path)` in a forked child; returns (outcome, where, message)."""
     read_fd, write_fd = os.pipe()
@@ -105,10 +116,15 @@ def run_isolated(run, path, timeout=10.0, memory_mb=1024):
         finally:
             os._exit(3)
     os.close(write_fd)
-    chunks, deadline, hung = [], time.monotonic() + timeout, False
+    start = time.monotonic()
+    chunks, deadline, hung = [], start + timeout, False
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
+            left = timeout - _cpu_seconds(pid)
+            if left > 0 and time.monotonic() - start < 10 * timeout:  # it waited for a CPU
+                deadline = time.monotonic() + left
+                continue
             hung = True
             os.kill(pid, signal.SIGKILL)
             break
@@ -121,7 +137,7 @@ def run_isolated(run, path, timeout=10.0, memory_mb=1024):
     os.close(read_fd)
     _, status = os.waitpid(pid, 0)
     if hung:
-        return "hang", "", f"killed after {timeout:g} s"
+        return "hang", "", f"killed after {timeout:g} s of CPU time or {10 * timeout:g} s"
     if os.WIFSIGNALED(status):
         return "crash", "", f"signal {os.WTERMSIG(status)}"
     try:
@@ -586,14 +602,18 @@ TARGETS = {"prototxt": prototxt_target, "caffemodel": caffemodel_target,
 
 
 # ---- the campaign -----------------------------------------------------------------------------
-def fuzz(names, per_reader, seed=0, timeout=10.0, memory_mb=1024, examples=3, progress=None):
-    """{target: {"counts": Counter of outcomes, "examples": {outcome: [(where, message)]}}};
-    `progress(name, result)` is called as each reader is done."""
+def fuzz(names, per_reader, seed=0, timeout=10.0, memory_mb=1024, examples=3, progress=None, every=0,
+         keep=None):
+    """{target: {"counts": Counter of outcomes, "examples": {outcome: [(where, message)]}, "seconds": wall
+    time}}; `progress(name, result)` is called as each reader is done, and every `every` inputs. Inputs that
+    end neither ok nor clean are written to folder `keep` (when given) as <reader>-<index>-<outcome><suffix>."""
     import logging
 
     import torch
 
     torch.set_num_threads(1)  # forked children must not inherit a thread pool's locks
+    if keep:
+        os.makedirs(keep, exist_ok=True)
     logging.disable(logging.CRITICAL)
     results = {}
     with tempfile.TemporaryDirectory(prefix="caffe-layers-fuzz-") as tmp:
@@ -602,7 +622,7 @@ def fuzz(names, per_reader, seed=0, timeout=10.0, memory_mb=1024, examples=3, pr
             work.mkdir()
             target = TARGETS[name](work)
             rng = random.Random(f"{seed}:{name}")
-            counts, found = Counter(), {}
+            counts, found, start = Counter(), {}, time.monotonic()
             path = work / f"input{target.suffix}"
             for data in target.seeds:  # the seeds must load; this also warms lazy initialisation up
                 path.write_bytes(data)  # once in the parent instead of in every child
@@ -614,22 +634,28 @@ def fuzz(names, per_reader, seed=0, timeout=10.0, memory_mb=1024, examples=3, pr
                 outcome, where, message = run_isolated(target.run, str(path), timeout, memory_mb)
                 counts[outcome] += 1
                 if outcome not in ("ok", "clean"):
+                    if keep:
+                        Path(keep, f"{name}-{i}-{outcome}{target.suffix}").write_bytes(data)
                     kept = found.setdefault(outcome, {})
                     if where not in kept and len(kept) < 50:
                         kept[where] = message[:300]
+                if progress and every and (i + 1) % every == 0 and i + 1 < per_reader:
+                    progress(name, {"counts": counts, "seconds": time.monotonic() - start, "done": i + 1})
             results[name] = {"counts": counts, "examples": {k: list(v.items())[:examples] if examples
-                                                            else list(v.items()) for k, v in found.items()}}
+                                                            else list(v.items()) for k, v in found.items()},
+                             "seconds": time.monotonic() - start}
             if progress:
                 progress(name, results[name])
     logging.disable(logging.NOTSET)
     return results
 
 
-def table(results):
-    rows = [f"{'reader':<16}" + "".join(f"{o:>9}" for o in OUTCOMES) + f"{'total':>9}"]
+def table(results, seed=0):
+    rows = [f"{'reader':<16}" + "".join(f"{o:>9}" for o in OUTCOMES) + f"{'total':>9}{'seed':>6}{'wall s':>8}"]
     for name, r in results.items():
         c = r["counts"]
-        rows.append(f"{name:<16}" + "".join(f"{c[o]:>9}" for o in OUTCOMES) + f"{sum(c.values()):>9}")
+        rows.append(f"{name:<16}" + "".join(f"{c[o]:>9}" for o in OUTCOMES) + f"{sum(c.values()):>9}"
+                    f"{seed:>6}{r['seconds']:>8.0f}")
     return "\n".join(rows)
 
 
@@ -641,18 +667,23 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per input")
     parser.add_argument("--memory-mb", type=int, default=1024, help="memory cap per input")
     parser.add_argument("--show", type=int, default=5, help="examples shown per bad outcome")
+    parser.add_argument("--every", type=int, default=0, help="print the counts every this many inputs")
+    parser.add_argument("--keep", metavar="FOLDER", help="write the inputs that end neither ok nor clean here")
     args = parser.parse_args(argv)
     start = time.monotonic()
 
     def progress(name, result):
+        if "done" in result:
+            print(f"{name}: {result['done']} done: {dict(result['counts'])} ({result['seconds']:.0f} s)", flush=True)
+            return
         for outcome, items in result["examples"].items():
             for where, message in items:
                 print(f"{name} {outcome} at {where}: {message}", flush=True)
         print(f"{name}: {dict(result['counts'])} ({time.monotonic() - start:.0f} s)", flush=True)
 
     results = fuzz(args.reader or list(TARGETS), args.per_reader, args.seed, args.timeout, args.memory_mb,
-                   args.show, progress)
-    print(table(results))
+                   args.show, progress, args.every, args.keep)
+    print(table(results, args.seed))
     print(f"{time.monotonic() - start:.0f} s")
     bad = sum(r["counts"][o] for r in results.values() for o in ("unclean", "crash", "hang"))
     return 1 if bad else 0

@@ -29,8 +29,11 @@ _LEGACY_TYPES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDel
 
 def _pow(base, exponent):
     """C's pow() on doubles: overflow gives inf, a negative base to a fractional power nan."""
-    with np.errstate(all="ignore"):
-        return float(np.power(np.float64(base), np.float64(exponent)))
+    try:
+        return math.pow(base, exponent)  # the same C function; it raises where C returns inf or nan
+    except (OverflowError, ValueError):
+        with np.errstate(all="ignore"):
+            return float(np.power(np.float64(base), np.float64(exponent)))
 
 
 def _exp(x):
@@ -39,8 +42,13 @@ def _exp(x):
         return float(np.exp(np.float64(x)))
 
 
+_FLT_MAX = float(np.finfo(np.float32).max)
+
+
 def _f32(x):
     """A double rounded to float, as C++ does (out-of-range values become inf)."""
+    if abs(x) <= _FLT_MAX:  # no overflow warning to silence (np.errstate costs microseconds)
+        return float(np.float32(x))
     with np.errstate(all="ignore"):
         return float(np.float32(x))
 
@@ -55,7 +63,7 @@ def learning_rate(param, it, current_step):
     elif policy == "step":
         if param.stepsize <= 0:  # Caffe divides by zero
             raise PrototxtError("solver: lr_policy 'step' needs stepsize > 0")
-        current_step = int(np.trunc(it / param.stepsize))  # C++ integer division truncates
+        current_step = math.trunc(it / param.stepsize)  # C++ integer division truncates
         rate = base * _pow(param.gamma, current_step)
     elif policy == "exp":
         rate = base * _pow(param.gamma, it)
@@ -127,6 +135,7 @@ class Solver:
         self.params = [p for p, _, _ in self.net.param_specs]
         self.lr_mults = [lr for _, lr, _ in self.net.param_specs]
         self.decay_mults = [d for _, _, d in self.net.param_specs]
+        self._lr_groups, self._decay_groups = _groups(self.lr_mults), _groups(self.decay_mults)
         n_hist = 2 if self.type in ("AdaDelta", "Adam") else 1  # AdaDelta/Adam keep a second set
         self.history = [torch.zeros_like(p.detach()) for _ in range(n_hist) for p in self.params]
         self.iter = 0
@@ -193,16 +202,16 @@ class Solver:
         if loss is not None and loss.requires_grad:
             loss.backward()
         self.last_values = values
-        return 0.0 if loss is None else float(loss.detach())
+        return 0.0 if loss is None else loss.item()
 
     def step(self, iters):
         start_iter, stop_iter = self.iter, self.iter + iters
         self.losses, self.smoothed_loss = [], 0.0
         p = self.param
         while self.iter < stop_iter:
-            for q in self.params:  # zeroed in place: pycaffe's param diff views stay valid
-                if q.grad is not None:
-                    q.grad.zero_()
+            grads = [q.grad for q in self.params if q.grad is not None]
+            if grads:  # zeroed in place: pycaffe's param diff views stay valid
+                torch._foreach_zero_(grads)
             if (p.test_interval and self.iter % p.test_interval == 0
                     and (self.iter > 0 or p.test_initialization) and self.rank == 0):
                 self.test_all()
@@ -282,19 +291,29 @@ class Solver:
 
     # ---- the update rules ----------------------------------------------------------------
     def apply_update(self, display=False):
+        """SGDSolver::ApplyUpdate over all parameters at once (torch._foreach_*): as in Caffe, each
+        parameter's diff is clipped, normalised, regularised and turned into the update value in place
+        (so pycaffe's param diffs show the update afterwards), then subtracted from the data."""
         rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
         if display and self.rank == 0:
             log.info("Iteration %d, lr = %.6g", self.iter, rate)
         with torch.no_grad():
-            diffs = [q.grad.detach().clone() if q.grad is not None else torch.zeros_like(q)
-                     for q in self.params]
+            diffs = self._param_diffs()
             self._clip(diffs)
-            for i, q in enumerate(self.params):
-                if self.param.iter_size != 1:  # Normalize: after clipping, as in Caffe
-                    diffs[i] *= 1.0 / self.param.iter_size
-                self._regularize(i, q, diffs[i])
-                diffs[i] = self._update_value(i, diffs[i], rate)
-                q.sub_(diffs[i])
+            if self.param.iter_size != 1:  # Normalize: after clipping, as in Caffe
+                torch._foreach_mul_(diffs, 1.0 / self.param.iter_size)
+            self._regularize(diffs)
+            for lr_mult, idx in self._lr_groups:
+                local_rate = float(np.float32(rate) * np.float32(lr_mult))
+                self._update_value(idx, [diffs[i] for i in idx], local_rate)
+            torch._foreach_sub_(self.params, diffs)
+
+    def _param_diffs(self):
+        """The parameters' gradients (Caffe's diffs), zeros for any that received none."""
+        for q in self.params:
+            if q.grad is None:
+                q.grad = torch.zeros_like(q)
+        return [q.grad for q in self.params]
 
     def _clip(self, diffs):
         clip = self.param.clip_gradients
@@ -307,54 +326,73 @@ class Solver:
             factor = clip / norm
             log.info("Gradient clipping: scaling down gradients (L2 norm %g > %g) by scale factor %g",
                      norm, clip, factor)
-            for d in diffs:
-                d *= factor
+            torch._foreach_mul_(diffs, factor)
 
-    def _regularize(self, i, q, diff):
-        decay = self.param.weight_decay * self.decay_mults[i]
-        if not decay:
-            return
+    def _regularize(self, diffs):
         kind = self.param.regularization_type
-        if kind == "L2":
-            diff.add_(q.detach(), alpha=decay)
-        elif kind == "L1":
-            diff.add_(torch.sign(q.detach()), alpha=decay)
-        else:
-            raise ValueError(f"solver: unknown regularization_type {kind!r}; expected L1 or L2")
+        for decay_mult, idx in self._decay_groups:
+            decay = self.param.weight_decay * decay_mult
+            if not decay:
+                continue
+            if kind not in ("L1", "L2"):
+                raise ValueError(f"solver: unknown regularization_type {kind!r}; expected L1 or L2")
+            data = [self.params[i].detach() for i in idx]
+            torch._foreach_add_([diffs[i] for i in idx], torch._foreach_sign(data) if kind == "L1" else data,
+                                alpha=decay)
 
-    def _update_value(self, i, g, rate):
+    def _update_value(self, idx, g, local_rate):
+        """ComputeUpdateValue for the parameters `idx` (one lr_mult): their diffs `g` become the update."""
         p = self.param
-        local_rate = float(np.float32(rate) * np.float32(self.lr_mults[i]))
-        h = self.history[i]
+        h = [self.history[i] for i in idx]
         if self.type == "SGD":
-            h.mul_(p.momentum).add_(g, alpha=local_rate)
-            return h.clone()
+            torch._foreach_mul_(h, p.momentum)
+            torch._foreach_add_(h, g, alpha=local_rate)
+            torch._foreach_copy_(g, h)
+            return
         if self.type == "Nesterov":
-            previous = h.clone()
-            h.mul_(p.momentum).add_(g, alpha=local_rate)
-            return h * (1.0 + p.momentum) - previous * p.momentum
-        if self.type == "AdaGrad":
-            h.add_(g * g)
-            return local_rate * g / (h.sqrt() + p.delta)
-        if self.type == "RMSProp":
-            h.mul_(p.rms_decay).add_(g * g, alpha=1.0 - p.rms_decay)
-            return local_rate * g / (h.sqrt() + p.delta)
-        if self.type == "AdaDelta":
-            u = self.history[len(self.params) + i]
-            h.mul_(p.momentum).add_(g * g, alpha=1.0 - p.momentum)
-            step = g * ((u + p.delta) / (h + p.delta)).sqrt()
-            u.mul_(p.momentum).add_(step * step, alpha=1.0 - p.momentum)
-            return local_rate * step
-        if self.type == "Adam":
-            m, v = h, self.history[len(self.params) + i]
+            previous = torch._foreach_mul(h, p.momentum)
+            torch._foreach_mul_(h, p.momentum)
+            torch._foreach_add_(h, g, alpha=local_rate)
+            update = torch._foreach_mul(h, 1.0 + p.momentum)
+            torch._foreach_sub_(update, previous)
+        elif self.type in ("AdaGrad", "RMSProp"):
+            if self.type == "AdaGrad":
+                torch._foreach_add_(h, torch._foreach_mul(g, g))
+            else:
+                torch._foreach_mul_(h, p.rms_decay)
+                torch._foreach_add_(h, torch._foreach_mul(g, g), alpha=1.0 - p.rms_decay)
+            denominator = torch._foreach_sqrt(h)
+            torch._foreach_add_(denominator, p.delta)
+            update = torch._foreach_mul(g, local_rate)
+            torch._foreach_div_(update, denominator)
+        elif self.type == "AdaDelta":
+            u = [self.history[len(self.params) + i] for i in idx]
+            torch._foreach_mul_(h, p.momentum)
+            torch._foreach_add_(h, torch._foreach_mul(g, g), alpha=1.0 - p.momentum)
+            ratio = torch._foreach_add(u, p.delta)
+            torch._foreach_div_(ratio, torch._foreach_add(h, p.delta))
+            torch._foreach_sqrt_(ratio)
+            update = torch._foreach_mul(g, ratio)
+            torch._foreach_mul_(u, p.momentum)
+            torch._foreach_add_(u, torch._foreach_mul(update, update), alpha=1.0 - p.momentum)
+            torch._foreach_mul_(update, local_rate)
+        elif self.type == "Adam":
+            m, v = h, [self.history[len(self.params) + i] for i in idx]
             b1, b2 = p.momentum, p.momentum2
             t = self.iter + 1
             with np.errstate(all="ignore"):  # C++ arithmetic: nan or inf, never an exception
                 correction = _f32(np.sqrt(np.float64(1.0 - _pow(b2, t))) / np.float64(1.0 - _pow(b1, t)))
-            m.mul_(b1).add_(g, alpha=1.0 - b1)
-            v.mul_(b2).add_(g * g, alpha=1.0 - b2)
-            return (local_rate * correction) * (m / (v.sqrt() + p.delta))
-        raise AssertionError(self.type)
+            torch._foreach_mul_(m, b1)
+            torch._foreach_add_(m, g, alpha=1.0 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_add_(v, torch._foreach_mul(g, g), alpha=1.0 - b2)
+            denominator = torch._foreach_sqrt(v)
+            torch._foreach_add_(denominator, p.delta)
+            update = torch._foreach_div(m, denominator)
+            torch._foreach_mul_(update, local_rate * correction)
+        else:
+            raise AssertionError(self.type)
+        torch._foreach_copy_(g, update)
 
     # ---- solving -------------------------------------------------------------------------
     def solve(self, resume_file=None):
@@ -398,6 +436,7 @@ class Solver:
         share_trained_layers(net, self.net)
         scores, total_loss = {}, 0.0
         n = self.param.test_iter[i]
+        compute_loss = self.param.test_compute_loss
         for _ in range(n):
             request = self.action()
             while request is not None:
@@ -411,18 +450,20 @@ class Solver:
                 return None
             with torch.no_grad():
                 values = net.run({})
-                loss = net.loss(values)
-            if self.param.test_compute_loss and loss is not None:
-                total_loss += float(loss)
+                loss = net.loss(values) if compute_loss else None
+            if loss is not None:
+                total_loss += loss.item()
             for name in net.outputs:
-                v = values[name].detach().double().reshape(-1).cpu()
+                v = values[name]
+                # summed in double, as Python floats where the output is one number (most are)
+                v = v.item() if v.numel() == 1 else v.detach().double().reshape(-1).cpu()
                 scores[name] = scores[name] + v if name in scores else v
         if self.param.test_compute_loss:
             log.info("Test loss: %g", total_loss / n)
         weights = net.top_loss_weights
         means, index = {}, 0
         for name, total in scores.items():
-            mean = total / n
+            mean = torch.as_tensor(total, dtype=torch.float64).reshape(-1) / n
             means[name] = mean.numpy()
             w = weights.get(name, 0.0)
             for v in mean.tolist():
@@ -500,6 +541,14 @@ class Solver:
             if getattr(layer, "is_data_layer", False):
                 for _ in range(n):
                     layer.next_batch()
+
+
+def _groups(values):
+    """[(value, [indices])] of the distinct values in a list, in order of first appearance."""
+    groups = {}
+    for i, v in enumerate(values):
+        groups.setdefault(v, []).append(i)
+    return list(groups.items())
 
 
 def share_trained_layers(target, source):

@@ -195,10 +195,16 @@ class DataLayer(Layer):
         return item
 
     def forward(self):
-        dtype = self._like.dtype if self._like.is_floating_point() else torch.float32
-        tops = tuple(torch.as_tensor(np.ascontiguousarray(a)).to(device=self._like.device, dtype=dtype)
-                     for a in self.next_batch())
+        like = self._like
+        dtype = like.dtype if like.is_floating_point() else torch.float32
+        tops = tuple(_as_top(a, like.device, dtype) for a in self.next_batch())
         return tops if len(tops) != 1 else tops[0]
+
+
+def _as_top(array, device, dtype):
+    """A batch array as a top tensor (no copy where it already is one on the CPU)."""
+    top = torch.as_tensor(np.ascontiguousarray(array))
+    return top if top.dtype == dtype and top.device == device else top.to(device=device, dtype=dtype)
 
 
 def read_list_lines(source, layer_name):
