@@ -5,9 +5,13 @@ weights, same threads, measured in this run) and against the original Caffe's fi
     python benchmarks/bench_nets.py                       # vgg321 res129 embs321 (add res513: --nets all)
     python benchmarks/bench_nets.py --nets none path/to/bvlc_googlenet/deploy.prototxt [more.prototxt ...]
     python benchmarks/bench_nets.py --train               # LeNet, brewing-logreg, embs and vgg training (--help)
+    python benchmarks/bench_nets.py --compile [--nets ...] [deploy.prototxt ...]   # eager against torch.compile
 
 Each figure comes from a fresh process, so that its peak memory is its own. "ours" is the torch face
 (TorchNet) under torch.inference_mode; "pycaffe" is caffe_layers.Net.forward (Caffe's persistent blobs).
+--compile times, in one process for each net, the eager TorchNet and torch.compile(net, fullgraph=True)
+(inductor, a fresh cache directory, so the compile time is a cold one) on the same inputs, both under
+inference_mode with the native kernels on (the compiled graph calls them as custom ops).
 """
 import argparse
 import json
@@ -56,6 +60,19 @@ def timed(fn, runs):
     return times[0], times[len(times) // 2]
 
 
+def torch_forward(module, feed, device):
+    """A forward of a torch module (a TorchNet or its compiled form) under inference_mode."""
+    import torch
+
+    def run():
+        with torch.inference_mode():
+            module(**feed)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
 def child(args):
     """One measurement in this process; prints one JSON line."""
     import numpy as np
@@ -72,23 +89,25 @@ def child(args):
 
     device = torch.device(args.device)
     result = {}
-    if args.mode in ("ours", "pycaffe"):
+    if args.mode in ("ours", "pycaffe", "compiled"):
         start = time.perf_counter()
-        net = (TorchNet(text, phase="test") if args.mode == "ours" else Net(text, phase="test"))
+        net = (Net(text, phase="test") if args.mode == "pycaffe" else TorchNet(text, phase="test"))
         result["build"] = time.perf_counter() - start
         shapes = net.blob_shapes
         rng = np.random.default_rng(0)
         inputs = {name: rng.standard_normal(shapes[name]).astype(np.float32) for name in net.inputs}
-        if args.mode == "ours":
+        if args.mode != "pycaffe":
             net.to(device)
             feed = {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
-
-            def run():
-                with torch.inference_mode():
-                    net(**feed)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-        else:
+            run = torch_forward(net, feed, device)
+        if args.mode == "compiled":  # eager first, then the compiled module, on the same inputs
+            run()
+            result["eager_best"], result["eager_median"] = timed(run, args.runs)
+            run = torch_forward(torch.compile(net, fullgraph=True), feed, device)
+            start = time.perf_counter()
+            run()
+            result["compile"] = time.perf_counter() - start
+        elif args.mode == "pycaffe":
             def run():
                 net.forward(**inputs)
         run()  # warm-up
@@ -263,7 +282,9 @@ def train_figures(args):
 def measure(net, mode, args):
     cmd = [sys.executable, __file__, "--child-net", str(net), "--mode", mode, "--runs", str(args.runs),
            "--threads", str(args.threads), "--device", args.device]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    with tempfile.TemporaryDirectory() as cache:  # torch.compile's caches: a cold compile every time
+        env = dict(os.environ, PYTHONWARNINGS="ignore", TORCHINDUCTOR_CACHE_DIR=cache)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:120]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -292,6 +313,15 @@ def row(label, figures, reference=None):
     return text
 
 
+def compiled_row(label, figures):
+    if "error" in figures:
+        return f"{label:12s} failed: {figures['error']}"
+    return (f"{label:12s} eager best {figures['eager_best']:7.3f} s median {figures['eager_median']:7.3f} s | "
+            f"compiled best {figures['forward_best']:7.3f} s median {figures['forward_median']:7.3f} s | "
+            f"x{figures['eager_best'] / figures['forward_best']:.2f} (best) x"
+            f"{figures['eager_median'] / figures['forward_median']:.2f} (median) | compile {figures['compile']:6.1f} s")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", help="standard Caffe deploy prototxts, also run on OpenCV dnn")
@@ -308,6 +338,8 @@ def main():
     parser.add_argument("--iters", type=int, default=50, help="LeNet iterations a run")
     parser.add_argument("--seg-iters", type=int, default=2, help="segaware iterations a run")
     parser.add_argument("--crop", type=int, default=161, help="segaware crop size")
+    parser.add_argument("--compile", action="store_true", help="eager against torch.compile(fullgraph=True) "
+                        "forward times and the compile time, for --nets and the configs")
     parser.add_argument("--child-net", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="ours", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -316,6 +348,12 @@ def main():
     if args.train:
         return train_figures(args)
     names = list(NETS) if args.nets == "all" else [] if args.nets == "none" else args.nets.split(",")
+    if args.compile:
+        print(f"{args.threads} threads, {args.device}, best/median of {args.runs} runs after a warm-up; "
+              f"each net a fresh process, eager then torch.compile(fullgraph=True) in it")
+        for name in names + args.configs:
+            print(compiled_row(name if name in NETS else Path(name).parent.name, measure(name, "compiled", args)))
+        return
     base = baselines()
     print(f"{args.threads} threads, {args.device}, best/median of {args.runs} runs after a warm-up; "
           f"each row a fresh process")

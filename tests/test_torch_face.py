@@ -213,3 +213,16 @@ def test_compile_fullgraph_segaware_deploy():
         got = torch.compile(net, fullgraph=True, backend="eager")(**inputs)
     for blob, value in expected.items():
         torch.testing.assert_close(got[blob], value)
+
+
+def test_layer_named_like_a_torchnet_method():
+    """A layer called "loss" or "save" (common names) runs as the layer, not as TorchNet's method of that name,
+    and keeps its name in the state_dict."""
+    net = TorchNet("""
+layer { name: "d" type: "Input" top: "x" top: "y" input_param { shape { dim: 2 dim: 3 } shape { dim: 2 } } }
+layer { name: "save" type: "InnerProduct" bottom: "x" top: "fc" inner_product_param { num_output: 3 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "y" top: "loss" }""")
+    out = net(x=torch.rand(2, 3), y=torch.zeros(2))
+    torch.testing.assert_close(out["loss"], torch.tensor(3.0).log())  # zero weights: uniform over 3 classes
+    assert set(net.state_dict()) == {"save.0", "save.1"}
+    assert callable(net.save) and net.loss(out) is not None

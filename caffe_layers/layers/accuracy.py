@@ -31,14 +31,25 @@ def labels_per_prediction(scores, label, axis, ignore_label, name):
     lab = labels_as_int(label).reshape(outer, 1, inner)
     valid = None if ignore_label is None else lab != ignore_label
     if scores.device.type != "meta" and lab.numel():
-        if valid is None:
-            low, high = torch.aminmax(lab)
-            bad = low.item() < 0 or high.item() >= classes
-        else:
-            bad = bool((((lab < 0) | (lab >= classes)) & valid).any())
-        if bad:
-            raise ValueError(f"layer {name!r}: labels must lie in [0, {classes}) (or be the ignore_label)")
+        check_labels(lab, valid, classes, name)
     return scores.reshape(outer, classes, inner), lab, valid
+
+
+def check_labels(lab, valid, classes, name):
+    """Every valid label (valid None: all) a class index. Inside torch.compile and torch.export an assertion op
+    in the graph (a branch on the labels' values would break it)."""
+    message = f"layer {name!r}: labels must lie in [0, {classes}) (or be the ignore_label)"
+    if torch.compiler.is_compiling():
+        bad = (lab < 0) | (lab >= classes)
+        torch._assert_async(~(bad if valid is None else bad & valid).any(), message)
+        return
+    if valid is None:
+        low, high = torch.aminmax(lab)
+        bad = low.item() < 0 or high.item() >= classes
+    else:
+        bad = bool((((lab < 0) | (lab >= classes)) & valid).any())
+    if bad:
+        raise ValueError(message)
 
 
 @register("Accuracy")

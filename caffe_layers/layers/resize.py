@@ -7,6 +7,10 @@ Quirk, kept by default (resize_param border: DROP): a neighbour past the last ro
 together with its weight, not renormalised, so with upscaling the last row/column fade (x2: the last
 one is half the input). border: REPLICATE (ours) clamps to the edge instead. Backward is the transpose.
 """
+import math
+
+import math
+
 import numpy as np
 import torch
 
@@ -15,17 +19,40 @@ from caffe_layers.layers.base import Layer
 from caffe_layers.formats.proto import pb
 
 
-def resize_output_size(in_h, in_w, p, name="?"):
+def output_size_rule(p, name="?"):
+    """("fixed", height, width), or ("scaled", height scale, width scale as float32 values) with is_pyramid_test:
+    plain values read once, so that forward reads no proto message (torch.compile traces it whole)."""
     if not p.is_pyramid_test:
         if not (p.HasField("height") and p.HasField("width")):
             raise ValueError(f"layer {name!r} (Resize): resize_param height and width are required "
                              "unless is_pyramid_test is true")
-        return int(p.height), int(p.width)
+        return "fixed", int(p.height), int(p.width)
     if not (p.HasField("out_height_scale") and p.HasField("out_width_scale")):
         raise ValueError(f"layer {name!r} (Resize): is_pyramid_test needs out_height_scale and out_width_scale")
+    return "scaled", float(np.float32(p.out_height_scale)), float(np.float32(p.out_width_scale))
+
+
+def resize_output_size(in_h, in_w, rule):
+    kind, h, w = rule
+    if kind == "fixed":
+        return h, w
     # float * int in float32, truncated, as in the C++
-    return (int(np.float32(p.out_height_scale) * np.float32(in_h)),
-            int(np.float32(p.out_width_scale) * np.float32(in_w)))
+    return int(_float32_product(h, in_h)), int(_float32_product(w, in_w))
+
+
+def _float32_product(scale, n):
+    """float32(scale) * float32(n) in float32, in plain Python arithmetic: torch.compile folds it on a static
+    size, where numpy's would become tensor ops and the output size data-dependent. The float64 product of two
+    24-bit mantissas is exact, so rounding it once gives the float32 product."""
+    return _round_to_float32(_round_to_float32(float(scale)) * _round_to_float32(float(n)))
+
+
+def _round_to_float32(x):
+    """The nearest float32 (ties to even, as round() does) of a float in float32's normal range, or 0."""
+    if x == 0:
+        return 0.0
+    mantissa, exponent = math.frexp(x)
+    return math.ldexp(round(mantissa * (1 << 24)), exponent - 24)
 
 
 def _axis_weights(src, dst, dtype, device, border):
@@ -74,18 +101,18 @@ class Resize(Layer):
         self.p = param.resize_param
         if self.p.type != pb.ResizeParameter.BILINEAR:
             raise ValueError(f"layer {self.name!r} (Resize): only type BILINEAR exists in the original layer")
-        resize_output_size(bottom_shapes[0][2], bottom_shapes[0][3], self.p, self.name)  # validates
+        self.size_rule = output_size_rule(self.p, self.name)
         self.border = pb.ResizeParameter.Border.Name(self.p.border).lower()  # "drop" or "replicate"
 
     def top_shapes(self, bottom_shapes):
         n, c, h, w = bottom_shapes[0]
-        out_h, out_w = resize_output_size(h, w, self.p, self.name)
+        out_h, out_w = resize_output_size(h, w, self.size_rule)
         if out_h < 1 or out_w < 1:
             raise ValueError(f"layer {self.name!r} (Resize): output size {out_h}x{out_w} is empty")
         return [(n, c, out_h, out_w)]
 
     def forward(self, x):
-        out_h, out_w = resize_output_size(x.shape[2], x.shape[3], self.p, self.name)
+        out_h, out_w = resize_output_size(x.shape[2], x.shape[3], self.size_rule)
         if out_h < 1 or out_w < 1:
             raise ValueError(f"layer {self.name!r} (Resize): output size {out_h}x{out_w} is empty")
         return bilinear_resize(x, out_h, out_w, self.border)

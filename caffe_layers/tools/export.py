@@ -2,15 +2,17 @@
 ExportedProgram (.pt2).
 
   caffe-layers export MODEL.prototxt [WEIGHTS.caffemodel] -o net.onnx
-  caffe-layers export MODEL.prototxt [WEIGHTS.caffemodel] --format pt2 -o net.pt2
+  caffe-layers export MODEL.prototxt [WEIGHTS.caffemodel] --format pt2 [--custom-ops] -o net.pt2
 
-Both trace the net under `native.disabled()`, so every layer is its pure-PyTorch reference: standard aten ops,
-which the TorchScript ONNX exporter lowers to standard ONNX operators. Inputs and outputs are the net's input and
+The net is built as TorchNet builds it (segaware chains fused, BatchNorm folded in a TEST net) and traced under
+`native.disabled()`, so every layer, a fused step included, is its pure-PyTorch reference: standard aten ops,
+which torch.onnx's exporter lowers to standard ONNX operators. Inputs and outputs are the net's input and
 output blobs, by name. The batch axis is dynamic, and the spatial axes too where the net runs at another size.
-A .pt2 holds only aten ops (it loads with plain `torch.export.load`); an ExportedProgram made by
-`torch.export.export` outside `native.disabled()` may hold our custom ops: then `import caffe_layers.native`
-before loading it.
+Such a .pt2 holds only aten ops (plain `torch.export.load` runs it, without this package); with --custom-ops
+the native kernels stay in it as torch.ops.caffe_layers.* ops, and its loader needs `import caffe_layers.native`.
 """
+
+import contextlib
 
 import torch
 from torch import nn
@@ -100,13 +102,22 @@ def _dynamic_shapes(net, inputs, dynamic):
     return {name: {axis: torch.export.Dim.AUTO for axis in axes.get(name, {})} for name in net.inputs}, axes
 
 
-def export_onnx(net, path, inputs=None, dynamic=True, opset=18, force=False):
+OPTIMIZE = ("fold", "full", "none")
+
+
+def export_onnx(net, path, inputs=None, dynamic=True, opset=18, force=False, optimize="fold"):
     """Write `net` (a TorchNet) as ONNX at `path` through the torch.export-based exporter (needs onnxscript);
-    returns the dynamic axes ({blob: {axis: name}})."""
+    returns the dynamic axes ({blob: {axis: name}}).
+
+    optimize: "fold" folds constants and removes unused nodes (onnxruntime applies its own graph optimisations
+    when it loads the file); "full" runs onnxscript's whole optimizer, whose pattern rewriter grows faster than
+    the graph (four fifths of the res deploy's four-minute export); "none" writes the exporter's graph as is."""
     try:
-        import onnxscript  # noqa: F401  (torch.onnx's exporter imports it lazily, with a long message)
+        import onnxscript.optimizer
     except ImportError:
         raise ImportError("ONNX export needs onnxscript: pip install 'caffe_layers[onnx]' (or onnxscript)") from None
+    if optimize not in OPTIMIZE:
+        raise ValueError(f"export_onnx: optimize={optimize!r}: expected one of {', '.join(OPTIMIZE)}")
     inputs = inputs if inputs is not None else _trace_inputs(net, dynamic)
     shapes, axes = _dynamic_shapes(net, inputs, dynamic)
     wrapper = _Positional(net)
@@ -117,25 +128,33 @@ def export_onnx(net, path, inputs=None, dynamic=True, opset=18, force=False):
             program = torch.onnx.export(wrapper, tuple(inputs[name] for name in net.inputs), dynamo=True,
                                         input_names=list(net.inputs), output_names=wrapper.outputs,
                                         dynamic_shapes=(tuple(shapes[name] for name in net.inputs),),
-                                        opset_version=opset, verbose=False)
+                                        opset_version=opset, optimize=optimize == "full", verbose=False)
+        if optimize == "fold":
+            onnxscript.optimizer.fold_constants(program.model)
+            onnxscript.optimizer.remove_unused_nodes(program.model)
         program.save(tmp)
 
     _write_atomic(path, write, force)
     return axes
 
 
-def export_program(net, inputs=None, dynamic=True):
-    """torch.export of `net` under native.disabled(): an ExportedProgram of aten ops only."""
+def export_program(net, inputs=None, dynamic=True, custom_ops=False):
+    """torch.export of `net`: under native.disabled() an ExportedProgram of aten ops only; with custom_ops the
+    native kernels stay in it as torch.ops.caffe_layers.* (its loader needs `import caffe_layers.native`)."""
     inputs = inputs if inputs is not None else _trace_inputs(net, dynamic)
     shapes, _ = _dynamic_shapes(net, inputs, dynamic)
-    with torch.no_grad(), native.disabled():
+    with torch.no_grad(), (contextlib.nullcontext() if custom_ops else native.disabled()):
         return torch.export.export(net, (), inputs, dynamic_shapes=shapes)
 
 
-def export_pt2(net, path, inputs=None, dynamic=True, force=False):
+def export_pt2(net, path, inputs=None, dynamic=True, force=False, custom_ops=False):
     """Write `net` as a .pt2 (torch.export.save of export_program); load it with torch.export.load."""
-    program = export_program(net, inputs, dynamic)
-    _write_atomic(path, lambda tmp: torch.export.save(program, tmp), force)
+    program = export_program(net, inputs, dynamic, custom_ops)
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: torch.export.save warns about a name not ending in .pt2
+            torch.export.save(program, f)
+
+    _write_atomic(path, write, force)
     return program
 
 
@@ -148,6 +167,13 @@ def add_arguments(parser, command):
     parser.add_argument("--phase", default="test", type=str.lower, choices=["train", "test"])
     parser.add_argument("--static", action="store_true", help="fixed input sizes (no dynamic batch or spatial axes)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    parser.add_argument("--optimize", default="fold", choices=OPTIMIZE,
+                        help="ONNX graph clean-up: fold (constant folding, unused nodes; the default), full "
+                             "(onnxscript's optimizer: slow on large nets), none")
+    parser.add_argument("--custom-ops", action="store_true",
+                        help="pt2 only: keep the native kernels as torch.ops.caffe_layers.* custom ops (faster; "
+                             "the loader needs `import caffe_layers.native`) instead of their pure-PyTorch "
+                             "references")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 
@@ -155,12 +181,15 @@ def run(args):
     from caffe_layers.engine.graph import TorchNet
 
     fmt = args.format or ("pt2" if args.output.endswith(".pt2") else "onnx")
+    if args.custom_ops and fmt != "pt2":
+        raise ValueError("--custom-ops is for --format pt2: an ONNX file holds standard operators only")
     check_overwrite(args.output, args.force)  # before the (slow) build
-    net = TorchNet(args.model, weights=args.weights, phase=args.phase, fuse=False)
+    net = TorchNet(args.model, weights=args.weights, phase=args.phase)
     if fmt == "onnx":
-        axes = export_onnx(net, args.output, dynamic=not args.static, opset=args.opset, force=args.force)
+        axes = export_onnx(net, args.output, dynamic=not args.static, opset=args.opset, force=args.force,
+                           optimize=args.optimize)
     else:
-        export_pt2(net, args.output, dynamic=not args.static, force=args.force)
+        export_pt2(net, args.output, dynamic=not args.static, force=args.force, custom_ops=args.custom_ops)
         axes = None
     print(f"wrote {args.output} ({fmt}; inputs {list(net.inputs)}, outputs {list(net.outputs)}"
           + (f"; dynamic {axes}" if axes else "") + ")")
