@@ -167,7 +167,7 @@ def test_batchnorm_folding_equals_unfolded():
     assert not _folded_calls(TorchNet(BN_NET, phase="train"))  # batch statistics in TRAIN: nothing folds
 
 
-def test_folded_weights_kept_between_inference_calls_follow_every_change():
+def test_folded_weights_kept_between_inference_calls_follow_every_change(tmp_path):
     from caffe_layers.engine.folding import clear_fold_cache
 
     folded, plain = _folded_and_plain()
@@ -193,6 +193,12 @@ def test_folded_weights_kept_between_inference_calls_follow_every_change():
     state = {k: torch.randn_like(v) for k, v in plain.state_dict().items() if not k.startswith("bn")}
     folded.load_state_dict(state, strict=False)
     plain.load_state_dict(state, strict=False)
+    check(True)
+    with torch.no_grad():  # a .caffemodel read straight into the blobs' memory (numpy) is seen too
+        plain.c1.blobs[0].mul_(0.5)
+        plain.bn1.blobs[0].add_(1)
+    plain.save(str(tmp_path / "changed.caffemodel"))
+    folded.copy_from(str(tmp_path / "changed.caffemodel"))
     check(True)
     folded.double()
     plain.double()

@@ -531,6 +531,7 @@ def _copy_into(param, src, rec):
     view = param.detach()
     if view.device.type == "cpu" and view.is_contiguous() and view.numpy().dtype == dtype:
         _fill(src, rec, view.numpy().reshape(-1), segments)
+        torch.autograd.graph.increment_version(view)  # written behind torch's back: kept folded weights must see it
     else:
         view.copy_(torch.from_numpy(_read_record(src, rec)).reshape(view.shape))
     _, _, d_count = rec.values(diff=True)
