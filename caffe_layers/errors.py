@@ -32,6 +32,15 @@ class DeviceError(CaffeLayersError, RuntimeError):
     """A device that was asked for is not there."""
 
 
+class TopReshaped(Exception):
+    """Not an error: a data layer's batch does not fit its tops (engine/explicit.py); `values` are the new
+    tops, `index` the step that made them, for the net to reshape its blobs and go on."""
+
+    def __init__(self, values):
+        super().__init__("a data layer's batch changed shape")
+        self.values, self.index = values, None
+
+
 def check_readable_file(path, what):
     """`path` as a str, or an error saying it does not exist or is a directory."""
     path = os.fspath(path)

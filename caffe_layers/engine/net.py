@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from caffe_layers.pycaffe import mode
+from caffe_layers.engine import explicit
 from caffe_layers.engine.plan import compile_plan, fused_layout, infer_top_shapes, need_backward, rewritten_later
+from caffe_layers.errors import TopReshaped
 from caffe_layers.formats.proto import TEST, check_blob_shape
 
 
@@ -159,6 +161,7 @@ class Net(nn.Module):
         self.fused_steps = fuse_steps(self, keep_blobs) if fuse else None
         self._input_names = set(self.inputs)
         self._data, self._diff, self._graphs = {}, {}, {}
+        self._explicit, self._explicit_supported = None, None  # engine/explicit.py, built on first use
         self._fused_away = set()  # blobs the last forward did not compute (inside fused chains)
         self._need_backward, self._bottom_needs = need_backward(self.plan)
         self._rewritten_later = rewritten_later(self.steps)
@@ -245,6 +248,9 @@ class Net(nn.Module):
             return {name: values[name] if name in values else self._blob_data(name) for name in wanted}
         for k, v in inputs.items():
             self._store_input(k, v)
+        if self.explicit_passes() is not None:
+            self.explicit_forward(first, last)
+            return {name: _numpy_view(self._blob_data(name)) for name in self._wanted(last, blobs)}
         full = first == 0 and last == len(self.steps) and self.fused_steps is not None
         if full:
             self._graphs = {}
@@ -260,6 +266,32 @@ class Net(nn.Module):
         return {name: _numpy_view(self._blob_data(name)) for name in self._wanted(last, blobs)}
 
     __call__ = nn.Module.__call__
+
+    def explicit_passes(self):
+        """The net's explicit forward and backward passes (engine/explicit.py) over its current blob storage,
+        or None where a layer needs autograd."""
+        if self._explicit is None:
+            if self._explicit_supported is None:
+                self._explicit_supported = explicit.supports(self)
+            if self._explicit_supported:
+                self._explicit = explicit.ExplicitPasses(self)
+        return self._explicit
+
+    def explicit_forward(self, first=0, last=None):
+        """Caffe's Forward of layers first..last-1 through the explicit passes, which it returns; a data layer
+        whose batch changed shape reshapes the net's blobs on the way."""
+        last = len(self.steps) if last is None else last
+        while True:
+            passes = self.explicit_passes()
+            try:
+                passes.forward(first, last)
+                return passes
+            except TopReshaped as new:
+                tops = self.steps[new.index].tops
+                self.reshape_blobs({name: value.shape for name, value in zip(tops, new.values)})
+                for name, value in zip(tops, new.values):
+                    self._blob_data(name).copy_(value)
+                first = new.index + 1
 
     def _wanted(self, last, blobs):
         wanted = list(self.outputs if last == len(self.steps) else self.steps[last - 1].tops)
@@ -308,6 +340,17 @@ class Net(nn.Module):
         names = self._layer_names
         hi = names.index(start) if start is not None else len(self.steps) - 1
         lo = names.index(end) if end is not None else 0
+        passes = self.explicit_passes()
+        if passes is not None:
+            passes.backward(lo, hi)
+        else:
+            self._autograd_backward(lo, hi)
+        first = list(self.inputs) if end is None else list(self.steps[lo].bottoms)  # as pycaffe: `end`'s bottoms
+        wanted = first + [b for b in (diffs or []) if b not in first]
+        return {name: _numpy_view(self._blob_diff(name)) for name in wanted}
+
+    def _autograd_backward(self, lo, hi):
+        """backward's general path: each layer's graph from its last forward (or from its current bottoms)."""
         self._record_missing_graphs(lo, hi)
         written = set()
         for index in sorted(self._graphs, reverse=True):
@@ -333,9 +376,6 @@ class Net(nn.Module):
                     else:
                         diff.copy_(leaf.grad)
                         written.add(name)
-        first = list(self.inputs) if end is None else list(self.steps[lo].bottoms)  # as pycaffe: `end`'s bottoms
-        wanted = first + [b for b in (diffs or []) if b not in first]
-        return {name: _numpy_view(self._blob_diff(name)) for name in wanted}
 
     def _record_missing_graphs(self, lo, hi):
         """Caffe's Backward runs on the current blobs, forward or not: a layer in lo..hi that Caffe would
@@ -360,6 +400,7 @@ class Net(nn.Module):
                 store.copy_(value)
         else:
             self._data[name] = value.clone() if copy else value
+            self._explicit = None
 
     def store_values(self, values):
         """Write tensors {blob: value} (a run's result) into the persistent blobs, as a pycaffe forward would."""
@@ -419,11 +460,17 @@ class Net(nn.Module):
         self._blob_data(name).detach().copy_(torch.as_tensor(value))
 
     def reshape_blob(self, name, shape):
-        shape = tuple(int(s) for s in shape)
-        check_blob_shape(shape, f"blob {name!r}: reshape", ValueError)  # Blob::Reshape's checks, here
-        self.blob_shapes[name] = shape
-        self._data.pop(name, None)
-        self._diff.pop(name, None)
+        self.reshape_blobs({name: shape})
+
+    def reshape_blobs(self, shapes):
+        """Give the blobs {name: shape} new shapes (new storage where a shape changes), then reshape the net."""
+        for name, shape in shapes.items():
+            shape = tuple(int(s) for s in shape)
+            check_blob_shape(shape, f"blob {name!r}: reshape", ValueError)  # Blob::Reshape's checks, here
+            if shape != self.blob_shapes.get(name):
+                self.blob_shapes[name] = shape
+                self._data.pop(name, None)
+                self._diff.pop(name, None)
         self.reshape()
 
     def reshape(self):
@@ -443,6 +490,7 @@ class Net(nn.Module):
                     self._diff.pop(name, None)
                 self.blob_shapes[name] = tuple(shape)
         self._graphs = {}
+        self._explicit = None
 
     @property
     def blobs(self):
@@ -547,4 +595,5 @@ class Net(nn.Module):
         result = super()._apply(fn, *args, **kwargs)
         self._data = {k: fn(v.detach()).cpu() for k, v in self._data.items() if k in self._input_names}
         self._diff = {}
+        self._explicit, self._explicit_supported = None, None
         return result

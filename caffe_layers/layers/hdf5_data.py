@@ -12,6 +12,7 @@ class HDF5Data(DataLayer):
     exact_bottoms = 0
     min_tops = 1
     prefetch = 0  # Caffe's HDF5DataLayer reads in Forward (no prefetch thread: a small net's GIL handoffs cost more)
+    batch_views = True  # (rows in file order come as views of the file's arrays)
 
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
@@ -62,6 +63,11 @@ class HDF5Data(DataLayer):
         self.current_row = 0
 
     def load_batch(self):
+        start, stop = self.current_row, self.current_row + self.batch_size
+        if stop <= len(self.rows):  # the batch lies in the current file: one range of rows (a view in file order)
+            rows = self.rows[start:stop] if self.shuffle else slice(start, stop)
+            object.__setattr__(self, "current_row", stop)  # (an int: nn.Module's __setattr__ only costs more)
+            return [a[rows] for a in self.arrays]
         parts = [[] for _ in self.arrays]  # per top, the row ranges of this batch (one unless it wraps)
         filled = 0
         while filled < self.batch_size:

@@ -1,4 +1,5 @@
 """InnerProduct: y = x W^T + b over the axes from `axis` on, flattened (transpose: y = x W)."""
+import torch
 import torch.nn.functional as F
 
 from caffe_layers.layers import register
@@ -39,3 +40,32 @@ class InnerProduct(Layer):
         w, b = (self.param_blobs() + (None,))[:2]
         y = F.linear(flat, w.t() if self.transpose else w, b)
         return y.reshape(lead + (self.N,))
+
+    def caffe_forward(self, bottoms, tops):
+        """forward written into the top (engine/explicit.py): one addmm, as F.linear computes it."""
+        w, b = (self.param_blobs() + (None,))[:2]
+        x, y = bottoms[0].reshape(-1, self.K), tops[0].view(-1, self.N)
+        w = w if self.transpose else w.t()
+        if b is None:
+            torch.mm(x, w, out=y)
+        else:
+            torch.addmm(b, x, w, out=y)
+
+    def caffe_backward(self, tops, top_diffs, bottoms, propagate_down):
+        """Caffe's Backward_cpu: dW += dy^T x (x^T dy where transpose), db += the column sums of dy, dx = dy W."""
+        w, b = (self.param_blobs() + (None,))[:2]
+        dy, x = top_diffs[0].reshape(-1, self.N), bottoms[0].reshape(-1, self.K)
+        dw = torch.mm(x.t(), dy)  # (the products autograd takes: equal diffs)
+        _param_diff(w).add_(dw if self.transpose else dw.t())
+        if b is not None:
+            _param_diff(b).add_(dy.sum(0))
+        if not propagate_down[0]:
+            return (None,)
+        return (torch.mm(dy, w.t() if self.transpose else w).view(bottoms[0].shape),)
+
+
+def _param_diff(blob):
+    """A parameter blob's diff (its .grad), zeros where it has none yet."""
+    if blob.grad is None:
+        blob.grad = torch.zeros_like(blob)
+    return blob.grad

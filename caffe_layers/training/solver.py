@@ -197,7 +197,14 @@ class Solver:
 
     # ---- one iteration -------------------------------------------------------------------
     def forward_backward(self):
-        values = self.net.run({})
+        net = self.net
+        if net.explicit_passes() is not None:  # Caffe's own passes over the persistent blobs (engine/explicit.py)
+            passes = net.explicit_forward()
+            passes.backward(0, len(net.steps) - 1)
+            self.last_values = passes.values
+            loss = net.loss(passes.loss_values)
+            return 0.0 if loss is None else loss.item()
+        values = net.run({})
         loss = self.net.loss(values)
         if loss is not None and loss.requires_grad:
             loss.backward()
@@ -411,9 +418,8 @@ class Solver:
             return
         # Caffe's final display runs one more forward pass (it consumes a batch).
         if p.display and self.iter % p.display == 0:
-            with torch.no_grad():
-                values = self.net.run({})
-                loss = self.net.loss(values)
+            values = _forward(self.net)
+            loss = self.net.loss(values)
             self._update_smoothed_loss(0.0 if loss is None else float(loss), 0)
             if self.rank == 0:
                 log.info("Iteration %d, loss = %.6g", self.iter, self.smoothed_loss)
@@ -437,6 +443,7 @@ class Solver:
         scores, total_loss = {}, 0.0
         n = self.param.test_iter[i]
         compute_loss = self.param.test_compute_loss
+        outputs = net.outputs
         for _ in range(n):
             request = self.action()
             while request is not None:
@@ -448,12 +455,11 @@ class Solver:
             if self.requested_early_exit:
                 log.info("Test interrupted.")
                 return None
-            with torch.no_grad():
-                values = net.run({})
-                loss = net.loss(values) if compute_loss else None
+            values = _forward(net)
+            loss = net.loss(values) if compute_loss else None
             if loss is not None:
                 total_loss += loss.item()
-            for name in net.outputs:
+            for name in outputs:
                 v = values[name]
                 # summed in double, as Python floats where the output is one number (most are)
                 v = v.item() if v.numel() == 1 else v.detach().double().reshape(-1).cpu()
@@ -541,6 +547,15 @@ class Solver:
             if getattr(layer, "is_data_layer", False):
                 for _ in range(n):
                     layer.next_batch()
+
+
+def _forward(net):
+    """A forward pass without a graph: {blob: value}. Where the net allows explicit passes, into its blobs (as
+    Caffe's test and display passes leave them); else net.run (the blobs stay as they were)."""
+    if net.explicit_passes() is not None:
+        return net.explicit_forward().values
+    with torch.no_grad():
+        return net.run({})
 
 
 def _groups(values):

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caffe_layers.errors import DataError
+from caffe_layers.engine.explicit import TopReshaped
+from caffe_layers.errors import DataError, TopReshaped
 from caffe_layers.training.data.transformer import read_image
 from caffe_layers.layers.base import Layer
 
@@ -92,8 +93,8 @@ class DataLayer(Layer):
     """A layer without bottoms whose forward returns the next batch.
 
     A subclass sets `self.shapes` (top shapes) in __init__ and implements `load_batch()`, returning
-    one numpy array per top; it is called in order from one background thread, so it may keep a
-    cursor. With `set_shard(rank, world)` each of `world` processes reads every world-th batch,
+    one numpy array per top (views of arrays it keeps where `batch_views` is set: they are copied into the
+    tops); it is called in order from one background thread, so it may keep a cursor. With `set_shard(rank, world)` each of `world` processes reads every world-th batch,
     starting at its rank, so k processes see the batches one process would see in k steps.
     A list-file layer (image_data_param in `self.ip`) sets its cursor with `_start_list`, moves it
     with `_advance` and reads an entry's image with `_read_image`.
@@ -101,6 +102,7 @@ class DataLayer(Layer):
 
     is_data_layer = True
     prefetch = PREFETCH_COUNT
+    batch_views = False
 
     def __init__(self, param, bottom_shapes, phase):
         super().__init__(param, bottom_shapes, phase)
@@ -195,10 +197,28 @@ class DataLayer(Layer):
         return item
 
     def forward(self):
+        tops = self._as_tops(self.next_batch())
+        return tops if len(tops) != 1 else tops[0]
+
+    def _as_tops(self, arrays):
         like = self._like
         dtype = like.dtype if like.is_floating_point() else torch.float32
-        tops = tuple(_as_top(a, like.device, dtype) for a in self.next_batch())
-        return tops if len(tops) != 1 else tops[0]
+        if self.batch_views:  # (a top may be written in place: never the layer's own arrays)
+            arrays = [np.array(a) for a in arrays]
+        return tuple(_as_top(a, like.device, dtype) for a in arrays)
+
+    def caffe_forward(self, bottoms, tops):
+        """The next batch copied into the tops' tensors (engine/explicit.py); a batch of another shape raises
+        TopReshaped for the net to reshape its blobs."""
+        arrays = self.next_batch()
+        for top, array in zip(tops, arrays):
+            if top.shape != array.shape:
+                raise TopReshaped(self._as_tops(arrays))
+        for top, array in zip(tops, arrays):
+            if top.is_cpu:
+                np.copyto(top.numpy(), array, casting="unsafe")
+            else:
+                top.copy_(torch.as_tensor(np.ascontiguousarray(array)))
 
 
 def _as_top(array, device, dtype):
