@@ -56,6 +56,7 @@ def test_train_logs_snapshots_and_loss_falls(files, caplog):
 def test_resume_and_weights_are_exclusive(files, caplog):
     common = ["--set", f"LIST={files / 'list.txt'}", "--no-progress"]
     assert main(["train", "--solver", str(files / "solver.prototxt"), "--set", "ITERS=10"] + common) == 0
+    caplog.clear()  # (the project's loggers log INFO by default: the first run's lines are not the resumed run's)
     with caplog.at_level(logging.INFO):
         assert main(["train", "--solver", str(files / "solver.prototxt"), "--set", "ITERS=15",
                      "--snapshot", str(files / "snap_iter_10.solverstate")] + common) == 0

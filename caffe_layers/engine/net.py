@@ -173,6 +173,7 @@ class Net(nn.Module):
                              for i, s in self._fused_indexed if s is not self.steps[i]}
         loaded = self.copy_from(weights, strict=strict_weights).loaded if weights is not None else ()
         self.plan.fill_blobs(loaded)
+        self._mode_generation = mode.generation()
         if mode.device().type != "cpu":
             self.to(mode.device())
 
@@ -238,6 +239,7 @@ class Net(nn.Module):
         for name in inputs:
             if name not in self.blob_shapes:
                 raise KeyError(f"{name!r} is not a blob of net {self.name!r}; inputs are {self.inputs}")
+        self.follow_mode()
         first, last = self._range(start, end)
         if any(isinstance(v, torch.Tensor) for v in inputs.values()):
             feed = {k: v.to(self.device) if isinstance(v, torch.Tensor) else
@@ -266,6 +268,14 @@ class Net(nn.Module):
         return {name: _numpy_view(self._blob_data(name)) for name in self._wanted(last, blobs)}
 
     __call__ = nn.Module.__call__
+
+    def follow_mode(self):
+        """After caffe.set_mode_gpu(), set_mode_cpu() or set_device() (since this net was built or last
+        followed), move the net where the mode now says; called by pycaffe's forward and backward."""
+        if self._mode_generation != mode.generation():
+            self._mode_generation = mode.generation()
+            if self.device != mode.device():
+                self.to(mode.device())
 
     def explicit_passes(self):
         """The net's explicit forward and backward passes (engine/explicit.py) over its current blob storage,
@@ -335,6 +345,7 @@ class Net(nn.Module):
         (a blob read by several layers gets the sum, as Caffe's Split layers give); parameter diffs
         accumulate until cleared. Loss tops' diffs hold their loss_weight. Returns the diffs of the inputs (of
         layer `end`'s bottoms when given) and of the blobs named in `diffs`."""
+        self.follow_mode()
         for name, diff in top_diffs.items():
             self._blob_diff(name)[...] = torch.as_tensor(np.asarray(diff))
         names = self._layer_names

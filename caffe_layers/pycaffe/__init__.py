@@ -15,6 +15,10 @@ from caffe_layers.pycaffe.detector import Detector
 from caffe_layers.pycaffe import io
 from caffe_layers.pycaffe.net_spec import layers, params, NetSpec, to_proto
 
+from caffe_layers.pycaffe.mode import install_glog_stderr as _install_glog_stderr
+
+_install_glog_stderr()  # Caffe's log lines on stderr, as a pycaffe script shows them (GLOG_minloglevel quiets)
+
 try:
     __version__ = _version("caffe_layers")
 except PackageNotFoundError:  # a source tree that was never installed

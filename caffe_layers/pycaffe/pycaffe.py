@@ -11,6 +11,7 @@ from itertools import zip_longest
 import numpy as np
 
 from caffe_layers.engine.net import Net
+from caffe_layers.pycaffe import mode
 from caffe_layers.formats.proto import pb
 from caffe_layers.formats.prototxt import read_solver
 from caffe_layers.training.solver import Solver as _Solver, share_trained_layers, solver_type
@@ -27,6 +28,14 @@ class Solver:
         if self.solver_type is not None:
             param = _with_type(param, self.solver_type)
         self._solver = _Solver(param)
+        self._mode_generation = mode.generation()
+
+    def _follow_mode(self):
+        """As Net.follow_mode: after a caffe.set_mode_* call the next step or solve runs where the mode says."""
+        if self._mode_generation != mode.generation():
+            self._mode_generation = mode.generation()
+            if self._solver.net.device != mode.device():
+                self._solver.to(mode.device())
 
     @property
     def net(self):
@@ -56,9 +65,11 @@ class Solver:
         return learning_rate(self._solver.param, self._solver.iter, self._solver.current_step)[0]
 
     def step(self, iters):
+        self._follow_mode()
         self._solver.step(int(iters))
 
     def solve(self, resume_file=None):
+        self._follow_mode()
         self._solver.solve(resume_file)
 
     def restore(self, state_file):

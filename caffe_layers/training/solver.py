@@ -149,6 +149,12 @@ class Solver:
             if hasattr(layer, "set_shard"):
                 layer.set_shard(self.rank, self.world)
 
+    def to(self, device):
+        """Move the train and test nets and the history blobs to `device`."""
+        for net in [self.net] + list(self.test_nets):
+            net.to(device)
+        self.history = [h.to(device) for h in self.history]
+
     # ---- nets ----------------------------------------------------------------------------
     @staticmethod
     def _state(phase, net_param, extra):
