@@ -317,7 +317,8 @@ class Solver:
                 torch._foreach_mul_(diffs, 1.0 / self.param.iter_size)
             self._regularize(diffs)
             for lr_mult, idx in self._lr_groups:
-                local_rate = float(np.float32(rate) * np.float32(lr_mult))
+                # the float product of two floats: their (exact) double product rounded to float
+                local_rate = rate if lr_mult == 1 else _f32(rate * lr_mult)
                 self._update_value(idx, [diffs[i] for i in idx], local_rate)
             torch._foreach_sub_(self.params, diffs)
 
@@ -349,7 +350,7 @@ class Solver:
                 continue
             if kind not in ("L1", "L2"):
                 raise ValueError(f"solver: unknown regularization_type {kind!r}; expected L1 or L2")
-            data = [self.params[i].detach() for i in idx]
+            data = [self.params[i] for i in idx]  # (under no_grad: no graph)
             torch._foreach_add_([diffs[i] for i in idx], torch._foreach_sign(data) if kind == "L1" else data,
                                 alpha=decay)
 
