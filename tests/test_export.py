@@ -271,3 +271,36 @@ def test_pt2_segaware_custom_ops_in_fresh_process(tmp_path):
     for blob, value in expected.items():
         torch.testing.assert_close(got[blob], value, rtol=1e-4, atol=1e-5)
     assert main(["export", str(prototxt), "--custom-ops", "-o", str(tmp_path / "net.onnx")]) != 0  # pt2 only
+
+
+DIVIDE_ARGMAX = """
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 5 } } }
+layer { name: "d" type: "Divide" bottom: "x" top: "y" }
+layer { name: "p" type: "Power" bottom: "x" top: "p" power_param { shift: -0.5 } }
+layer { name: "dg" type: "Divide" bottom: "p" top: "z" divide_param { clamp: GPU } }
+layer { name: "s" type: "Eltwise" bottom: "x" bottom: "p" top: "s" }
+layer { name: "top3" type: "ArgMax" bottom: "x" top: "top3" argmax_param { top_k: 3 out_max_val: true } }
+layer { name: "top1" type: "ArgMax" bottom: "x" top: "top1" }
+layer { name: "c1" type: "ArgMax" bottom: "x" top: "c1" argmax_param { axis: 1 out_max_val: true } }
+layer { name: "w4" type: "ArgMax" bottom: "x" top: "w4" argmax_param { axis: -1 top_k: 4 } }
+"""
+
+
+def test_onnx_divide_and_argmax_exact(tmp_path):
+    """Divide (both clamp rules; the clamped value written into its bottom, which later layers read) and ArgMax
+    (top_k 1 and more, with and without axis) export; on inputs full of ties (-0.0 and 0.0 among them) and exact
+    zeros onnxruntime gives our numbers bit for bit: ties to the larger index, as Caffe's partial_sort."""
+    net = TorchNet(DIVIDE_ARGMAX)
+    x = torch.randint(-2, 3, (2, 3, 4, 5)).float() * 0.5
+    x[0, 0, 0, :3] = torch.tensor([-0.0, 0.0, -0.0])
+    export_onnx(net, tmp_path / "net.onnx", {"x": x.clone()})
+    with torch.no_grad():
+        expected = net(x=x.clone())
+    zeros = x == 0
+    clamped = torch.tensor(1e-4)
+    assert torch.equal(expected["s"][zeros], (clamped + (clamped - 0.5)).expand(int(zeros.sum())))  # read after the write
+    session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    assert set(names) == set(expected)
+    for name, got in zip(names, session.run(None, {"x": x.numpy()})):
+        np.testing.assert_array_equal(got, expected[name].numpy(), err_msg=name)
