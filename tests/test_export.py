@@ -305,3 +305,29 @@ def test_onnx_divide_and_argmax_exact(tmp_path):
     assert set(names) == set(expected)
     for name, got in zip(names, session.run(None, {"x": x.numpy()})):
         np.testing.assert_array_equal(got, expected[name].numpy(), err_msg=name)
+
+
+SEG_ACCURACY = """
+layer { name: "d" type: "Input" top: "s" top: "l" input_param { shape { dim: 2 dim: 4 dim: 3 dim: 5 }
+        shape { dim: 2 dim: 1 dim: 3 dim: 5 } } }
+layer { name: "acc" type: "SegAccuracy" bottom: "s" bottom: "l" top: "acc" seg_accuracy_param { ignore_label: 255 } }
+"""
+
+
+def test_onnx_seg_accuracy_and_its_label_check(tmp_path):
+    """SegAccuracy exports (a fixed-size confusion count) with our numbers, tied scores and ignored pixels
+    included; a bad label fails onnxruntime (ONNX has no assertion op) instead of being counted elsewhere."""
+    net = TorchNet(SEG_ACCURACY)
+    scores = torch.randint(0, 3, (2, 4, 3, 5)).float()  # many ties: the highest class wins them
+    labels = torch.randint(0, 4, (2, 1, 3, 5)).float()
+    labels[0, 0, 0, :4] = 255
+    export_onnx(net, tmp_path / "net.onnx", {"s": scores, "l": labels})
+    session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"s": scores.numpy(), "l": labels.numpy()}
+    np.testing.assert_array_equal(session.run(None, feed)[0], net(s=scores, l=labels)["acc"].numpy())
+    for bad in (4.0, -1.0):
+        labels[1, 0, 2, 4] = bad
+        with pytest.raises(ValueError, match="unexpected label"):
+            net(s=scores, l=labels)
+        with pytest.raises(Exception, match="ScatterElements.*out of data bounds"):
+            session.run(None, {"s": scores.numpy(), "l": labels.numpy()})
