@@ -325,6 +325,8 @@ def test_onnx_seg_accuracy_and_its_label_check(tmp_path):
     session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
     feed = {"s": scores.numpy(), "l": labels.numpy()}
     np.testing.assert_array_equal(session.run(None, feed)[0], net(s=scores, l=labels)["acc"].numpy())
+    compiled = torch.compile(net, fullgraph=True, backend="eager")  # the label check an assertion op, no break
+    torch.testing.assert_close(compiled(s=scores, l=labels)["acc"], net(s=scores, l=labels)["acc"], rtol=0, atol=0)
     for bad in (4.0, -1.0):
         labels[1, 0, 2, 4] = bad
         with pytest.raises(ValueError, match="unexpected label"):
