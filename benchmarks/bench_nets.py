@@ -16,7 +16,8 @@ temporary one): the first process compiles cold where that directory is empty, t
 compiles the same net again over it (warm: dynamo's capture again, inductor's FX graph cache and autotuning
 results reused), so both compile times are reported, with the cache hits each process saw. --size N runs the
 segaware nets (vgg, embs, res) at N x N instead of their own sizes: the compile time hardly depends on it, the
-eager and compiled forwards do.
+eager and compiled forwards do. The environment passes to the children: TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 keeps
+inductor's convolution buffers in NCHW (its channels-last choice slows the Interp matmuls of the segaware nets).
 """
 import argparse
 import json

@@ -46,8 +46,9 @@ class SegAccuracy(Layer):
         cell = torch.where(keep, gt * c + pred, 0).masked_fill(bad, c * c)
         counts = torch.zeros(c * c, dtype=torch.float64, device=gt.device).scatter_add(0, cell, keep.double())
         counts = counts.reshape(c, c)
-        self.confusion = counts if self.reset else self.confusion.to(counts.device) + counts
-        return self.metrics(self.confusion).to(scores.dtype).reshape(1, 1, 1, 3)
+        if not self.reset:  # state only where it accumulates (an export of the default keeps no attribute)
+            self.confusion = counts = self.confusion.to(counts.device) + counts
+        return self.metrics(counts).to(scores.dtype).reshape(1, 1, 1, 3)
 
     def check_labels(self, gt, bad):
         message = f"layer {self.name!r} (SegAccuracy): labels must be in [0, {self.classes}) or an ignore_label"
