@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from caffe_layers.layers import convolution
 from golden import check_golden, gradcheck_layer, make_layer
 
 GOLDEN_CASES = ["conv_dil2", "conv_bottom_is_im2col", "pool_ave_k3p1s2", "pool_max_k2s2_ceil",
@@ -90,6 +91,46 @@ def test_conv_gradcheck_no_bias_axis2_1d():
     layer = gradcheck_layer('type: "Convolution" convolution_param { num_output: 2 kernel_size: 3 pad: 1 '
                             'axis: 2 bias_term: false weight_filler { type: "gaussian" } }', [(2, 3, 4, 5)], fast_mode=True)
     assert len(layer.blobs) == 1 and tuple(layer.blobs[0].shape) == (2, 4, 3)
+
+
+TRAIN_CONV = ('type: "Convolution" convolution_param {{ num_output: {out} kernel_size: 3 pad: 1 stride: {stride} {bias} '
+              'weight_filler {{ type: "gaussian" }} bias_filler {{ type: "gaussian" }} }}')
+
+
+@pytest.mark.parametrize("bias", ["", "bias_term: false"])
+def test_train_conv_channels_last_gradcheck(bias):
+    """A TRAIN-phase convolution of 10 channels (oneDNN would pad them) runs channels-last under autograd."""
+    layer = gradcheck_layer(TRAIN_CONV.format(out=5, stride=2, bias=bias), [(2, 10, 5, 6)], phase="train")
+    assert layer.lowered()[0] is convolution.train_conv2d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_train_conv_channels_last_equals_torch(dtype, input_grad):
+    """LeNet's conv2 shape: the channels-last path gives the float64 values and gradients to float rounding
+    (in float32 closer than torch's plain-layout path: 8e-7 of the largest weight diff against its 3e-6),
+    contiguous, and no input gradient where none is asked for (propagate_down)."""
+    layer = make_layer(TRAIN_CONV.format(out=50, stride=1, bias=""), [(8, 20, 12, 12)], phase="train", dtype=dtype)
+    torch.manual_seed(0)
+    x = torch.randn(8, 20, 12, 12, dtype=dtype).requires_grad_(input_grad)
+    top = layer(x)
+    exact = [t.detach().double().requires_grad_(True) for t in (x, *layer.blobs)]
+    ref = F.conv2d(*exact, 1, 1)
+    grad = torch.randn(top.shape, dtype=dtype)
+    top.backward(grad)
+    ref.backward(grad.double())
+    eps = 2e-6 if dtype == torch.float32 else 1e-13  # of each result's largest value
+    for got, want in [(top, ref), (layer.blobs[0].grad, exact[1].grad), (layer.blobs[1].grad, exact[2].grad)] + (
+            [(x.grad, exact[0].grad)] if input_grad else []):
+        torch.testing.assert_close(got.detach().double(), want.detach(), rtol=0, atol=eps * want.abs().max().item())
+        assert got.is_contiguous()
+    assert (x.grad is None) == (not input_grad)
+
+
+@pytest.mark.parametrize("channels,phase", [(16, "train"), (3, "train"), (20, "test")])
+def test_conv_plain_layout_elsewhere(channels, phase):
+    layer = make_layer(TRAIN_CONV.format(out=4, stride=1, bias=""), [(1, channels, 5, 5)], phase=phase)
+    assert layer.lowered()[0] is F.conv2d
 
 
 def test_conv_3d_matches_torch():
@@ -248,19 +289,19 @@ def test_pool_matches_caffe_loops(method, k, p, s, channels):
     x = rng.integers(-3, 4, size=(2, channels, 7, 8)).astype(np.float64)  # many ties: the first max must win
     text = (f'type: "Pooling" pooling_param {{ pool: {method} kernel_h: {k[0]} kernel_w: {k[1]} '
             f'pad_h: {p[0]} pad_w: {p[1]} stride_h: {s[0]} stride_w: {s[1]} }}')
-    tops = 2 if method == "MAX" else 1
-    layer, xt, out = run_layer(text, x, tops)
-    top = out[0] if tops == 2 else out
     with np.errstate(invalid="ignore", divide="ignore"):  # the empty window divides 0 by 0, as Caffe
         ref, mask, backward = caffe_pool_ref(x, k, p, s, method)
-    np.testing.assert_allclose(top.detach().numpy(), ref, rtol=1e-12)  # NaN (0 / 0) where Caffe's is
-    if method == "MAX":
-        np.testing.assert_array_equal(out[1].numpy(), mask)
     td = rng.standard_normal(ref.shape)
-    top.backward(torch.as_tensor(td))
     with np.errstate(invalid="ignore", divide="ignore"):
         ref_grad = backward(td)
-    np.testing.assert_allclose(xt.grad.numpy(), ref_grad, rtol=1e-12, atol=1e-12)
+    for tops in ((1, 2) if method == "MAX" else (1,)):  # MAX with one top: the mask backward of its own
+        layer, xt, out = run_layer(text, x, tops)
+        top = out[0] if tops == 2 else out
+        np.testing.assert_allclose(top.detach().numpy(), ref, rtol=1e-12)  # NaN (0 / 0) where Caffe's is
+        if tops == 2:
+            np.testing.assert_array_equal(out[1].numpy(), mask)
+        top.backward(torch.as_tensor(td))
+        np.testing.assert_allclose(xt.grad.numpy(), ref_grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("h,w,k,p,s", [(9, 11, 3, 1, 2), (10, 7, 3, 2, 3), (6, 6, 2, 1, 2), (5, 8, 3, 0, 2),
@@ -289,6 +330,38 @@ def test_pool_last_window_clipped():
 def test_pool_gradcheck(method):
     gradcheck_layer(f'type: "Pooling" pooling_param {{ pool: {method} kernel_size: 3 pad: 1 stride: 2 }}',
                     [(2, 2, 5, 6)])
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 5, 6), (1, 40, 10, 11)])  # the second pools channels-last
+def test_max_pool_mask_backward_gradcheck(shape):
+    gradcheck_layer('type: "Pooling" pooling_param { pool: MAX kernel_size: 3 pad: 1 stride: 2 }', [shape])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("settings,shape", [("kernel_size: 2 stride: 2", (64, 20, 24, 24)),
+                                            ("kernel_size: 3 pad: 1 stride: 2", (2, 40, 9, 10)),
+                                            ("kernel_size: 3 stride: 1", (2, 3, 6, 7))])
+def test_max_pool_mask_backward_equals_torch(dtype, settings, shape):
+    """The single-top MAX backward (a scatter at the forward's argmax) gives torch's autograd of
+    max_pool2d(...).clamp_min(-FLT_MAX) exactly, -inf, NaN, -FLT_MAX and ties included, and a diff in
+    the bottom's own layout."""
+    torch.manual_seed(0)
+    x = torch.randint(-3, 4, shape).to(dtype)
+    x.view(-1)[::7] = float("-inf")
+    x.view(-1)[::53] = float("nan")
+    x.view(-1)[::31] = -torch.finfo(torch.float32).max
+    x[0, 0] = float("-inf")  # whole windows of -inf: top -FLT_MAX, no diff
+    layer = make_layer(f'type: "Pooling" pooling_param {{ pool: MAX {settings} }}', [shape])
+    k, s, p = layer.kernel, layer.stride, layer.pad
+    ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    top = layer(ours)
+    ref = F.max_pool2d(theirs, k, s, p, ceil_mode=layer.ceil_mode).clamp_min(-torch.finfo(torch.float32).max)
+    torch.testing.assert_close(top, ref, rtol=0, atol=0, equal_nan=True)
+    grad = torch.randn(top.shape, dtype=dtype)
+    top.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0)
+    assert ours.grad.is_contiguous()
 
 
 def test_pool_global():

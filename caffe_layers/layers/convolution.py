@@ -4,10 +4,12 @@
 """
 import math
 
+import torch
 import torch.nn.functional as F
 
+from caffe_layers.formats.proto import TRAIN
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer, canonical_axis
+from caffe_layers.layers.base import Layer, canonical_axis, leaf_function
 from caffe_layers.layers.patch_geometry import conv_geometry, from_nchw, to_nchw
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -81,6 +83,47 @@ def each_bottom(layer, bottoms, conv):
     return tops[0] if len(tops) == 1 else tuple(tops)
 
 
+def pads_onednn_blocks(channels):
+    """Whether oneDNN's plain-layout CPU convolution pads `channels` (>= 8, not a multiple of 16) to its
+    16-channel blocks: there its channels-last kernels, which do not pad, run forward and backward
+    ~1.2-1.4x faster (LeNet's conv2, 20 -> 50 channels: 7.5 ms -> 5.9 ms a training iteration on one
+    thread); for 1 or 3 channels, or multiples of 16, the plain layout is as fast or faster."""
+    return channels >= 8 and channels % 16 != 0
+
+
+class _ChannelsLastConv2d(torch.autograd.Function):
+    """conv2d forward and backward in the channels-last layout, inputs and results in the plain one.
+    The backward computes only the gradients autograd asks for (Caffe's propagate_down)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, pad, dilation):
+        x, weight = (t.contiguous(memory_format=torch.channels_last) for t in (x, weight))
+        ctx.save_for_backward(x, weight)
+        ctx.settings, ctx.has_bias = (stride, pad, dilation), bias is not None
+        return F.conv2d(x, weight, bias, stride, pad, dilation).contiguous()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, pad, dilation = (list(v) if isinstance(v, tuple) else [v, v] for v in ctx.settings)
+        need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias]
+        grads = torch.ops.aten.convolution_backward(
+            grad.contiguous(memory_format=torch.channels_last), x, weight, [weight.shape[0]], stride, pad, dilation,
+            False, [0, 0], 1, need)
+        return tuple(None if g is None else g.contiguous() for g in grads) + (None, None, None)
+
+
+@leaf_function
+def train_conv2d(x, weight, bias, stride, pad, dilation, group):
+    """F.conv2d for a TRAIN-phase layer whose channels oneDNN pads (pads_onednn_blocks): where gradients are
+    taken on the CPU, through _ChannelsLastConv2d."""
+    if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling() and (
+            x.requires_grad or weight.requires_grad):
+        return _ChannelsLastConv2d.apply(x, weight, bias, stride, pad, dilation)
+    return F.conv2d(x, weight, bias, stride, pad, dilation, group)
+
+
 @register("Convolution")
 class Convolution(Layer):
     min_bottoms = 1
@@ -107,6 +150,10 @@ class Convolution(Layer):
         if not self.bottom_is_im2col and len(bottom_shapes) == 1 and self.axis == 1:
             self._plain_args = ((() if self.bias_term else (None,))
                                 + tuple(_short(v) for v in (self.stride, self.pad, self.dilation)) + (self.group,))
+        self._function = _CONV[self.nsp]
+        if (self._plain_args is not None and phase == TRAIN and self.nsp == 2 and self.group == 1
+                and pads_onednn_blocks(channels)):
+            self._function = train_conv2d
         if not self.bottom_is_im2col:
             for i, extent in enumerate(kernel_extents(self)):
                 size = bottom_shapes[0][self.axis + 1 + i]
@@ -122,11 +169,11 @@ class Convolution(Layer):
             size + 2 * self.pad[i] - extents[i]) // self.stride[i] + 1)
 
     def lowered(self):
-        return None if self._plain_args is None else (_CONV[self.nsp], self._plain_args)
+        return None if self._plain_args is None else (self._function, self._plain_args)
 
     def forward(self, *bottoms):
         if self._plain_args is not None:  # (weight, bias) or (weight,) + (None, ...): F.conv2d's order
-            return _CONV[self.nsp](bottoms[0], *self.param_blobs(), *self._plain_args)
+            return self._function(bottoms[0], *self.param_blobs(), *self._plain_args)
         weight, bias = (self.param_blobs() + (None,))[:2]
         if self.bottom_is_im2col:
             # segaware: the column buffer is used as is: a 1x1 (grouped) convolution, output size =

@@ -43,13 +43,52 @@ def _check_pool_input(x, smallest, what):
                          f"{list(smallest)} (height, width)")
 
 
+class _MaskedMaxPool(torch.autograd.Function):
+    """MAX pooling with Caffe's mask backward: each top diff is added at its window's argmax (the forward's
+    index, h * W + w in its plane) of a zeroed bottom diff, in the bottom's own layout. torch's backward
+    would scatter in the channels-last layout the forward pooled in and hand conv1 a channels-last diff
+    (three layout copies of the largest blob a training iteration). Values and gradients are those of
+    max_pool2d(...).clamp_min(-FLT_MAX): nothing below Caffe's -FLT_MAX start (-inf, NaN) gets a diff."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, pad, ceil_mode):
+        top, index = pool_channels_last(F.max_pool2d, x, kernel, stride, pad, ceil_mode=ceil_mode,
+                                        return_indices=True)
+        low = -flt_max(x.dtype)
+        alive = None
+        if not top.min() >= low:  # (NaN compares false: also this path) rare: then the clamp and its mask
+            alive = top >= low
+            top = top.clamp_min(low)
+        ctx.save_for_backward(index, alive)
+        ctx.bottom_shape = x.shape
+        return top
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        index, alive = ctx.saved_tensors
+        if alive is not None:
+            grad = grad * alive
+        N, C, H, W = ctx.bottom_shape
+        diff = grad.new_zeros((N, C, H * W))
+        diff.scatter_add_(2, index.reshape(N, C, -1), grad.reshape(N, C, -1))
+        return diff.view(N, C, H, W), None, None, None, None
+
+
+def max_pool_clamped(x, kernel, stride, pad, ceil_mode):
+    """torch's max_pool2d clamped at Caffe's -FLT_MAX start (every torch window overlaps the image here;
+    only -inf inputs fall below it); where a gradient will be taken, through _MaskedMaxPool."""
+    if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _MaskedMaxPool.apply(x, kernel, stride, pad, ceil_mode)
+    return pool_channels_last(F.max_pool2d, x, kernel, stride, pad, ceil_mode=ceil_mode).clamp_min(-flt_max(x.dtype))
+
+
 @leaf_function
 def caffe_max_pool(x, kernel, stride, pad, ceil_mode, smallest, what):
     """Caffe's MAX pooling (no mask top) through torch's kernel, for settings where torch's windows are
     Caffe's at every input size (Pooling.lowered); `smallest` is the least input size giving a window."""
     _check_pool_input(x, smallest, what)
-    # every torch window overlaps the image here; only -inf inputs fall below Caffe's start, -FLT_MAX
-    return pool_channels_last(torch.max_pool2d, x, kernel, stride, pad, 1, ceil_mode).clamp_min(-flt_max(x.dtype))
+    return max_pool_clamped(x, kernel, stride, pad, ceil_mode)
 
 
 @leaf_function
@@ -200,6 +239,8 @@ class Pooling(Layer):
 
     def _max_torch(self, x, kernel):
         # Every torch window overlaps the image here; only -inf inputs fall below Caffe's start, -FLT_MAX.
+        if not self.mask_top and self._pool is pool_channels_last:
+            return max_pool_clamped(x, kernel, self.stride, self.pad, self.ceil_mode)
         if not self.mask_top:
             return self._pool(F.max_pool2d, x, kernel, self.stride, self.pad,
                               ceil_mode=self.ceil_mode).clamp_min(-flt_max(x.dtype))
