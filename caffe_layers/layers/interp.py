@@ -46,6 +46,7 @@ class Interp(Layer):
         if not ((has("shrink_factor") or has("zoom_factor")) or (has("height") and has("width"))):
             raise ValueError(f"{self.what}: give zoom_factor and/or shrink_factor, or both height and width")
         self.sizes(bottom_shapes[0])
+        self._sizes = {}  # (height, width) -> sizes() and the crop's offset
         self._matrices = {}  # (height, width, dtype, device) -> the row matrix and the transposed column one
 
     def sizes(self, shape):
@@ -97,8 +98,11 @@ class Interp(Layer):
     def _bilinear(self, x):
         """float32: torch's align-corners bilinear kernel is the original's loop (positions r * i in float32,
         truncated, the neighbour clamped at the last row, lambda = position - index) on the crop."""
-        eff, out = self.sizes(x.shape)
-        off = -self.p.pad_beg
+        size = (x.shape[2], x.shape[3])
+        sizes = self._sizes.get(size)
+        if sizes is None:  # the proto's rules once per input size (the original crops pad_beg from the start)
+            sizes = self._sizes[size] = (*self.sizes(x.shape), -self.p.pad_beg)
+        eff, out, off = sizes
         crop = x[:, :, off:off + eff[0], off:off + eff[1]]
         if eff == out:  # the original's special case: a plain copy of the crop
             return crop.clone(memory_format=torch.contiguous_format)
