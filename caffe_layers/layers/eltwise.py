@@ -10,6 +10,7 @@ import torch
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, leaf_function
+from caffe_layers.layers.relu import eager_without_autograd
 from caffe_layers.formats.proto import pb
 
 OP = pb.EltwiseParameter
@@ -44,13 +45,13 @@ def weighted_sum(xs, coeffs, into_first=False):
 
 @leaf_function
 def sum_into_first(*args):
-    """Eltwise SUM of (bottoms..., coeffs, layer name), written into the first bottom where autograd records
-    nothing (TorchNet passes one that no one reads after): Eltwise.forward's passes, so its numbers."""
+    """Eltwise SUM of (bottoms..., coeffs, layer name), written into the first bottom where eager_without_autograd
+    (TorchNet passes one that no one reads after): Eltwise.forward's passes, so its numbers."""
     *xs, coeffs, name = args
     if any(x.shape != xs[0].shape for x in xs[1:]):
         raise ValueError(f"layer {name!r} (Eltwise): bottoms of shapes {[list(x.shape) for x in xs]}; "
                          f"all must be equal")
-    return weighted_sum(xs, coeffs, into_first=not torch.is_grad_enabled())
+    return weighted_sum(xs, coeffs, into_first=eager_without_autograd())
 
 
 @register("Eltwise")

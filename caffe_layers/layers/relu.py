@@ -6,15 +6,21 @@ from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, leaf_function
 
 
+def eager_without_autograd():
+    """Whether a step may write into its bottom: eager (a traced graph would keep the in-place op for calls that
+    record autograd) and nothing recorded (no_grad, inference_mode)."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+
+
 @leaf_function
 def relu_into_input(x):
-    """torch.relu written into x where autograd records nothing (TorchNet passes an x that no one reads after)."""
-    return torch.relu(x) if torch.is_grad_enabled() else torch.relu_(x)
+    """torch.relu written into x where eager_without_autograd (TorchNet passes an x that no one reads after)."""
+    return torch.relu_(x) if eager_without_autograd() else torch.relu(x)
 
 
 @leaf_function
 def leaky_relu_into_input(x, negative_slope):
-    return F.leaky_relu(x, negative_slope) if torch.is_grad_enabled() else F.leaky_relu_(x, negative_slope)
+    return F.leaky_relu_(x, negative_slope) if eager_without_autograd() else F.leaky_relu(x, negative_slope)
 
 
 @register("ReLU")
