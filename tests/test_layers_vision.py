@@ -524,6 +524,22 @@ def test_interp_sizes_and_values(params, eff, out):
     np.testing.assert_allclose(layer(torch.as_tensor(x)).numpy(), interp_ref(x, off, eff, out), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("params,shape", [
+    ("height: 321 width: 321", (1, 2, 41, 41)), ("height: 321 width: 321", (1, 2, 81, 81)),
+    ("shrink_factor: 8", (2, 2, 321, 321)), ("zoom_factor: 8", (1, 3, 41, 41)),
+    ("shrink_factor: 2 zoom_factor: 3 pad_beg: -1 pad_end: -2", (2, 2, 7, 8)),
+    ("zoom_factor: 1 pad_beg: -1 pad_end: -1", (1, 2, 7, 8)), ("height: 1 width: 5", (1, 2, 7, 8)),
+])
+def test_interp_float32_kernel_takes_the_original_positions(params, shape):
+    """float32 runs torch's bilinear kernel, float64 the original's loop as matrices (checked above): the same
+    positions and weights, so the two agree to float32 rounding at the deploy nets' sizes."""
+    x = torch.as_tensor(np.random.default_rng(2).standard_normal(shape))
+    layer = make_layer(f'type: "Interp" interp_param {{ {params} }}', [x.shape])
+    y32, y64 = layer(x.float()), layer(x)
+    assert y32.dtype == torch.float32 and y32.is_contiguous()
+    np.testing.assert_allclose(y32.double().numpy(), y64.numpy(), rtol=0, atol=1e-6)
+
+
 def test_interp_gradcheck():
     gradcheck_layer('type: "Interp" interp_param { shrink_factor: 2 zoom_factor: 3 pad_beg: -1 pad_end: -1 }',
                     [(1, 2, 6, 7)])

@@ -6,6 +6,7 @@ from torch import nn
 
 from caffe_layers import NetSpec, layers as L, params as P
 from caffe_layers.engine.graph import TorchNet
+from caffe_layers.layers.pooling import SEPARABLE_MIN_NUMEL, separable_max_pool
 from golden import make_layer
 
 FILLER = dict(type="gaussian", std=0.5)
@@ -124,6 +125,40 @@ def test_lowered_pooling_keeps_caffe_windows_at_every_size(method, kernel, strid
             continue
         want = layer._max(x, kernel_hw, out) if method == "MAX" else layer._ave(x, kernel_hw, out)
         torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel,stride,pad,ceil", [s[1:] for s in POOL_SETTINGS if s[0] == "MAX"])
+def test_separable_max_pool_is_caffes_windows(kernel, stride, pad, ceil):
+    """The inference path of large MAX poolings (rows, then columns) against the windowed reference, with
+    ties, -inf (-FLT_MAX, as Caffe) and NaN (propagated, as torch's kernel)."""
+    layer = make_layer(f'name: "p" type: "Pooling" pooling_param {{ pool: MAX kernel_size: {kernel} '
+                       f'stride: {stride} pad: {pad} {"" if ceil else "round_mode: FLOOR"} }}', [(1, 2, 9, 9)])
+    if layer.lowered() is None:
+        return
+    for h in range(max(1, kernel - 2 * pad), 11):
+        x = torch.randint(-2, 3, (2, 3, h, 11 - h)).double()
+        x[0, 0, 0, 0], x[1, 2, -1, -1], x[0, 1] = float("nan"), float("-inf"), float("-inf")
+        try:
+            kernel_hw, out = layer.out_size(x.shape)
+        except ValueError:
+            continue
+        torch.testing.assert_close(separable_max_pool(x, kernel_hw, layer.stride, layer.pad, ceil),
+                                   layer._max(x, kernel_hw, out), rtol=0, atol=0, equal_nan=True)
+
+
+def test_large_max_pool_runs_separable_in_inference_only():
+    x = torch.randint(-3, 4, (1, 16, 96, 96)).float()  # many ties: the gradient must go to the first maximum
+    assert x.numel() >= SEPARABLE_MIN_NUMEL
+    layer = make_layer('type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 }', [x.shape])
+    with torch.inference_mode():
+        fast = layer(x)
+    xg = x.clone().requires_grad_()
+    slow = layer(xg)
+    assert torch.equal(fast, slow.detach())
+    slow.backward(torch.ones_like(slow))
+    windows = x.double().requires_grad_()
+    layer._max(windows, layer.kernel, tuple(slow.shape[2:])).backward(torch.ones_like(slow, dtype=torch.double))
+    assert torch.equal(xg.grad.double(), windows.grad)
 
 
 @pytest.mark.parametrize("settings,lowered", [

@@ -44,12 +44,18 @@ class _LeafTracer(fx.Tracer):
         super().__init__(autowrap_functions=tuple(LEAF_FUNCTIONS))
 
 
-def build_graph(plan, steps, attr_of, keep=(), lowered=()):
+# Steps whose single top is a new tensor that nothing else holds (never a view of a bottom or a blob)
+FRESH_TOP_TYPES = {"Convolution", "ReLU", "Eltwise", "Pooling", "Interp"}
+
+
+def build_graph(plan, steps, attr_of, keep=(), lowered=(), reuse=None):
     """An fx.Graph running `steps`: placeholders for the plan's inputs, a dict of outputs (and `keep`).
-    The layers in `lowered` (ids) are called as their lowered form (Layer.lowered), the others as modules."""
+    The layers in `lowered` (ids) are called as their lowered form (Layer.lowered), the others as modules.
+    `reuse` (a set, or None: off): see reuse_bottoms; the ids of the layers it rewrote are added to it."""
     graph = fx.Graph(tracer_cls=_LeafTracer)
     taken = set()
     env = {name: graph.placeholder(_identifier(name, taken)) for name in plan.inputs}
+    fresh, candidates = set(), []
     for step in steps:
         if step.is_input:
             continue
@@ -78,8 +84,13 @@ def build_graph(plan, steps, attr_of, keep=(), lowered=()):
                                      name=attr_of[id(step.layer)])
         else:
             node = graph.call_module(attr_of[id(step.layer)], tuple(args))
+        if reuse is not None and hasattr(step.layer, "in_place_form") and len(step.tops) == 1:
+            candidates.append((node, step.layer, list(node.args[:len(step.bottoms)])))  # (detached ones too)
         if len(step.tops) == 1:
             env[step.tops[0]] = node if node.op == "call_function" else graph.call_function(only_top, (node,))
+            if isinstance(step.layer, (FusedSegawareConv, FoldedConvolution)) or (
+                    isinstance(step.layer, Layer) and step.layer.param.type in FRESH_TOP_TYPES):
+                fresh.add(env[step.tops[0]])
         else:
             for i, top in enumerate(step.tops):
                 env[top] = graph.call_function(operator.getitem, (node, i))
@@ -88,7 +99,26 @@ def build_graph(plan, steps, attr_of, keep=(), lowered=()):
     if missing:
         raise ValueError(f"net {plan.name!r}: blobs {missing} are not computed by the graph")
     graph.output({name: env[name] for name in wanted})
+    if reuse is not None:
+        reuse.update(reuse_bottoms(candidates, fresh))
     return graph
+
+
+def reuse_bottoms(candidates, fresh):
+    """Let the steps that can (a layer's in_place_form: ReLU, Eltwise SUM) write their result into a bottom
+    that is a fresh tensor (`fresh`) read by no other node (not an output, kept, detached or read later): the
+    functions do so only where autograd records nothing (no_grad, inference_mode), else they compute as
+    before. Returns the ids of the layers rewritten (their module calls are gone: hooks are refused)."""
+    rewritten = set()
+    for node, layer, bottoms in candidates:
+        form = layer.in_place_form([b in fresh and len(b.users) == 1 for b in bottoms])
+        if form is None:
+            continue
+        function, constants, order = form
+        node.op, node.target = "call_function", function
+        node.args = tuple(bottoms[i] for i in order) + tuple(constants)
+        rewritten.add(id(layer))
+    return rewritten
 
 
 class TorchNet(fx.GraphModule):
@@ -129,7 +159,10 @@ class TorchNet(fx.GraphModule):
             attr_of[id(layer)] = attr
             root.add_module(attr, layer)
         lowered = {id(s.layer) for s in steps if lower and isinstance(s.layer, Layer) and s.layer.lowered()}
-        super().__init__(root, build_graph(plan, steps, attr_of, keep_blobs, lowered), class_name="TorchNet")
+        reuse = set() if lower else None
+        graph = build_graph(plan, steps, attr_of, keep_blobs, lowered, reuse)
+        lowered |= reuse or set()
+        super().__init__(root, graph, class_name="TorchNet")
         for layer in plan.layers:  # every layer is a submodule, also those a fused step reads only blobs of
             setattr(self, attr_of[id(layer)], layer)
             # (this instance's own class) the generated forward reads its layers without a failed lookup

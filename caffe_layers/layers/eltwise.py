@@ -9,7 +9,8 @@ stable_prod_grad: false it is y / x_i as in Caffe (NaN/inf where x_i = 0).
 import torch
 
 from caffe_layers.layers import register
-from caffe_layers.layers.base import Layer
+from caffe_layers.layers.base import Layer, leaf_function
+from caffe_layers.layers.relu import eager_without_autograd
 from caffe_layers.formats.proto import pb
 
 OP = pb.EltwiseParameter
@@ -30,6 +31,27 @@ class _ProdByDivision(torch.autograd.Function):
     def backward(ctx, dy):
         y, *xs = ctx.saved_tensors
         return tuple(dy * (y / x) for x in xs)
+
+
+def weighted_sum(xs, coeffs, into_first=False):
+    """sum of c * x, left to right, each term in one pass (Caffe's axpy); into_first writes it into xs[0]."""
+    y = xs[0]
+    if coeffs[0] != 1:
+        y = y.mul_(coeffs[0]) if into_first else y * coeffs[0]
+    for c, x in zip(coeffs[1:], xs[1:]):
+        y = y.add_(x, alpha=c) if into_first else torch.add(y, x, alpha=c)
+    return y
+
+
+@leaf_function
+def sum_into_first(*args):
+    """Eltwise SUM of (bottoms..., coeffs, layer name), written into the first bottom where eager_without_autograd
+    (TorchNet passes one that no one reads after): Eltwise.forward's passes, so its numbers."""
+    *xs, coeffs, name = args
+    if any(x.shape != xs[0].shape for x in xs[1:]):
+        raise ValueError(f"layer {name!r} (Eltwise): bottoms of shapes {[list(x.shape) for x in xs]}; "
+                         f"all must be equal")
+    return weighted_sum(xs, coeffs, into_first=eager_without_autograd())
 
 
 @register("Eltwise")
@@ -61,6 +83,17 @@ class Eltwise(Layer):
             raise ValueError(f"layer {self.name!r} (Eltwise): unknown operation {self.op}")
         return [first]
 
+    def in_place_form(self, overwritable):
+        """(function, constants, bottom order) of a SUM accumulated into its first bottom (see TorchNet's reuse);
+        two bottoms of coefficient 1 may swap (IEEE addition commutes)."""
+        if self.op != OP.SUM:
+            return None
+        if overwritable[0]:
+            return sum_into_first, (tuple(self.coeffs), self.name), list(range(len(self.coeffs)))
+        if len(self.coeffs) == 2 and self.coeffs == [1, 1] and overwritable[1]:
+            return sum_into_first, ((1, 1), self.name), [1, 0]
+        return None
+
     def forward(self, *xs):
         if any(x.shape != xs[0].shape for x in xs[1:]):  # torch would broadcast them
             self.top_shapes([x.shape for x in xs])
@@ -72,10 +105,7 @@ class Eltwise(Layer):
                 y = y * x
             return y
         if self.op == OP.SUM:
-            y = xs[0] * self.coeffs[0] if self.coeffs[0] != 1 else xs[0]
-            for c, x in zip(self.coeffs[1:], xs[1:]):
-                y = torch.add(y, x, alpha=c)  # y + c * x in one pass (Caffe's axpy)
-            return y
+            return weighted_sum(xs, self.coeffs)
         if self.op == OP.MAX:
             y = torch.where(xs[0] > xs[1], xs[0], xs[1])
             for x in xs[2:]:

@@ -1,5 +1,7 @@
-"""Interp (DeepLab v2): align-corners bilinear resize of a cropped input (util/interp.cpp)."""
+"""Interp (DeepLab v2): align-corners bilinear resize of a cropped input (util/interp.cpp): torch's kernel in
+float32, the original's loop as two matrices in other dtypes (float64 positions would differ in torch's kernel)."""
 import torch
+import torch.nn.functional as F
 
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, check_4d
@@ -48,6 +50,7 @@ class Interp(Layer):
         self.zoom = p.zoom_factor if has("zoom_factor") else None
         self.fixed = (p.height, p.width) if has("height") and has("width") else None
         self.sizes(bottom_shapes[0])
+        self._sizes = {}  # (height, width) -> sizes() and the crop's offset
         self._matrices = {}  # (height, width, dtype, device) -> the row matrix and the transposed column one
 
     def sizes(self, shape):
@@ -83,6 +86,8 @@ class Interp(Layer):
             raise ValueError(f"{self.what}: {name} must be positive, got {value}")
 
     def forward(self, x):
+        if x.dtype == torch.float32:
+            return self._bilinear(x)
         key = (x.shape[2], x.shape[3], x.dtype, x.device)
         matrices = self._matrices.get(key)
         if matrices is None:  # built once per input size
@@ -93,3 +98,16 @@ class Interp(Layer):
                 interp_matrix(x.shape[3], off, eff[1], out[1]).to(device=x.device, dtype=x.dtype).t())
         rows, cols_t = matrices
         return torch.matmul(torch.matmul(rows, x), cols_t)
+
+    def _bilinear(self, x):
+        """float32: torch's align-corners bilinear kernel is the original's loop (positions r * i in float32,
+        truncated, the neighbour clamped at the last row, lambda = position - index) on the crop."""
+        size = (x.shape[2], x.shape[3])
+        sizes = self._sizes.get(size)
+        if sizes is None:  # the proto's rules once per input size (the original crops pad_beg from the start)
+            sizes = self._sizes[size] = (*self.sizes(x.shape), -self.pad_beg)
+        eff, out, off = sizes
+        crop = x[:, :, off:off + eff[0], off:off + eff[1]]
+        if eff == out:  # the original's special case: a plain copy of the crop
+            return crop.clone(memory_format=torch.contiguous_format)
+        return F.interpolate(crop, size=out, mode="bilinear", align_corners=True)
