@@ -90,7 +90,7 @@ def test_pnet_is_one_chain_with_the_prelus_folded(tmp_path):
 def test_inference_runs_natively_with_the_unchained_numbers(tmp_path, make):
     chained, modules = _nets(make(tmp_path))
     base = chained.blob_shapes["data"]
-    for shape in (base, (2, base[1], base[2] + 3, base[3] + 2)):  # another size and batch than the build's
+    for shape in (base, (base[0], base[1], base[2] + 3, base[3] + 2)):  # another size than the build's
         x = torch.randn(shape)
         with torch.inference_mode():
             got, want = chained(data=x), modules(data=x)
@@ -203,3 +203,17 @@ def test_chain_avx2_build_equals_baseline_bit_for_bit(tmp_path):
             avx2 = net(data=x)
     for name in base:
         assert torch.equal(base[name], avx2[name]), name
+
+
+def test_no_chain_where_the_built_sizes_are_not_tiny(tmp_path):
+    """A net built at sizes where a convolution is too large for the native program keeps its lowered layers."""
+    path = tmp_path / "pnet64.prototxt"
+    path.write_text(pnet(tmp_path).read_text().replace("dim: 12", "dim: 64"))
+    chained, modules = _nets(path)
+    assert not _chain_nodes(chained)
+    assert not any(n.op == "call_module" for n in chained.graph.nodes)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        got, want = chained(data=x), modules(data=x)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name

@@ -7,12 +7,14 @@ becomes one step calling `run_chain(spec, x, *blobs)`, with a convolution's ReLU
 convolution's own top is read by nothing else. `spec` is plain data (tuples of numbers and strings), so the
 generated code holds it as a constant.
 
-On a float32 CPU input outside autograd and tracing, where every convolution is tiny
-(native.DIRECT_CONV_MAX_WORK multiply-adds), one native call runs the whole chain, its intermediates in one
+A chain is made only where every convolution is tiny (native.DIRECT_CONV_MAX_WORK multiply-adds) at the blob
+sizes the net is built for. On a float32 CPU input outside autograd and tracing, where that holds at the input's
+size, one native call runs the whole chain, its intermediates in one
 scratch buffer: on a 12x12 MTCNN stage torch's per-call costs (convolution setup, allocations, dispatch) were
 most of the time. Everywhere else (autograd, torch.compile, torch.export, make_fx, larger maps, other dtypes,
 native.disabled()) the spec runs as the layers' own torch calls, so gradients, exported graphs and numbers are
-those of the unchained layers; the native sums run in another order, equal to float rounding.
+those of the unchained layers (at some microseconds more a call than the unchained net: a P-Net built at 12x12
+and run at 24x24 about 10%); the native sums run in another order, equal to float rounding.
 """
 import torch
 import torch.nn.functional as F
@@ -118,13 +120,17 @@ def _chain_at(steps, i, shapes, needed):
         spec_ops.append(tuple(op))
         new_value[k + 1] = len(spec_ops)
     spec = (tuple(spec_ops), tuple(new_value[v] for _, v in outputs))
+    blobs = [blob for layer in layers for blob in layer.blobs]
+    if _plan(spec, shapes[x_name], blobs) is None:
+        return None  # too large for the native program at the net's own size: the layers as they are
     tops = [name for name, _ in outputs]
     return Step(LayerChain(layers, spec), [x_name], tops, [True]), j
 
 
 def chain_tiny_layers(steps, shapes, needed):
-    """`steps` with each chain of simple layers (see the module's doc) as one LayerChain step; `shapes`: the
-    plan's blob shapes, `needed`: the blobs that must keep their own values (outputs, kept blobs)."""
+    """`steps` with each chain of simple layers (see the module's doc) that the native program runs at the net's
+    own blob sizes as one LayerChain step; `shapes`: the plan's blob shapes, `needed`: the blobs that must keep
+    their own values (outputs, kept blobs)."""
     out, i = [], 0
     while i < len(steps):
         found = _chain_at(steps, i, shapes, needed) if steps[i].bottoms else None
@@ -145,11 +151,31 @@ def _activate(y, kind, slope, blobs):
     return y
 
 
+def _drops(spec):
+    """Per op, the values its step no longer needs after it (their last reader; not outputs)."""
+    ops, outputs = spec
+    last = {op[1]: k for k, op in enumerate(ops)}
+    drops = [[] for _ in ops]
+    for v, k in last.items():
+        if v not in outputs:
+            drops[k].append(v)
+    return drops
+
+
+_MAX_PROGRAMS = 1024  # entries of the caches below (an image pyramid runs a stage at a dozen sizes)
+_dropped = {}  # id(spec) -> (spec, _drops(spec))
+
+
 def _run_torch(spec, x, blobs):
-    """The chain as its layers' torch calls."""
+    """The chain as its layers' torch calls, each value freed after its last reader (as the graph frees blobs)."""
+    entry = _dropped.get(id(spec))
+    if entry is None or entry[0] is not spec:
+        if len(_dropped) >= _MAX_PROGRAMS:
+            _dropped.clear()
+        entry = _dropped[id(spec)] = (spec, _drops(spec))
     ops, outputs = spec
     values = [x]
-    for op in ops:
+    for op, drops in zip(ops, entry[1]):
         kind, src = op[0], values[op[1]]
         if kind == "conv":
             _, _, w, b, stride, pad, dilation, group, _, act, slope = op
@@ -161,13 +187,17 @@ def _run_torch(spec, x, blobs):
             y = caffe_max_pool(src, *op[2:])
         else:
             y = torch.softmax(src, 1)
+        del src
+        for v in drops:
+            values[v] = None
         values.append(y)
     return tuple(values[v] for v in outputs)
 
 
-def _compile(spec, shape, blobs):
-    """[native program, output shapes, the blobs' addresses last checked] for an input of `shape`, or None where a convolution is not tiny or a shape does not fit (the torch calls then run, and
-    give the errors)."""
+def _plan(spec, shape, blobs):
+    """(ops, negative slopes, places, scratch size, output shapes) of the native program for an input of `shape`,
+    or None where a convolution is not tiny or a shape does not fit (the torch calls then run, and give the
+    errors)."""
     ops, outputs = spec
     shapes, flat, slopes = [tuple(shape)], [], []
     for op in ops:
@@ -212,12 +242,20 @@ def _compile(spec, shape, blobs):
         else:
             places.append(scratch)
             scratch += shapes[v][0] * shapes[v][1] * shapes[v][2] * shapes[v][3]
-    program = native.tiny_chain_program(flat, slopes, places, 1 + len(blobs) + len(outputs), scratch)
-    return [program, [shapes[v] for v in outputs], None]
+    return flat, slopes, places, scratch, [shapes[v] for v in outputs]
+
+
+def _compile(spec, shape, blobs):
+    """[native program, output shapes, the blobs' addresses last checked] for an input of `shape`, or None (_plan)."""
+    plan = _plan(spec, shape, blobs)
+    if plan is None:
+        return None
+    flat, slopes, places, scratch, out_shapes = plan
+    program = native.tiny_chain_program(flat, slopes, places, 1 + len(blobs) + len(spec[1]), scratch)
+    return [program, out_shapes, None]
 
 
 _programs = {}  # (id(spec), input shape) -> (spec, _compile's entry or None)
-_MAX_PROGRAMS = 1024  # (an image pyramid runs a stage at a dozen sizes)
 
 
 def _native_applies(x):

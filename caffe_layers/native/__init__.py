@@ -519,10 +519,11 @@ def norm_conv_filter(img, dist, weight, bias=None, scale=None, pad=0, stride=1, 
 
 
 # ---- a chain of tiny layers in one call ------------------------------------------------------------------
-# The most multiply-adds a convolution of a chain may take (engine/tiny.py): up to it the direct kernel is faster
-# than torch's convolution (3-5 us of setup a call), beyond it torch's (oneDNN, MKL's GEMM); measured with
-# benchmarks/bench_small_nets.py --conv-sizes.
-DIRECT_CONV_MAX_WORK = 1 << 17
+# The most multiply-adds a convolution of a chain may take (engine/tiny.py): one convolution and its PReLU run
+# as fast natively as by torch's calls at about 50,000 (3->10 channels 3x3 on 16x16), slower beyond (torch's GEMM
+# and oneDNN: 1.3x at 87,000, 2x at 243,000), faster below (0.7-0.9x at 5,000-27,000, the P-Net 12x12's);
+# measured with benchmarks/bench_small_nets.py --conv-sizes (1 thread).
+DIRECT_CONV_MAX_WORK = 1 << 16
 
 
 def tiny_chain_ready():
