@@ -110,6 +110,11 @@ def test_autograd_and_other_dtypes_run_the_layers_torch_calls(tmp_path):
     got, want = chained(data=x), modules(data=x)
     for name in want:
         assert torch.equal(got[name], want[name]), name
+    n = NetSpec()  # no convolution: googlenet's ReLU and MAX pooling on 10 x 64 x 112 x 112
+    n.data = L.Input(shape=dict(dim=[1, 8, 64, 64]))
+    n.relu = L.ReLU(n.data)
+    n.pool = L.Pooling(n.relu, kernel_size=3, stride=2, pool=P.Pooling.MAX)
+    assert not _chain_nodes(TorchNet(str(_write(tmp_path, n, "relu_pool"))))
     (got["prob"].square().sum() + got["b_also"].sum()).backward()
     (want["prob"].square().sum() + want["b_also"].sum()).backward()
     for (name, a), (_, b) in zip(chained.named_parameters(), modules.named_parameters()):
@@ -119,6 +124,11 @@ def test_autograd_and_other_dtypes_run_the_layers_torch_calls(tmp_path):
         got, want = chained(data=x.double()), modules(data=x.double())
     for name in want:
         assert torch.equal(got[name], want[name]), name
+    n = NetSpec()  # no convolution: googlenet's ReLU and MAX pooling on 10 x 64 x 112 x 112
+    n.data = L.Input(shape=dict(dim=[1, 8, 64, 64]))
+    n.relu = L.ReLU(n.data)
+    n.pool = L.Pooling(n.relu, kernel_size=3, stride=2, pool=P.Pooling.MAX)
+    assert not _chain_nodes(TorchNet(str(_write(tmp_path, n, "relu_pool"))))
 
 
 def test_large_maps_keep_torchs_convolution(tmp_path):
@@ -129,6 +139,11 @@ def test_large_maps_keep_torchs_convolution(tmp_path):
     assert not _ran_natively(chained, x)
     for name in want:
         assert torch.equal(got[name], want[name]), name
+    n = NetSpec()  # no convolution: googlenet's ReLU and MAX pooling on 10 x 64 x 112 x 112
+    n.data = L.Input(shape=dict(dim=[1, 8, 64, 64]))
+    n.relu = L.ReLU(n.data)
+    n.pool = L.Pooling(n.relu, kernel_size=3, stride=2, pool=P.Pooling.MAX)
+    assert not _chain_nodes(TorchNet(str(_write(tmp_path, n, "relu_pool"))))
 
 
 def test_kept_blobs_and_outside_readers_end_the_folding(tmp_path):
@@ -217,3 +232,8 @@ def test_no_chain_where_the_built_sizes_are_not_tiny(tmp_path):
         got, want = chained(data=x), modules(data=x)
     for name in want:
         assert torch.equal(got[name], want[name]), name
+    n = NetSpec()  # no convolution: googlenet's ReLU and MAX pooling on 10 x 64 x 112 x 112
+    n.data = L.Input(shape=dict(dim=[1, 8, 64, 64]))
+    n.relu = L.ReLU(n.data)
+    n.pool = L.Pooling(n.relu, kernel_size=3, stride=2, pool=P.Pooling.MAX)
+    assert not _chain_nodes(TorchNet(str(_write(tmp_path, n, "relu_pool"))))

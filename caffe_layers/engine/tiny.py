@@ -7,8 +7,8 @@ becomes one step calling `run_chain(spec, x, *blobs)`, with a convolution's ReLU
 convolution's own top is read by nothing else. `spec` is plain data (tuples of numbers and strings), so the
 generated code holds it as a constant.
 
-A chain is made only where every convolution is tiny (native.DIRECT_CONV_MAX_WORK multiply-adds) at the blob
-sizes the net is built for. On a float32 CPU input outside autograd and tracing, where that holds at the input's
+A chain is made only where every op is tiny (native.DIRECT_CONV_MAX_WORK multiply-adds, or window elements for
+the others) at the blob sizes the net is built for. On a float32 CPU input outside autograd and tracing, where that holds at the input's
 size, one native call runs the whole chain, its intermediates in one
 scratch buffer: on a 12x12 MTCNN stage torch's per-call costs (convolution setup, allocations, dispatch) were
 most of the time. Everywhere else (autograd, torch.compile, torch.export, make_fx, larger maps, other dtypes,
@@ -196,7 +196,8 @@ def _run_torch(spec, x, blobs):
 
 def _plan(spec, shape, blobs):
     """(ops, negative slopes, places, scratch size, output shapes) of the native program for an input of `shape`,
-    or None where a convolution is not tiny or a shape does not fit (the torch calls then run, and give the
+    or None where an op is not tiny (DIRECT_CONV_MAX_WORK multiply-adds or compared window elements) or a shape
+    does not fit (the torch calls then run, and give the
     errors)."""
     ops, outputs = spec
     shapes, flat, slopes = [tuple(shape)], [], []
@@ -228,6 +229,8 @@ def _plan(spec, shape, blobs):
             Ho, Wo = H, W
         if act == 2 and blobs[slope].numel() != O:
             return None
+        if op[0] != "conv" and N * C * Ho * Wo * kh * kw > native.DIRECT_CONV_MAX_WORK:
+            return None  # (the native pooling and activations are plain loops on one thread: tiny maps only)
         flat += [_CODES[op[0]], op[1], len(shapes), w, b, slope, act, O, group, N, C, H, W, kh, kw, ph, pw, sh, sw,
                  dh, dw, Ho, Wo]
         slopes.append(negative)
