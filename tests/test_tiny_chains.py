@@ -237,3 +237,13 @@ def test_no_chain_where_the_built_sizes_are_not_tiny(tmp_path):
     n.relu = L.ReLU(n.data)
     n.pool = L.Pooling(n.relu, kernel_size=3, stride=2, pool=P.Pooling.MAX)
     assert not _chain_nodes(TorchNet(str(_write(tmp_path, n, "relu_pool"))))
+
+
+def test_chained_net_compiles_fullgraph(tmp_path):
+    net, modules = _nets(pnet(tmp_path))
+    x = torch.randn(1, 3, 12, 12)
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        got, want = compiled(data=x), modules(data=x)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)

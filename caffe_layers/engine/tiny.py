@@ -168,14 +168,18 @@ _dropped = {}  # id(spec) -> (spec, _drops(spec))
 
 def _run_torch(spec, x, blobs):
     """The chain as its layers' torch calls, each value freed after its last reader (as the graph frees blobs)."""
-    entry = _dropped.get(id(spec))
-    if entry is None or entry[0] is not spec:
-        if len(_dropped) >= _MAX_PROGRAMS:
-            _dropped.clear()
-        entry = _dropped[id(spec)] = (spec, _drops(spec))
+    if torch.compiler.is_compiling():  # (dynamo traces _drops on the constant spec; an id() would break it)
+        drops_after = _drops(spec)
+    else:
+        entry = _dropped.get(id(spec))
+        if entry is None or entry[0] is not spec:
+            if len(_dropped) >= _MAX_PROGRAMS:
+                _dropped.clear()
+            entry = _dropped[id(spec)] = (spec, _drops(spec))
+        drops_after = entry[1]
     ops, outputs = spec
     values = [x]
-    for op, drops in zip(ops, entry[1]):
+    for op, drops in zip(ops, drops_after):
         kind, src = op[0], values[op[1]]
         if kind == "conv":
             _, _, w, b, stride, pad, dilation, group, _, act, slope = op
