@@ -63,6 +63,15 @@ def _nets(path, **kwargs):
     return chained, modules
 
 
+def _assert_same(got, want, exact=True):
+    assert got.keys() == want.keys()
+    for name in want:
+        if exact:
+            assert torch.equal(got[name], want[name]), name
+        else:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _chain_nodes(net):
     return [n for n in net.graph.nodes if n.target is tiny.run_chain]
 
@@ -95,26 +104,17 @@ def test_inference_runs_natively_with_the_unchained_numbers(tmp_path, make):
         with torch.inference_mode():
             got, want = chained(data=x), modules(data=x)
             assert _ran_natively(chained, x)
-        assert got.keys() == want.keys()
-        for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+        _assert_same(got, want, exact=False)
         with torch.no_grad(), native.disabled():  # the torch calls: exactly the modules' numbers
             got = chained(data=x)
-        for name in want:
-            assert torch.equal(got[name], want[name]), name
+        _assert_same(got, want)
 
 
 def test_autograd_and_other_dtypes_run_the_layers_torch_calls(tmp_path):
     chained, modules = _nets(geometry_net(tmp_path))
     x = torch.randn(2, 4, 11, 9)
     got, want = chained(data=x), modules(data=x)
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
-    n = NetSpec()  # no convolution: googlenet's ReLU and MAX pooling on 10 x 64 x 112 x 112
-    n.data = L.Input(shape=dict(dim=[1, 8, 64, 64]))
-    n.relu = L.ReLU(n.data)
-    n.pool = L.Pooling(n.relu, kernel_size=3, stride=2, pool=P.Pooling.MAX)
-    assert not _chain_nodes(TorchNet(str(_write(tmp_path, n, "relu_pool"))))
+    _assert_same(got, want)
     (got["prob"].square().sum() + got["b_also"].sum()).backward()
     (want["prob"].square().sum() + want["b_also"].sum()).backward()
     for (name, a), (_, b) in zip(chained.named_parameters(), modules.named_parameters()):
@@ -122,13 +122,7 @@ def test_autograd_and_other_dtypes_run_the_layers_torch_calls(tmp_path):
     chained.double(), modules.double()
     with torch.inference_mode():
         got, want = chained(data=x.double()), modules(data=x.double())
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
-    n = NetSpec()  # no convolution: googlenet's ReLU and MAX pooling on 10 x 64 x 112 x 112
-    n.data = L.Input(shape=dict(dim=[1, 8, 64, 64]))
-    n.relu = L.ReLU(n.data)
-    n.pool = L.Pooling(n.relu, kernel_size=3, stride=2, pool=P.Pooling.MAX)
-    assert not _chain_nodes(TorchNet(str(_write(tmp_path, n, "relu_pool"))))
+    _assert_same(got, want)
 
 
 def test_large_maps_keep_torchs_convolution(tmp_path):
@@ -137,13 +131,7 @@ def test_large_maps_keep_torchs_convolution(tmp_path):
     with torch.inference_mode():
         got, want = chained(data=x), modules(data=x)
     assert not _ran_natively(chained, x)
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
-    n = NetSpec()  # no convolution: googlenet's ReLU and MAX pooling on 10 x 64 x 112 x 112
-    n.data = L.Input(shape=dict(dim=[1, 8, 64, 64]))
-    n.relu = L.ReLU(n.data)
-    n.pool = L.Pooling(n.relu, kernel_size=3, stride=2, pool=P.Pooling.MAX)
-    assert not _chain_nodes(TorchNet(str(_write(tmp_path, n, "relu_pool"))))
+    _assert_same(got, want)
 
 
 def test_kept_blobs_and_outside_readers_end_the_folding(tmp_path):
@@ -156,8 +144,7 @@ def test_kept_blobs_and_outside_readers_end_the_folding(tmp_path):
     with torch.inference_mode():
         got, want = chained(data=x), modules(data=x)
     assert set(got) == {"a", "pool", "b_also", "prob"}
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    _assert_same(got, want, exact=False)
 
 
 def test_replaced_blobs_are_read(tmp_path):
@@ -230,8 +217,7 @@ def test_no_chain_where_the_built_sizes_are_not_tiny(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         got, want = chained(data=x), modules(data=x)
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
+    _assert_same(got, want)
     n = NetSpec()  # no convolution: googlenet's ReLU and MAX pooling on 10 x 64 x 112 x 112
     n.data = L.Input(shape=dict(dim=[1, 8, 64, 64]))
     n.relu = L.ReLU(n.data)
@@ -245,5 +231,4 @@ def test_chained_net_compiles_fullgraph(tmp_path):
     compiled = torch.compile(net, fullgraph=True, backend="eager")
     with torch.inference_mode():
         got, want = compiled(data=x), modules(data=x)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    _assert_same(got, want, exact=False)
