@@ -5,13 +5,19 @@ weights, same threads, measured in this run) and against the original Caffe's fi
     python benchmarks/bench_nets.py                       # vgg321 res129 embs321 (add res513: --nets all)
     python benchmarks/bench_nets.py --nets none path/to/bvlc_googlenet/deploy.prototxt [more.prototxt ...]
     python benchmarks/bench_nets.py --train               # LeNet, brewing-logreg, embs and vgg training (--help)
-    python benchmarks/bench_nets.py --compile [--nets ...] [deploy.prototxt ...]   # eager against torch.compile
+    python benchmarks/bench_nets.py --compile [--nets ...] [--size 161] [deploy.prototxt ...]   # against torch.compile
 
 Each figure comes from a fresh process, so that its peak memory is its own. "ours" is the torch face
 (TorchNet) under torch.inference_mode; "pycaffe" is caffe_layers.Net.forward (Caffe's persistent blobs).
 --compile times, in one process for each net, the eager TorchNet and torch.compile(net, fullgraph=True)
-(inductor, a fresh cache directory, so the compile time is a cold one) on the same inputs, both under
-inference_mode with the native kernels on (the compiled graph calls them as custom ops).
+(inductor) on the same inputs, both under inference_mode with the native kernels on (the compiled graph calls
+them as custom ops). Each net's inductor cache is a directory of its own (under --cache-dir, kept, else a
+temporary one): the first process compiles cold where that directory is empty, then a second fresh process
+compiles the same net again over it (warm: dynamo's capture again, inductor's FX graph cache and autotuning
+results reused), so both compile times are reported, with the cache hits each process saw. --size N runs the
+segaware nets (vgg, embs, res) at N x N instead of their own sizes: the compile time hardly depends on it, the
+eager and compiled forwards do. The environment passes to the children: TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 keeps
+inductor's convolution buffers in NCHW (its channels-last choice slows the Interp matmuls of the segaware nets).
 """
 import argparse
 import json
@@ -35,12 +41,26 @@ NETS = {  # name: (reference config, size substitutions for dim/height/width lin
 }
 
 
-def config_text(name):
+def sized(name, size):
+    """NETS' substitutions for `name` at input size `size` (None: the entry's own)."""
     path, sizes = NETS[name]
+    if size is None:
+        return sizes
+    if path.startswith("res"):  # its three scales and the label map, as RES_129: (d - 1) * (size - 1) / 512 + 1
+        return {d: str((int(d) - 1) * (size - 1) // 512 + 1) for d in ("513", "385", "257", "65")}
+    return {"321": str(size)}
+
+
+def label(name, size):
+    return name if size is None or name not in NETS else re.sub(r"\d+$", str(size), name)
+
+
+def config_text(name, size=None):
+    path, sizes = NETS[name][0], sized(name, size)
     text = (REFERENCE / path).read_text()
     if not sizes:
         return text
-    pattern = re.compile(r"\b((?:dim|height|width):\s*)(\d+)\b")
+    pattern = re.compile(r"\b((?:dim|height|width|tiles):\s*)(\d+)\b")
     return pattern.sub(lambda m: m.group(1) + sizes.get(m.group(2), m.group(2)), text)
 
 
@@ -58,6 +78,22 @@ def timed(fn, runs):
         times.append(time.perf_counter() - t)
     times.sort()
     return times[0], times[len(times) // 2]
+
+
+def timed_in_turn(runs_by_name, runs):
+    """{name_best, name_median (wall), name_cpu (best process CPU time)} of functions timed in turn, run by run."""
+    wall, cpu = {name: [] for name in runs_by_name}, {name: [] for name in runs_by_name}
+    for _ in range(runs):
+        for name, fn in runs_by_name.items():
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    out = {}
+    for name in runs_by_name:
+        times = sorted(wall[name])
+        out[f"{name}_best"], out[f"{name}_median"], out[f"{name}_cpu"] = times[0], times[len(times) // 2], min(cpu[name])
+    return out
 
 
 def torch_forward(module, feed, device):
@@ -80,7 +116,7 @@ def child(args):
 
     torch.set_num_threads(args.threads)
     if args.child_net in NETS:
-        text, where = config_text(args.child_net), None
+        text, where = config_text(args.child_net, args.size), None
     else:
         where = Path(args.child_net)
         text = where.read_text()
@@ -89,7 +125,7 @@ def child(args):
 
     device = torch.device(args.device)
     result = {}
-    if args.mode in ("ours", "pycaffe", "compiled"):
+    if args.mode in ("ours", "pycaffe", "compiled", "recompiled"):
         start = time.perf_counter()
         net = (Net(text, phase="test") if args.mode == "pycaffe" else TorchNet(text, phase="test"))
         result["build"] = time.perf_counter() - start
@@ -100,13 +136,22 @@ def child(args):
             net.to(device)
             feed = {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
             run = torch_forward(net, feed, device)
-        if args.mode == "compiled":  # eager first, then the compiled module, on the same inputs
-            run()
-            result["eager_best"], result["eager_median"] = timed(run, args.runs)
+        if args.mode in ("compiled", "recompiled"):  # the eager net, then the compiled module, on the same inputs
+            from torch._dynamo.utils import counters
+
+            eager = run
+            eager()  # both processes compile after an eager forward, so that they capture the same graph
             run = torch_forward(torch.compile(net, fullgraph=True), feed, device)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             run()
-            result["compile"] = time.perf_counter() - start
+            result["compile"], result["compile_cpu"] = time.perf_counter() - start, time.process_time() - cpu
+            result["cache_hits"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
+            if args.mode == "compiled":  # eager and compiled forwards in turn: both see the same machine load
+                run()
+                figures = timed_in_turn({"eager": eager, "forward": run}, args.runs)
+                result.update(figures)
+            print(json.dumps(result))
+            return
         elif args.mode == "pycaffe":
             def run():
                 net.forward(**inputs)
@@ -279,15 +324,34 @@ def train_figures(args):
                   f"iteration [{r['iteration_cpu']:.2f} s CPU], {1 / it:.2f} it/s, peak {r['peak_rss_mb']:.0f} MB")
 
 
-def measure(net, mode, args):
+def measure(net, mode, args, cache=None):
+    """One child process; `cache`: torch.compile's cache directory (default: a fresh one, a cold compile)."""
     cmd = [sys.executable, __file__, "--child-net", str(net), "--mode", mode, "--runs", str(args.runs),
            "--threads", str(args.threads), "--device", args.device]
-    with tempfile.TemporaryDirectory() as cache:  # torch.compile's caches: a cold compile every time
-        env = dict(os.environ, PYTHONWARNINGS="ignore", TORCHINDUCTOR_CACHE_DIR=cache)
+    if args.size is not None:
+        cmd += ["--size", str(args.size)]
+    with tempfile.TemporaryDirectory() as fresh:
+        env = dict(os.environ, PYTHONWARNINGS="ignore", TORCHINDUCTOR_CACHE_DIR=str(cache or fresh))
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:120]}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_compiled(net, args):
+    """The eager and compiled figures with a cold compile, then a warm compile in a fresh process over the
+    same cache directory (kept under --cache-dir, else temporary)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(args.cache_dir) / re.sub(r"\W", "_", str(net)) if args.cache_dir else Path(tmp)
+        cache.mkdir(parents=True, exist_ok=True)
+        first_cold = not any(cache.iterdir())
+        figures = measure(net, "compiled", args, cache)
+        if "error" not in figures:
+            warm = measure(net, "recompiled", args, cache)
+            figures["warm"] = warm.get("compile", float("nan"))
+            figures["warm_hits"] = warm.get("cache_hits", warm.get("error"))
+        figures["first_cold"] = first_cold
+    return figures
 
 
 def baselines():
@@ -316,10 +380,14 @@ def row(label, figures, reference=None):
 def compiled_row(label, figures):
     if "error" in figures:
         return f"{label:12s} failed: {figures['error']}"
+    first = "cold" if figures["first_cold"] else "first (kept cache)"
     return (f"{label:12s} eager best {figures['eager_best']:7.3f} s median {figures['eager_median']:7.3f} s | "
             f"compiled best {figures['forward_best']:7.3f} s median {figures['forward_median']:7.3f} s | "
             f"x{figures['eager_best'] / figures['forward_best']:.2f} (best) x"
-            f"{figures['eager_median'] / figures['forward_median']:.2f} (median) | compile {figures['compile']:6.1f} s")
+            f"{figures['eager_median'] / figures['forward_median']:.2f} (median) x"
+            f"{figures['eager_cpu'] / figures['forward_cpu']:.2f} (best CPU time) | compile {first} "
+            f"{figures['compile']:6.1f} s ({figures['compile_cpu']:.1f} s main-process CPU), warm {figures['warm']:6.1f} s\n"
+            f"{'':12s} inductor cache counters: first {figures['cache_hits']}, warm {figures['warm_hits']}")
 
 
 def main():
@@ -340,6 +408,9 @@ def main():
     parser.add_argument("--crop", type=int, default=161, help="segaware crop size")
     parser.add_argument("--compile", action="store_true", help="eager against torch.compile(fullgraph=True) "
                         "forward times and the compile time, for --nets and the configs")
+    parser.add_argument("--size", type=int, help="--nets' segaware nets at this input size (default: their own)")
+    parser.add_argument("--cache-dir", help="--compile: keep each net's inductor cache under this directory (a "
+                        "second invocation then compiles warm from the start; default: temporary ones)")
     parser.add_argument("--child-net", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="ours", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -350,18 +421,19 @@ def main():
     names = list(NETS) if args.nets == "all" else [] if args.nets == "none" else args.nets.split(",")
     if args.compile:
         print(f"{args.threads} threads, {args.device}, best/median of {args.runs} runs after a warm-up; "
-              f"each net a fresh process, eager then torch.compile(fullgraph=True) in it")
+              f"each net a fresh process, eager then torch.compile(fullgraph=True) in it, their runs in turn")
         for name in names + args.configs:
-            print(compiled_row(name if name in NETS else Path(name).parent.name, measure(name, "compiled", args)))
+            print(compiled_row(label(name, args.size) if name in NETS else Path(name).parent.name,
+                               measure_compiled(name, args)), flush=True)
         return
     base = baselines()
     print(f"{args.threads} threads, {args.device}, best/median of {args.runs} runs after a warm-up; "
           f"each row a fresh process")
     for name in names:
         ours, py = measure(name, "ours", args), measure(name, "pycaffe", args)
-        print(row(f"{name} ours (TorchNet)", ours))
-        print(row(f"{name} pycaffe Net", py))
-        if name in base and "error" not in ours:
+        print(row(f"{label(name, args.size)} ours (TorchNet)", ours))
+        print(row(f"{label(name, args.size)} pycaffe Net", py))
+        if name in base and args.size is None and "error" not in ours:
             b_build, b_fwd, b_mem = base[name]
             print(f"{name} original Caffe (baselines) build {b_build:.2f} s, forward best {b_fwd:.3f} s, "
                   f"peak {b_mem:.0f} MB -> ours x{b_fwd / ours['forward_best']:.2f} faster "

@@ -190,11 +190,12 @@ def test_compile_fullgraph_deploy(config):
     net = TorchNet(DEPLOY[config]())
     fill_net_hash(net)
     inputs = example_inputs(net)
+    with torch.no_grad():  # before any eager forward: nothing cached by one (Interp's matrices) helps the capture
+        got = torch.compile(net, fullgraph=True, backend="eager")(**inputs)
     # under autograd the eager net folds BatchNorm/Scale in the graph, as a traced one does; without grad it keeps
     # its folded (oneDNN-reordered) weights, which round differently
     expected = {blob: value.detach() for blob, value in net(**inputs).items()}
     with torch.no_grad():
-        got = torch.compile(net, fullgraph=True, backend="eager")(**inputs)
         kept = net(**inputs)
     assert set(got) == set(expected)
     for blob, value in expected.items():
@@ -271,3 +272,64 @@ def test_pt2_segaware_custom_ops_in_fresh_process(tmp_path):
     for blob, value in expected.items():
         torch.testing.assert_close(got[blob], value, rtol=1e-4, atol=1e-5)
     assert main(["export", str(prototxt), "--custom-ops", "-o", str(tmp_path / "net.onnx")]) != 0  # pt2 only
+
+
+DIVIDE_ARGMAX = """
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 5 } } }
+layer { name: "d" type: "Divide" bottom: "x" top: "y" }
+layer { name: "p" type: "Power" bottom: "x" top: "p" power_param { shift: -0.5 } }
+layer { name: "dg" type: "Divide" bottom: "p" top: "z" divide_param { clamp: GPU } }
+layer { name: "s" type: "Eltwise" bottom: "x" bottom: "p" top: "s" }
+layer { name: "top3" type: "ArgMax" bottom: "x" top: "top3" argmax_param { top_k: 3 out_max_val: true } }
+layer { name: "top1" type: "ArgMax" bottom: "x" top: "top1" }
+layer { name: "c1" type: "ArgMax" bottom: "x" top: "c1" argmax_param { axis: 1 out_max_val: true } }
+layer { name: "w4" type: "ArgMax" bottom: "x" top: "w4" argmax_param { axis: -1 top_k: 4 } }
+"""
+
+
+def test_onnx_divide_and_argmax_exact(tmp_path):
+    """Divide (both clamp rules; the clamped value written into its bottom, which later layers read) and ArgMax
+    (top_k 1 and more, with and without axis) export; on inputs full of ties (-0.0 and 0.0 among them) and exact
+    zeros onnxruntime gives our numbers bit for bit: ties to the larger index, as Caffe's partial_sort."""
+    net = TorchNet(DIVIDE_ARGMAX)
+    x = torch.randint(-2, 3, (2, 3, 4, 5)).float() * 0.5
+    x[0, 0, 0, :3] = torch.tensor([-0.0, 0.0, -0.0])
+    export_onnx(net, tmp_path / "net.onnx", {"x": x.clone()})
+    with torch.no_grad():
+        expected = net(x=x.clone())
+    zeros = x == 0
+    clamped = torch.tensor(1e-4)
+    assert torch.equal(expected["s"][zeros], (clamped + (clamped - 0.5)).expand(int(zeros.sum())))  # read after the write
+    session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    assert set(names) == set(expected)
+    for name, got in zip(names, session.run(None, {"x": x.numpy()})):
+        np.testing.assert_array_equal(got, expected[name].numpy(), err_msg=name)
+
+
+SEG_ACCURACY = """
+layer { name: "d" type: "Input" top: "s" top: "l" input_param { shape { dim: 2 dim: 4 dim: 3 dim: 5 }
+        shape { dim: 2 dim: 1 dim: 3 dim: 5 } } }
+layer { name: "acc" type: "SegAccuracy" bottom: "s" bottom: "l" top: "acc" seg_accuracy_param { ignore_label: 255 } }
+"""
+
+
+def test_onnx_seg_accuracy_and_its_label_check(tmp_path):
+    """SegAccuracy exports (a fixed-size confusion count) with our numbers, tied scores and ignored pixels
+    included; a bad label fails onnxruntime (ONNX has no assertion op) instead of being counted elsewhere."""
+    net = TorchNet(SEG_ACCURACY)
+    scores = torch.randint(0, 3, (2, 4, 3, 5)).float()  # many ties: the highest class wins them
+    labels = torch.randint(0, 4, (2, 1, 3, 5)).float()
+    labels[0, 0, 0, :4] = 255
+    export_onnx(net, tmp_path / "net.onnx", {"s": scores, "l": labels})
+    session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"s": scores.numpy(), "l": labels.numpy()}
+    np.testing.assert_array_equal(session.run(None, feed)[0], net(s=scores, l=labels)["acc"].numpy())
+    compiled = torch.compile(net, fullgraph=True, backend="eager")  # the label check an assertion op, no break
+    torch.testing.assert_close(compiled(s=scores, l=labels)["acc"], net(s=scores, l=labels)["acc"], rtol=0, atol=0)
+    for bad in (4.0, -1.0):
+        labels[1, 0, 2, 4] = bad
+        with pytest.raises(ValueError, match="unexpected label"):
+            net(s=scores, l=labels)
+        with pytest.raises(Exception, match="ScatterElements.*out of data bounds"):
+            session.run(None, {"s": scores.numpy(), "l": labels.numpy()})

@@ -144,6 +144,10 @@ def test_argmax_shapes_and_ties():
     assert out.reshape(2, 2).tolist() == [[2, 1], [3, 2]]  # equal values: the larger index first
     _, out = run('type: "ArgMax" argmax_param { top_k: 2 out_max_val: true }', x)
     assert out.shape == (2, 2, 2) and out.tolist() == [[[2, 1], [5, 5]], [[3, 2], [3, 3]]]
+    _, out = run('type: "ArgMax" argmax_param { out_max_val: true }', x)  # top_k 1: a reduction, same ties
+    assert out.tolist() == [[[2], [5]], [[3], [3]]]
+    _, out = run('type: "ArgMax" argmax_param { axis: 2 }', x)
+    assert out.tolist() == [[[2]], [[3]]]
     _, out = run('type: "ArgMax"', np.zeros((2, 3, 4, 5, 6)))
     assert out.shape == (2, 1, 1, 1, 1)
     y = torch.randn(2, 3, 4, 5, dtype=torch.float64)

@@ -447,7 +447,7 @@ def test_interp_sizes_and_values(params, eff, out):
     x = np.random.default_rng(1).standard_normal((1, 2, 7, 8))
     layer = make_layer(f'type: "Interp" interp_param {{ {params} }}', [x.shape])
     assert layer.top_shapes([x.shape]) == [(1, 2) + out]
-    off = -layer.p.pad_beg
+    off = -layer.pad_beg
     np.testing.assert_allclose(layer(torch.as_tensor(x)).numpy(), interp_ref(x, off, eff, out), rtol=1e-6, atol=1e-9)
 
 

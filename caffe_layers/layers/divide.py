@@ -58,8 +58,11 @@ class Divide(Layer):
         rule = self.clamp if self.clamp != "device" else ("gpu" if x.device.type == "cuda" else "cpu")
         mask, eps = clamp_mask(x.detach(), rule)
         top = _Reciprocal.apply(x, mask, eps, self.true_gradient)
-        if self.modify_bottom and x.device.type != "meta":
-            x.data.masked_fill_(mask, eps)  # the original writes into bottom data; .data: no autograd bump
+        if self.modify_bottom and x.device.type != "meta":  # the original writes into bottom data
+            if x.requires_grad and torch.is_grad_enabled():
+                x.data.masked_fill_(mask, eps)  # .data: not recorded by autograd (Caffe's diffs ignore the write)
+            else:
+                x.masked_fill_(mask, eps)  # a mutation torch.export sees (it cannot lift .data's tensor)
         return top
 
     def extra_repr(self):

@@ -36,34 +36,38 @@ class Interp(Layer):
         super().__init__(param, bottom_shapes, phase)
         p = param.interp_param
         self.what = f"layer {param.name!r} (Interp)"
-        self.p = p
         if p.pad_beg > 0 or p.pad_end > 0:
             raise ValueError(f"{self.what}: only non-positive padding (cropping) is supported, "
                              f"got pad_beg {p.pad_beg}, pad_end {p.pad_end}")
         has = p.HasField
         if not ((has("shrink_factor") or has("zoom_factor")) or (has("height") and has("width"))):
             raise ValueError(f"{self.what}: give zoom_factor and/or shrink_factor, or both height and width")
+        # plain values: forward reads no proto message (torch.compile cannot trace HasField)
+        self.pad_beg, self.pad_end = p.pad_beg, p.pad_end
+        self.shrink = p.shrink_factor if has("shrink_factor") else None
+        self.zoom = p.zoom_factor if has("zoom_factor") else None
+        self.fixed = (p.height, p.width) if has("height") and has("width") else None
         self.sizes(bottom_shapes[0])
         self._matrices = {}  # (height, width, dtype, device) -> the row matrix and the transposed column one
 
     def sizes(self, shape):
         """(eff_h, eff_w), (out_h, out_w) by the original's rules, in its order of precedence."""
         check_4d(shape, self.what)
-        p, has = self.p, self.p.HasField
-        eff = [shape[2] + p.pad_beg + p.pad_end, shape[3] + p.pad_beg + p.pad_end]
-        if has("shrink_factor") and not has("zoom_factor"):
-            self._check_factor("shrink_factor", p.shrink_factor)
-            out = [(e - 1) // p.shrink_factor + 1 for e in eff]
-        elif has("zoom_factor") and not has("shrink_factor"):
-            self._check_factor("zoom_factor", p.zoom_factor)
-            out = [e + (e - 1) * (p.zoom_factor - 1) for e in eff]
-        elif has("height") and has("width"):
-            out = [p.height, p.width]
-        else:
-            self._check_factor("shrink_factor", p.shrink_factor)
-            self._check_factor("zoom_factor", p.zoom_factor)
-            out = [(e - 1) // p.shrink_factor + 1 for e in eff]
-            out = [o + (o - 1) * (p.zoom_factor - 1) for o in out]
+        shrink, zoom = self.shrink, self.zoom
+        eff = [shape[2] + self.pad_beg + self.pad_end, shape[3] + self.pad_beg + self.pad_end]
+        if shrink is not None and zoom is None:
+            self._check_factor("shrink_factor", shrink)
+            out = [(e - 1) // shrink + 1 for e in eff]
+        elif zoom is not None and shrink is None:
+            self._check_factor("zoom_factor", zoom)
+            out = [e + (e - 1) * (zoom - 1) for e in eff]
+        elif self.fixed is not None:
+            out = list(self.fixed)
+        else:  # both factors
+            self._check_factor("shrink_factor", shrink)
+            self._check_factor("zoom_factor", zoom)
+            out = [(e - 1) // shrink + 1 for e in eff]
+            out = [o + (o - 1) * (zoom - 1) for o in out]
         # C++ integer division truncates toward zero; the sizes are checked positive below anyway
         if min(eff) <= 0 or min(out) <= 0:
             raise ValueError(f"{self.what}: input {list(shape)} gives cropped size {eff} and output size "
@@ -83,7 +87,7 @@ class Interp(Layer):
         matrices = self._matrices.get(key)
         if matrices is None:  # built once per input size
             eff, out = self.sizes(x.shape)
-            off = -self.p.pad_beg  # the original crops pad_beg from the start of both axes
+            off = -self.pad_beg  # the original crops pad_beg from the start of both axes
             matrices = self._matrices[key] = (
                 interp_matrix(x.shape[2], off, eff[0], out[0]).to(device=x.device, dtype=x.dtype),
                 interp_matrix(x.shape[3], off, eff[1], out[1]).to(device=x.device, dtype=x.dtype).t())

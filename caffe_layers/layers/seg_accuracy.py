@@ -39,24 +39,34 @@ class SegAccuracy(Layer):
         keep = torch.ones_like(gt, dtype=torch.bool)
         for v in self.ignore:
             keep &= gt != v
-        gt, pred = gt[keep], pred[keep]
-        bad = (gt < 0) | (gt >= c)
-        if bad.any():
-            raise ValueError(f"layer {self.name!r} (SegAccuracy): unexpected label {int(gt[bad][0])}; "
-                             f"labels must be in [0, {c}) or an ignore_label")
-        counts = torch.bincount(gt * c + pred, minlength=c * c).reshape(c, c).to(torch.float64).cpu()
-        self.confusion = counts if self.reset else self.confusion + counts
-        return torch.tensor(self.metrics(self.confusion), dtype=scores.dtype, device=scores.device).reshape(1, 1, 1, 3)
+        bad = keep & ((gt < 0) | (gt >= c))
+        self.check_labels(gt, bad)
+        # a fixed-size count (exportable): ignored pixels add 0; a bad label's cell lies past the matrix, so that a
+        # graph without the check (ONNX has no assertion) fails on it rather than counting it elsewhere
+        cell = torch.where(keep, gt * c + pred, 0).masked_fill(bad, c * c)
+        counts = torch.zeros(c * c, dtype=torch.float64, device=gt.device).scatter_add(0, cell, keep.double())
+        counts = counts.reshape(c, c)
+        if not self.reset:  # state only where it accumulates (an export of the default keeps no attribute)
+            self.confusion = counts = self.confusion.to(counts.device) + counts
+        return self.metrics(counts).to(scores.dtype).reshape(1, 1, 1, 3)
+
+    def check_labels(self, gt, bad):
+        message = f"layer {self.name!r} (SegAccuracy): labels must be in [0, {self.classes}) or an ignore_label"
+        if torch.compiler.is_compiling():  # an assertion op in the graph (a branch on values would break it)
+            torch._assert_async(~bad.any(), message)
+        elif gt.device.type != "meta" and bad.any():
+            raise ValueError(f"{message}; got unexpected label {int(gt[bad][0])}")
 
     @staticmethod
     def metrics(m):
-        """ConfusionMatrix accuracy(), avgRecall(false), avgJaccard() of a (label, prediction) matrix."""
+        """ConfusionMatrix accuracy(), avgRecall(false), avgJaccard() of a (label, prediction) matrix, as a
+        tensor (tensor ops only: the graph stays exportable)."""
         diag, rows, cols = m.diagonal(), m.sum(1), m.sum(0)
-        total = float(m.sum())
-        accuracy = float(diag.sum()) / total if total else 0.0
+        total = m.sum()
+        accuracy = diag.sum() / torch.where(total > 0, total, 1.0)  # 0 without pixels
         seen = rows > 0
-        recall = float((diag[seen] / rows[seen]).sum()) / int(seen.sum()) if seen.any() else 0.0
+        recall = torch.where(seen, diag / torch.where(seen, rows, 1.0), 0.0).sum() / seen.sum().clamp(min=1)
         union = rows + cols - diag
         # a class with intersection == union (absent from both) counts as IoU 1
         iou = torch.where(diag == union, torch.ones_like(diag), diag / torch.where(union > 0, union, 1.0))
-        return [accuracy, recall, float(iou.sum()) / m.shape[0]]
+        return torch.stack([accuracy, recall, iou.sum() / m.shape[0]])

@@ -105,6 +105,16 @@ def _dynamic_shapes(net, inputs, dynamic):
 OPTIMIZE = ("fold", "full", "none")
 
 
+def _stable_sort(self, stable=None, dim=-1, descending=False):
+    """ONNX for aten.sort.stable, which torch.onnx does not translate (it does sort.default, as this): TopK over
+    the whole axis, whose ties keep the lower index first, as a stable sort does (ArgMax's top_k > 1)."""
+    from onnxscript import opset18 as op
+
+    axis = dim % len(self.shape)
+    count = op.Shape(self, start=axis, end=axis + 1)
+    return op.TopK(self, count, axis=axis, largest=int(descending), sorted=1)
+
+
 def export_onnx(net, path, inputs=None, dynamic=True, opset=18, force=False, optimize="fold"):
     """Write `net` (a TorchNet) as ONNX at `path` through the torch.export-based exporter (needs onnxscript);
     returns the dynamic axes ({blob: {axis: name}}).
@@ -128,7 +138,8 @@ def export_onnx(net, path, inputs=None, dynamic=True, opset=18, force=False, opt
             program = torch.onnx.export(wrapper, tuple(inputs[name] for name in net.inputs), dynamo=True,
                                         input_names=list(net.inputs), output_names=wrapper.outputs,
                                         dynamic_shapes=(tuple(shapes[name] for name in net.inputs),),
-                                        opset_version=opset, optimize=optimize == "full", verbose=False)
+                                        opset_version=opset, optimize=optimize == "full", verbose=False,
+                                        custom_translation_table={torch.ops.aten.sort.stable: _stable_sort})
         if optimize == "fold":
             onnxscript.optimizer.fold_constants(program.model)
             onnxscript.optimizer.remove_unused_nodes(program.model)
