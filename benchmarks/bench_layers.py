@@ -162,6 +162,55 @@ def mtcnn_pnet(tmp):
     return path, (1, 3, 12, 12)
 
 
+def _conv_prelu(x, outputs, kernel):
+    conv = L.Convolution(x, kernel_size=kernel, num_output=outputs, weight_filler=FILLER, bias_filler=FILLER)
+    return conv, L.PReLU(conv, in_place=True)
+
+
+def _ip_prelu(x, outputs):
+    ip = L.InnerProduct(x, num_output=outputs, weight_filler=FILLER, bias_filler=FILLER)
+    return ip, L.PReLU(ip, in_place=True)
+
+
+def mtcnn_rnet(tmp, batch=1):
+    """MTCNN R-Net's layers on 24x24 inputs."""
+    n = NetSpec()
+    n.data = L.Input(shape=dict(dim=[batch, 3, 24, 24]))
+    n.conv1, n.prelu1 = _conv_prelu(n.data, 28, 3)
+    n.pool1 = L.Pooling(n.prelu1, kernel_size=3, stride=2, pool=P.Pooling.MAX)
+    n.conv2, n.prelu2 = _conv_prelu(n.pool1, 48, 3)
+    n.pool2 = L.Pooling(n.prelu2, kernel_size=3, stride=2, pool=P.Pooling.MAX)
+    n.conv3, n.prelu3 = _conv_prelu(n.pool2, 64, 2)
+    n.conv4, n.prelu4 = _ip_prelu(n.prelu3, 128)
+    n.conv5_1 = L.InnerProduct(n.prelu4, num_output=2, weight_filler=FILLER)
+    n.conv5_2 = L.InnerProduct(n.prelu4, num_output=4, weight_filler=FILLER)
+    n.prob1 = L.Softmax(n.conv5_1)
+    path = Path(tmp) / f"rnet{batch}.prototxt"
+    path.write_text(str(n.to_proto()))
+    return path, (batch, 3, 24, 24)
+
+
+def mtcnn_onet(tmp, batch=1):
+    """MTCNN O-Net's layers on 48x48 inputs."""
+    n = NetSpec()
+    n.data = L.Input(shape=dict(dim=[batch, 3, 48, 48]))
+    n.conv1, n.prelu1 = _conv_prelu(n.data, 32, 3)
+    n.pool1 = L.Pooling(n.prelu1, kernel_size=3, stride=2, pool=P.Pooling.MAX)
+    n.conv2, n.prelu2 = _conv_prelu(n.pool1, 64, 3)
+    n.pool2 = L.Pooling(n.prelu2, kernel_size=3, stride=2, pool=P.Pooling.MAX)
+    n.conv3, n.prelu3 = _conv_prelu(n.pool2, 64, 3)
+    n.pool3 = L.Pooling(n.prelu3, kernel_size=2, stride=2, pool=P.Pooling.MAX)
+    n.conv4, n.prelu4 = _conv_prelu(n.pool3, 128, 2)
+    n.conv5, n.prelu5 = _ip_prelu(n.prelu4, 256)
+    n.conv6_1 = L.InnerProduct(n.prelu5, num_output=2, weight_filler=FILLER)
+    n.conv6_2 = L.InnerProduct(n.prelu5, num_output=4, weight_filler=FILLER)
+    n.conv6_3 = L.InnerProduct(n.prelu5, num_output=10, weight_filler=FILLER)
+    n.prob1 = L.Softmax(n.conv6_1)
+    path = Path(tmp) / f"onet{batch}.prototxt"
+    path.write_text(str(n.to_proto()))
+    return path, (batch, 3, 48, 48)
+
+
 def compare(name, prototxt, shape, threads, repeat, tmp):
     net = Net(str(prototxt), phase="test")
     weights = None

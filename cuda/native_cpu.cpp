@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
 #if defined(__SSE2__)
@@ -88,6 +90,32 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
   } while (0)
 #endif
 
+struct ChainProgram {
+  bool dbl;
+  std::vector<int64_t> ops;
+  std::vector<double> negative_slopes;
+  std::vector<int64_t> places;
+  int64_t n_ptrs, scratch;
+};
+
+ChainProgram make_chain_program(bool dbl, std::vector<int64_t> ops, std::vector<double> negative_slopes,
+                                std::vector<int64_t> places, int64_t n_ptrs, int64_t scratch) {
+  const int64_t width = cl_baseline::CHAIN_OP_INTS, n_ops = int64_t(ops.size()) / width;
+  if (int64_t(ops.size()) != n_ops * width || int64_t(negative_slopes.size()) != n_ops)
+    throw std::invalid_argument("TinyChainProgram: ops and negative_slopes do not match");
+  const int64_t n_values = int64_t(places.size());
+  for (int64_t at : places)
+    if (at < -n_ptrs || at >= scratch) throw std::invalid_argument("TinyChainProgram: a value's place is out of range");
+  for (int64_t k = 0; k < n_ops; ++k) {
+    const int64_t* op = ops.data() + k * width;
+    if (op[0] < 0 || op[0] > 3 || op[1] < 0 || op[1] >= n_values || op[2] < 0 || op[2] >= n_values)
+      throw std::invalid_argument("TinyChainProgram: an op's code or values are out of range");
+    for (int i = 3; i < 6; ++i)
+      if (op[i] < -1 || op[i] >= n_ptrs) throw std::invalid_argument("TinyChainProgram: a parameter is out of range");
+  }
+  return ChainProgram{dbl, std::move(ops), std::move(negative_slopes), std::move(places), n_ptrs, scratch};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native_cpu, m) {
@@ -155,6 +183,14 @@ PYBIND11_MODULE(_native_cpu, m) {
     const Groups q = make_groups(g, O, group);
     DISPATCH(dbl, normfilter_forward<T>(ptr<T>(x), ptr<T>(soft), ptr<T>(w), ptr<T>(b), ptr<T>(y), g, q));
   }, nogil);
+  // a chain's program, checked once; run(ptrs) takes the input's, the parameters' and the outputs' addresses
+  py::class_<ChainProgram>(m, "TinyChainProgram")
+      .def(py::init(&make_chain_program))
+      .def("run", [](const ChainProgram& p, const std::vector<uintptr_t>& ptrs) {
+        if (int64_t(ptrs.size()) != p.n_ptrs) throw std::invalid_argument("TinyChainProgram.run: wrong number of pointers");
+        // the GIL kept: releasing it costs a share of these microsecond calls
+        DISPATCH(p.dbl, tiny_chain_forward<T>(p.ops, p.negative_slopes, p.places, ptrs, p.scratch));
+      });
   m.def("normfilter_backward", [](bool dbl, uintptr_t x, uintptr_t soft, uintptr_t w, uintptr_t gy, uintptr_t gx,
                                   uintptr_t gsoft, uintptr_t gw, std::vector<int64_t> geom, int64_t O, int64_t group) {
     const Geom g = make_geom(geom);

@@ -899,3 +899,229 @@ void normfilter_backward(const T* x, const T* soft, const T* w, const T* gy, T* 
     }
   }
 }
+
+// ---- direct convolution of tiny maps, activation fused ------------------------------------------------------
+// y = act(conv(x, w) + b) for maps so small that torch's convolution costs more in setup than in arithmetic
+// (MTCNN's stages): one thread, no column buffer. act: 0 none; 1 ReLU (x > 0 ? x : x * negative_slope; max(x, 0)
+// for slope 0); 2 PReLU (x > 0 ? x : x * slope[o], one slope per output channel).
+// Two loop forms, chosen by the map size alone: where there are many output positions, 8 of them at a time (each
+// output sums its taps in ascending (c, i, j) order from the bias), else a gather of each position's taps and a dot
+// product in 8 fixed partial sums. The compiler vectorises neither across those sums, so the baseline and AVX2 builds give
+// identical numbers.
+template <typename T>
+inline T activate(T v, int act, T negative_slope, const T* slope, int64_t o) {
+  if (act == 0) return v;
+  if (act == 1 && negative_slope == T(0)) return v < T(0) ? T(0) : v;
+  return v > T(0) ? v : v * (act == 2 ? slope[o] : negative_slope);
+}
+
+// 8 lanes of T (GCC's vector extension: one AVX register or two SSE ones, lane by lane the same arithmetic)
+template <typename T>
+struct Vec8Of;
+template <>
+struct Vec8Of<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec8Of<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vec8 = typename Vec8Of<T>::type;
+
+#if defined(__GNUC__) && !defined(__clang__)
+// its loops over a few floats stay loops (GCC would call memset/memcpy for them, slower at these sizes)
+#define CL_NO_LIBCALL_LOOPS __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define CL_NO_LIBCALL_LOOPS
+#endif
+
+#ifndef CL_DIRECT_WIDE
+#define CL_DIRECT_WIDE 16  // the fewest output positions of the wide form
+#endif
+
+template <typename T>
+CL_NO_LIBCALL_LOOPS void direct_conv_forward(const T* x, const T* w, const T* b, const T* slope, T* y, const Geom& g, int64_t O,
+                         int64_t group, int act, T negative_slope) {
+  const int64_t K = g.K(), Cg = g.C / group, Og = O / group, CK = Cg * K, P = g.Ho * g.Wo;
+  if (P >= CL_DIRECT_WIDE) {  // wide maps: a group's column buffer (taps x P rounded up to 8, 0 outside the
+    // image), then 8 positions at a time in 8 partial results kept in registers
+    const int64_t P8 = (P + 7) / 8 * 8;
+    std::vector<T> cols(size_t(CK * P8), T(0)), zeros(size_t(CK), T(0));
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t q = 0; q < group; ++q) {
+        T* col = cols.data();
+        for (int64_t c = q * Cg; c < (q + 1) * Cg; ++c) {
+          for (int64_t i = 0; i < g.kh; ++i) {
+            for (int64_t j = 0; j < g.kw; ++j, col += P8) {
+              // [lo, hi): the output columns whose tap is inside the image
+              const int64_t off = j * g.dw - g.pw;
+              const int64_t lo = off >= 0 ? 0 : std::min(g.Wo, (-off + g.sw - 1) / g.sw);
+              const int64_t hi = g.W - off <= 0 ? lo : std::max(lo, std::min(g.Wo, (g.W - off + g.sw - 1) / g.sw));
+              for (int64_t oh = 0; oh < g.Ho; ++oh) {
+                T* d = col + oh * g.Wo;
+                const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+                if (!in(hh, g.H)) {
+                  for (int64_t ow = 0; ow < g.Wo; ++ow) d[ow] = T(0);
+                  continue;
+                }
+                const T* xr = x + ((n * g.C + c) * g.H + hh) * g.W + off;
+                for (int64_t ow = 0; ow < lo; ++ow) d[ow] = T(0);
+                if (g.sw == 1) {  // rows of a few floats: 8 at a time, inline
+                  int64_t ow = lo;
+                  for (; ow + 8 <= hi; ow += 8) std::memcpy(d + ow, xr + ow, 8 * sizeof(T));
+                  for (; ow < hi; ++ow) d[ow] = xr[ow];
+                } else {
+                  for (int64_t ow = lo; ow < hi; ++ow) d[ow] = xr[ow * g.sw];
+                }
+                for (int64_t ow = hi; ow < g.Wo; ++ow) d[ow] = T(0);
+              }
+            }
+          }
+        }
+        // 4 output channels at a time: 4 independent sums of 8 positions in flight (a missing channel reads zero
+        // weights); Vec's lanes are one AVX register or two SSE ones, the same sums either way
+        for (int64_t o0 = q * Og; o0 < (q + 1) * Og; o0 += 4) {
+          const T* wr[4];
+          T bias[4];
+          for (int r = 0; r < 4; ++r) {
+            const bool real = o0 + r < (q + 1) * Og;
+            wr[r] = real ? w + (o0 + r) * CK : zeros.data();
+            bias[r] = b && real ? b[o0 + r] : T(0);
+          }
+          for (int64_t p0 = 0; p0 < P; p0 += 8) {
+            Vec8<T> acc[4];
+            for (int r = 0; r < 4; ++r) acc[r] = Vec8<T>{} + bias[r];
+            const T* ck = cols.data() + p0;
+            for (int64_t k = 0; k < CK; ++k, ck += P8) {
+              Vec8<T> c;
+              std::memcpy(&c, ck, sizeof c);
+              acc[0] += wr[0][k] * c;
+              acc[1] += wr[1][k] * c;
+              acc[2] += wr[2][k] * c;
+              acc[3] += wr[3][k] * c;
+            }
+            const int64_t m = std::min<int64_t>(8, P - p0);
+            for (int r = 0; r < 4 && o0 + r < (q + 1) * Og; ++r) {
+              T lanes[8];
+              std::memcpy(lanes, &acc[r], sizeof lanes);
+              T* out = y + (n * O + o0 + r) * P + p0;
+              for (int64_t l = 0; l < m; ++l) out[l] = activate(lanes[l], act, negative_slope, slope, o0 + r);
+            }
+          }
+        }
+      }
+    }
+    return;
+  }
+  // narrow maps: per output position, its taps gathered (0 outside the image), then one dot product an output
+  // channel
+  std::vector<T> taps(size_t(CK * group));
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        T* t = taps.data();
+        for (int64_t c = 0; c < g.C; ++c) {
+          for (int64_t i = 0; i < g.kh; ++i) {
+            const int64_t hh = oh * g.sh - g.ph + i * g.dh;
+            for (int64_t j = 0; j < g.kw; ++j) {
+              const int64_t ww = ow * g.sw - g.pw + j * g.dw;
+              *t++ = in(hh, g.H) && in(ww, g.W) ? x[((n * g.C + c) * g.H + hh) * g.W + ww] : T(0);
+            }
+          }
+        }
+        const int64_t full = CK / 8 * 8;
+        for (int64_t o = 0; o < O; ++o) {
+          const T* wo = w + o * CK;
+          const T* to = taps.data() + (o / Og) * CK;
+          T lane[8] = {};
+          for (int64_t k = 0; k < full; k += 8)
+            for (int l = 0; l < 8; ++l) lane[l] += wo[k + l] * to[k + l];
+          T v = b ? b[o] : T(0);
+          for (int l = 0; l < 8; ++l) v += lane[l];
+          for (int64_t k = full; k < CK; ++k) v += wo[k] * to[k];
+          y[((n * O + o) * g.Ho + oh) * g.Wo + ow] = activate(v, act, negative_slope, slope, o);
+        }
+      }
+    }
+  }
+}
+
+// ---- a chain of tiny layers in one call ------------------------------------------------------------------
+// MAX pooling as Caffe's (windows clipped to the image, starting from -FLT_MAX) where torch's windows are the
+// same (the caller checks), NaN kept as torch's kernel keeps it.
+template <typename T>
+void max_pool_forward(const T* x, T* y, const Geom& g) {
+  for (int64_t nc = 0; nc < g.N * g.C; ++nc) {
+    const T* xp = x + nc * g.H * g.W;
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      const int64_t h0 = std::max<int64_t>(oh * g.sh - g.ph, 0), h1 = std::min(oh * g.sh - g.ph + g.kh, g.H);
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        const int64_t w0 = std::max<int64_t>(ow * g.sw - g.pw, 0), w1 = std::min(ow * g.sw - g.pw + g.kw, g.W);
+        T m = -std::numeric_limits<T>::max();
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t w = w0; w < w1; ++w) {
+            const T v = xp[h * g.W + w];
+            if (v > m || std::isnan(v)) m = v;
+          }
+        *y++ = m;
+      }
+    }
+  }
+}
+
+// Softmax over the channels of N x C x P.
+template <typename T>
+void channel_softmax_forward(const T* x, T* y, int64_t N, int64_t C, int64_t P) {
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t p = 0; p < P; ++p) {
+      const T* xp = x + n * C * P + p;
+      T* yp = y + n * C * P + p;
+      T m = xp[0];
+      for (int64_t c = 1; c < C; ++c) m = std::max(m, xp[c * P]);
+      T sum = 0;
+      for (int64_t c = 0; c < C; ++c) sum += (yp[c * P] = std::exp(xp[c * P] - m));
+      for (int64_t c = 0; c < C; ++c) yp[c * P] /= sum;
+    }
+  }
+}
+
+// PReLU (per-channel slopes) or ReLU (negative_slope) of N x C x P.
+template <typename T>
+void activation_forward(const T* x, T* y, int64_t N, int64_t C, int64_t P, int act, T negative_slope, const T* slope) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t p = 0; p < P; ++p, ++x, ++y) *y = activate(*x, act, negative_slope, slope, c);
+}
+
+// The ops of a chain, CHAIN_OP_INTS integers each: {code, input value, output value, weight, bias, slope, act, O,
+// group, N, C, H, W, kh, kw, ph, pw, sh, sw, dh, dw, Ho, Wo}; code 0 convolution (+ act), 1 activation alone, 2 MAX
+// pooling, 3 channel softmax; weight, bias and slope index `ptrs` (-1: none). `places`: per value, its offset in
+// one scratch buffer of `scratch` elements (>= 0) or -1 - i for ptrs[i] (the input, the outputs).
+constexpr int64_t CHAIN_OP_INTS = 23;
+
+template <typename T>
+void tiny_chain_forward(const std::vector<int64_t>& ops, const std::vector<double>& negative_slopes,
+                        const std::vector<int64_t>& places, const std::vector<uintptr_t>& ptrs, int64_t scratch) {
+  std::unique_ptr<T[]> buffer(new T[size_t(std::max<int64_t>(scratch, 1))]);
+  auto value = [&](int64_t v) {
+    const int64_t at = places[size_t(v)];
+    return at >= 0 ? buffer.get() + at : reinterpret_cast<T*>(ptrs[size_t(-1 - at)]);
+  };
+  auto param = [&](int64_t i) { return i < 0 ? nullptr : reinterpret_cast<const T*>(ptrs[size_t(i)]); };
+  for (size_t k = 0; k * CHAIN_OP_INTS < ops.size(); ++k) {
+    const int64_t* op = ops.data() + k * CHAIN_OP_INTS;
+    const Geom g{op[9], op[10], op[11], op[12], op[13], op[14], op[15], op[16], op[17], op[18], op[19], op[20],
+                 op[21], op[22]};
+    const T* x = value(op[1]);
+    T* y = value(op[2]);
+    const int act = int(op[6]);
+    const T negative_slope = T(negative_slopes[k]);
+    switch (op[0]) {
+      case 0: direct_conv_forward(x, param(op[3]), param(op[4]), param(op[5]), y, g, op[7], op[8], act, negative_slope); break;
+      case 1: activation_forward(x, y, g.N, g.C, g.H * g.W, act, negative_slope, param(op[5])); break;
+      case 2: max_pool_forward(x, y, g); break;
+      default: channel_softmax_forward(x, y, g.N, g.C, g.H * g.W); break;
+    }
+  }
+}

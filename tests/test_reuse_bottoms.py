@@ -12,17 +12,18 @@ FILLER = dict(type="gaussian", std=0.5)
 
 
 def residual_net(tmp_path):
+    """Maps above engine/tiny.py's chain threshold, so that every layer keeps its own graph node."""
     n = NetSpec()
-    n.data = L.Input(shape=dict(dim=[1, 3, 9, 9]))
+    n.data = L.Input(shape=dict(dim=[1, 3, 80, 80]))
     n.relu0 = L.ReLU(n.data)  # the caller's input: never overwritten
-    n.a = L.Convolution(n.relu0, kernel_size=3, pad=1, num_output=4, weight_filler=FILLER, bias_filler=FILLER)
-    n.b = L.Convolution(n.a, kernel_size=1, num_output=4, weight_filler=FILLER)  # a is read twice
+    n.a = L.Convolution(n.relu0, kernel_size=3, pad=1, num_output=16, weight_filler=FILLER, bias_filler=FILLER)
+    n.b = L.Convolution(n.a, kernel_size=1, num_output=16, weight_filler=FILLER)  # a is read twice
     n.relu_a = L.ReLU(n.a, negative_slope=0.2)  # a has another reader: a copy
-    n.c = L.Convolution(n.relu_a, kernel_size=1, num_output=4, weight_filler=FILLER)
+    n.c = L.Convolution(n.relu_a, kernel_size=1, num_output=16, weight_filler=FILLER)
     n.added = L.Eltwise(n.relu_a, n.c, operation=P.Eltwise.SUM)  # relu_a is read by c too: writes into c
     n.relu_added = L.ReLU(n.added, in_place=True)
     n.scaled = L.Eltwise(n.relu_added, n.b, operation=P.Eltwise.SUM, coeff=[0.5, -2.0])
-    n.kept = L.Convolution(n.scaled, kernel_size=1, num_output=4, weight_filler=FILLER)
+    n.kept = L.Convolution(n.scaled, kernel_size=1, num_output=16, weight_filler=FILLER)
     n.relu_kept = L.ReLU(n.kept)  # its bottom is kept (keep_blobs): a copy
     path = tmp_path / "residual.prototxt"
     path.write_text(str(n.to_proto()))
@@ -49,7 +50,7 @@ def test_reusing_net_gives_the_same_numbers_and_keeps_inputs(tmp_path, mode):
     net = TorchNet(residual_net(tmp_path), keep_blobs=["kept", "a", "relu_a"])
     plain = TorchNet(residual_net(tmp_path), keep_blobs=["kept", "a", "relu_a"], lower=False)
     plain.load_state_dict(net.state_dict())
-    x = torch.randn(1, 3, 9, 9)
+    x = torch.randn(1, 3, 80, 80)
     before = x.clone()
     with mode():
         got, want = net(data=x), plain(data=x)
@@ -64,7 +65,7 @@ def test_reusing_net_under_autograd_is_unchanged(tmp_path):
     net = TorchNet(residual_net(tmp_path))
     plain = TorchNet(residual_net(tmp_path), lower=False)
     plain.load_state_dict(net.state_dict())
-    x = torch.randn(1, 3, 9, 9)
+    x = torch.randn(1, 3, 80, 80)
     for model in (net, plain):
         model(data=x)["relu_kept"].square().sum().backward()
     for (name, a), (_, b) in zip(net.named_parameters(), plain.named_parameters()):

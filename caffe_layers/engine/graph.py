@@ -14,6 +14,7 @@ from torch import fx, nn
 from caffe_layers.engine.folding import FoldedConvolution, fold_batchnorm, folded_convolution
 from caffe_layers.engine.fusion import FusedSegawareConv, fuse_steps
 from caffe_layers.engine.plan import compile_plan, paused_gc
+from caffe_layers.engine.tiny import LayerChain, chain_tiny_layers, run_chain
 from caffe_layers.formats.proto import TEST, TRAIN
 from caffe_layers.layers.base import LEAF_FUNCTIONS, Layer, stored_attribute
 from caffe_layers.native import segaware_conv
@@ -77,6 +78,9 @@ def build_graph(plan, steps, attr_of, keep=(), lowered=(), reuse=None):
                 *args, blob(conv, 0), blob(conv, 1) if conv.bias_term else None, blob(bn, 0), blob(bn, 1),
                 blob(bn, 2), bn.eps, scale, shift, tuple(conv.stride), tuple(conv.pad), tuple(conv.dilation),
                 conv.group, step.layer.relu is not None))
+        elif isinstance(step.layer, LayerChain):
+            blobs = tuple(blob(layer, i) for layer in step.layer.layers for i in range(len(layer.blobs)))
+            node = graph.call_function(run_chain, (step.layer.spec, *args, *blobs))
         elif id(step.layer) in lowered:
             function, constants = step.layer.lowered()
             blobs = tuple(blob(step.layer, i) for i in range(len(step.layer.blobs)))
@@ -86,7 +90,7 @@ def build_graph(plan, steps, attr_of, keep=(), lowered=(), reuse=None):
             node = graph.call_module(attr_of[id(step.layer)], tuple(args))
         if reuse is not None and hasattr(step.layer, "in_place_form") and len(step.tops) == 1:
             candidates.append((node, step.layer, list(node.args[:len(step.bottoms)])))  # (detached ones too)
-        if len(step.tops) == 1:
+        if len(step.tops) == 1 and not isinstance(step.layer, LayerChain):  # (a chain returns a tuple)
             env[step.tops[0]] = node if node.op == "call_function" else graph.call_function(only_top, (node,))
             if isinstance(step.layer, (FusedSegawareConv, FoldedConvolution)) or (
                     isinstance(step.layer, Layer) and step.layer.param.type in FRESH_TOP_TYPES):
@@ -131,8 +135,9 @@ class TorchNet(fx.GraphModule):
     C*K*H*W intermediates are never made; name one in keep_blobs to get it); `fold` (default: in a TEST net)
     folds each Convolution -> BatchNorm -> Scale into one convolution (engine/folding.py). `lower` calls the
     simple layers (Layer.lowered: plain Convolution, Pooling, PReLU, ReLU, Softmax) as torch functions in the
-    graph rather than as modules, which matters on small nets; module hooks on them are refused (lower=False
-    to hook layers).
+    graph rather than as modules, which matters on small nets, and runs each chain of them as one step
+    (engine/tiny.py: one native call in float32 CPU inference on tiny maps); module hooks on them are refused
+    (lower=False to hook layers).
     """
 
     def __init__(self, prototxt, weights=None, phase=TEST, variables=None, *, level=0, stages=(), fuse=True,
@@ -147,6 +152,8 @@ class TorchNet(fx.GraphModule):
         steps = (fuse_steps(plan, keep_blobs) if fuse else None) or plan.steps
         if fold if fold is not None else plan.phase == TEST:
             steps = fold_batchnorm(steps, set(plan.outputs) | set(keep_blobs))
+        if lower:
+            steps = chain_tiny_layers(steps, plan.blob_shapes, set(plan.outputs) | set(keep_blobs))
         # layer attributes: not TorchNet's own names (a layer "loss" or "save" would hide or be hidden by them)
         root, attr_of, renamed = nn.Module(), {}, {}
         taken = set(dir(TorchNet)) | {"plan", "name", "phase", "_renamed"}
@@ -159,6 +166,7 @@ class TorchNet(fx.GraphModule):
             attr_of[id(layer)] = attr
             root.add_module(attr, layer)
         lowered = {id(s.layer) for s in steps if lower and isinstance(s.layer, Layer) and s.layer.lowered()}
+        lowered |= {id(layer) for s in steps if isinstance(s.layer, LayerChain) for layer in s.layer.layers}
         reuse = set() if lower else None
         graph = build_graph(plan, steps, attr_of, keep_blobs, lowered, reuse)
         lowered |= reuse or set()

@@ -516,3 +516,22 @@ def norm_conv_filter(img, dist, weight, bias=None, scale=None, pad=0, stride=1, 
     if group == 1:  # the seg-aware convolution with mask = soft: column chunks and a GEMM beat the direct loops
         return _segconv_op(img, soft, weight, bias, list(kernel), list(pad), list(stride), list(dilation))
     return _normfilter_op(img, soft, weight, bias, list(pad), list(stride), list(dilation), int(group))
+
+
+# ---- a chain of tiny layers in one call ------------------------------------------------------------------
+# The most multiply-adds a convolution of a chain may take (engine/tiny.py): one convolution and its PReLU run
+# as fast natively as by torch's calls at about 50,000 (3->10 channels 3x3 on 16x16), slower beyond (torch's GEMM
+# and oneDNN: 1.3x at 87,000, 2x at 243,000), faster below (0.7-0.9x at 5,000-27,000, the P-Net 12x12's);
+# measured with benchmarks/bench_small_nets.py --conv-sizes (1 thread).
+DIRECT_CONV_MAX_WORK = 1 << 16
+
+
+def tiny_chain_ready():
+    """Whether tiny chain programs can run: the CPU module built and native kernels not disabled()."""
+    return _enabled[0] and _load("cpu") is not None
+
+
+def tiny_chain_program(ops, negative_slopes, places, n_ptrs, scratch):
+    """A chain of tiny float32 layers as a checked program of the CPU module (tiny_chain_forward in
+    cuda/native_cpu_kernels.h gives the format; engine/tiny.py builds it); `.run(ptrs)` runs it."""
+    return _modules["cpu"].TinyChainProgram(False, ops, negative_slopes, places, n_ptrs, scratch)
