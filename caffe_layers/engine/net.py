@@ -1,5 +1,7 @@
 """A Caffe net as a torch.nn.Module, with the pycaffe interface on top."""
 import contextlib
+import functools
+import math
 from collections import OrderedDict
 
 import numpy as np
@@ -11,6 +13,40 @@ from caffe_layers.engine import explicit
 from caffe_layers.engine.plan import compile_plan, fused_layout, infer_top_shapes, need_backward, rewritten_later
 from caffe_layers.errors import TopReshaped
 from caffe_layers.formats.proto import TEST, check_blob_shape
+
+
+# A net whose every blob and parameter holds fewer values runs the pycaffe face on one intra-op thread, as
+# Caffe's CPU code: nothing in it gains from a second thread, and torch's softmax and reductions still wake the
+# pool for such sizes (~65 us a call with OMP_WAIT_POLICY=PASSIVE, against ~1.5 us on one thread).
+TINY_NET_NUMEL = 1 << 15
+
+
+def is_tiny(net):
+    """Whether `net` (a pycaffe Net on the CPU) is below TINY_NET_NUMEL in every blob and parameter."""
+    return (net.device.type == "cpu" and all(math.prod(s) < TINY_NET_NUMEL for s in net.blob_shapes.values())
+            and all(p.numel() < TINY_NET_NUMEL for p in net.parameters()))
+
+
+@contextlib.contextmanager
+def one_thread_if_tiny(net):
+    """Run the block with torch's intra-op threads at 1 where `net` is tiny (is_tiny), then restore them."""
+    threads = torch.get_num_threads()
+    if threads == 1 or not is_tiny(net):
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _one_thread_if_tiny(method):
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with one_thread_if_tiny(self):
+            return method(self, *args, **kwargs)
+    return run
 
 
 class _Shaped:
@@ -232,6 +268,7 @@ class Net(nn.Module):
                 total = term if total is None else total + term
         return total
 
+    @_one_thread_if_tiny
     def forward(self, blobs=None, start=None, end=None, **inputs):
         """pycaffe's forward (numpy or no inputs): layers start..end write Caffe's persistent blobs and the
         tops of the last layer run (or the net outputs) come back as numpy views. Torch tensors as inputs
@@ -339,6 +376,7 @@ class Net(nn.Module):
             self._write_blob(name, value, copy=need)
         return (index, step, leaves, tops) if need else None
 
+    @_one_thread_if_tiny
     def backward(self, diffs=None, start=None, end=None, **top_diffs):
         """pycaffe's backward: from layer `start` (default the last) down to `end` (default the first), each
         layer Caffe would backpropagate through reads its tops' stored diffs and writes its bottoms' diffs

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from caffe_layers.engine.net import Net
+from caffe_layers.engine.net import Net, one_thread_if_tiny
 from caffe_layers.errors import PrototxtError, SolverStateError, atomic_path, check_readable_file, write_atomic
 from caffe_layers.formats.proto import check_blob_shape, pb
 from caffe_layers.formats.prototxt import read_net, read_solver
@@ -218,6 +218,10 @@ class Solver:
         return 0.0 if loss is None else loss.item()
 
     def step(self, iters):
+        with one_thread_if_tiny(self.net):  # (a tiny net: Caffe's one thread; engine/net.py)
+            self._step(iters)
+
+    def _step(self, iters):
         start_iter, stop_iter = self.iter, self.iter + iters
         self.losses, self.smoothed_loss = [], 0.0
         p = self.param
