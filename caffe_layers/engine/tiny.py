@@ -235,12 +235,12 @@ def _plan(spec, shape, blobs):
             return None
         if op[0] != "conv" and N * C * Ho * Wo * kh * kw > native.DIRECT_CONV_MAX_WORK:
             return None  # (the native pooling and activations are plain loops on one thread: tiny maps only)
-        flat += [_CODES[op[0]], op[1], len(shapes), w, b, slope, act, O, group, N, C, H, W, kh, kw, ph, pw, sh, sw,
+        blob_ptrs = (i + 1 if i >= 0 else i for i in (w, b, slope))  # the blobs are ptrs[1:1 + B] (below)
+        flat += [_CODES[op[0]], op[1], len(shapes), *blob_ptrs, act, O, group, N, C, H, W, kh, kw, ph, pw, sh, sw,
                  dh, dw, Ho, Wo]
         slopes.append(negative)
         shapes.append((N, O, Ho, Wo))
-    # the input is ptrs[0], the blobs ptrs[1:1 + B] (blob indices shift by one), the outputs after them
-    flat = [v + 1 if k % 23 in (3, 4, 5) and v >= 0 else v for k, v in enumerate(flat)]
+    # the input is ptrs[0], the blobs ptrs[1:1 + B], the outputs after them
     out_index = {v: 1 + len(blobs) + m for m, v in enumerate(outputs)}
     places, scratch = [-1], 0
     for v in range(1, len(shapes)):
