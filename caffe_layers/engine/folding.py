@@ -119,6 +119,15 @@ class FoldedConvolution:
     def param(self):
         return self.conv.param
 
+    def __call__(self, x):
+        """folded_convolution of `x` with the layers' current blobs (the pycaffe face's call)."""
+        conv, bn, sc = self.conv, self.bn, self.scale
+        scale = sc.blobs[0] if sc is not None else None
+        shift = sc.blobs[len(sc.blobs) - 1] if sc is not None and sc.bias_term else None
+        return folded_convolution(x, conv.blobs[0], conv.blobs[1] if conv.bias_term else None, bn.blobs[0],
+                                  bn.blobs[1], bn.blobs[2], bn.eps, scale, shift, tuple(conv.stride),
+                                  tuple(conv.pad), tuple(conv.dilation), conv.group, self.relu is not None)
+
 
 def _version_readers(steps, i, blob):
     """The steps after i that read the value step i wrote to `blob` (up to its next writer, included)."""

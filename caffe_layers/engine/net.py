@@ -2,14 +2,19 @@
 import contextlib
 import functools
 import math
+import sys
+import weakref
 from collections import OrderedDict
 
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
+from torch.utils.weak import WeakIdKeyDictionary
 
 from caffe_layers.pycaffe import mode
 from caffe_layers.engine import explicit
+from caffe_layers.engine.folding import FoldedConvolution, fold_batchnorm
 from caffe_layers.engine.plan import compile_plan, fused_layout, infer_top_shapes, need_backward, rewritten_later
 from caffe_layers.errors import TopReshaped
 from caffe_layers.formats.proto import TEST, check_blob_shape
@@ -112,7 +117,9 @@ class ParamBlob(_Shaped):
 
     @property
     def data(self):
-        return _numpy_view(self._param.data)
+        view = _numpy_view(self._param.data)
+        _handed_out.setdefault(self._param, []).append(weakref.ref(view))
+        return view
 
     @data.setter
     def data(self, value):
@@ -152,6 +159,32 @@ class LayerView:
         return f"<caffe layer {self.name!r} ({self.type})>"
 
 
+# parameter -> weak references to the numpy views of its data handed out (ParamBlob.data). Writes through them
+# bypass torch's version counter, which the folded convolutions' kept weights follow (engine/folding.py): a
+# pycaffe forward bumps the version of every parameter in here, then forgets those whose views are all gone.
+_handed_out = WeakIdKeyDictionary()
+
+
+def _note_param_writes():
+    for param, views in list(_handed_out.items()):
+        increment_version(param)
+        views[:] = [v for v in views if v() is not None]
+        if not views:
+            del _handed_out[param]
+
+
+def _storage_holders(tensor):
+    """How many tensors (this one included) share `tensor`'s storage: numpy views, autograd records and
+    a caller's tensors hold it too."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) - 1  # (minus the storage object here)
+
+
+def _hooked(layer):
+    """Whether a module call of `layer` would run hooks (then the layer runs as a module call)."""
+    return bool(layer._forward_hooks or layer._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
 def _numpy_view(tensor):
     """A writable view of a CPU tensor; a read-only copy of a GPU one (writes would be lost)."""
     if tensor.device.type == "cpu":
@@ -170,9 +203,12 @@ class Net(nn.Module):
     """
 
     def __init__(self, prototxt, *args, weights=None, phase=TEST, variables=None, level=0, stages=(),
-                 strict_weights=False, fuse=True, keep_blobs=()):
+                 strict_weights=False, fuse=True, keep_blobs=(), fold=None):
         """Positional: (prototxt, weights, phase, variables), or pycaffe's (prototxt, phase) with weights,
-        level and stages as keywords."""
+        level and stages as keywords. `fold` (default: in a TEST net) runs each Convolution -> BatchNorm
+        [-> Scale] [-> ReLU] written in place on the convolution's top, and that no backward passes through,
+        as one folded convolution in full forward passes (engine/folding.py): the blob then holds the last
+        layer's value, as in Caffe, up to float rounding."""
         super().__init__()
         if args and isinstance(args[0], int) and not isinstance(args[0], bool):
             args = (weights,) + args  # pycaffe's caffe.Net(proto, caffe.TEST, weights=...)
@@ -201,17 +237,46 @@ class Net(nn.Module):
         self._fused_away = set()  # blobs the last forward did not compute (inside fused chains)
         self._need_backward, self._bottom_needs = need_backward(self.plan)
         self._rewritten_later = rewritten_later(self.steps)
-        self._fused_indexed, self._fused_blobs = fused_layout(self.steps, self.fused_steps)
+        fused_indexed, self._fused_blobs = fused_layout(self.steps, self.fused_steps)
         where = self._step_index = {id(s.layer): i for i, s in enumerate(self.steps)}
         # a fused step's x and mask need diffs as its Im2col and Tile's
         self._fused_downs = {i: [self._bottom_needs[where[id(s.layer.im2col)]][0],
                                  self._bottom_needs[where[id(s.layer.tile)]][0]]
-                             for i, s in self._fused_indexed if s is not self.steps[i]}
+                             for i, s in fused_indexed if s is not self.steps[i]}
+        if fold if fold is not None else self.phase == TEST:
+            fused_indexed = self._folded(fused_indexed or list(enumerate(self.steps)))
+        # the (index, step) pairs of a full forward; None: it runs self.steps as they are
+        self._full_indexed = fused_indexed if any(s is not self.steps[i] for i, s in fused_indexed) else None
+        self._in_place = {i: self._in_place_form(step) for i, step in enumerate(self.steps)}
         loaded = self.copy_from(weights, strict=strict_weights).loaded if weights is not None else ()
         self.plan.fill_blobs(loaded)
         self._mode_generation = mode.generation()
         if mode.device().type != "cpu":
             self.to(mode.device())
+
+    def _folded(self, indexed):
+        """`indexed` with each in-place Convolution -> BatchNorm [-> Scale] [-> ReLU] that needs no backward
+        folded into one step (every blob counts as needed: only chains writing the convolution's top fold)."""
+        out = []
+        for step in fold_batchnorm([s for _, s in indexed], set(self.blob_shapes)):
+            if not isinstance(step.layer, FoldedConvolution):
+                out.append((self._step_index[id(getattr(step.layer, "conv", step.layer))], step))
+                continue
+            chain = [self._step_index[id(layer)] for layer in (step.layer.conv, step.layer.bn, step.layer.scale,
+                                                               step.layer.relu) if layer is not None]
+            if any(self._need_backward[i] for i in chain):
+                out.extend((i, self.steps[i]) for i in chain)
+            else:
+                out.append((chain[0], step))
+                self._fused_downs[chain[0]] = [False] * len(step.bottoms)
+        return out
+
+    def _in_place_form(self, step):
+        """(function, constants, bottom order) writing the layer's single top into its bottom's storage, for a
+        layer Caffe runs in place (top named as a bottom) that offers one (Layer.in_place_form); else None."""
+        if len(step.tops) != 1 or step.tops[0] not in step.bottoms or not hasattr(step.layer, "in_place_form"):
+            return None
+        return step.layer.in_place_form([b == step.tops[0] for b in step.bottoms])
 
     # ---- running -------------------------------------------------------------------------
     @property
@@ -290,11 +355,12 @@ class Net(nn.Module):
         if self.explicit_passes() is not None:
             self.explicit_forward(first, last)
             return {name: _numpy_view(self._blob_data(name)) for name in self._wanted(last, blobs)}
-        full = first == 0 and last == len(self.steps) and self.fused_steps is not None
+        _note_param_writes()
+        full = first == 0 and last == len(self.steps) and self._full_indexed is not None
         if full:
             self._graphs = {}
         with torch.no_grad():  # each step sets grad mode as it needs; most need none, and enter nothing
-            for index, step in (self._fused_indexed if full else list(enumerate(self.steps))[first:last]):
+            for index, step in (self._full_indexed if full else list(enumerate(self.steps))[first:last]):
                 if not step.is_input:  # each layer keeps the graph of its last forward, as a Caffe layer its state
                     record = self._forward_step(index, step)
                     if record is None:
@@ -362,7 +428,11 @@ class Net(nn.Module):
                 leaves.append((name, value))
             bottoms.append(value)
         replaying = None if write_tops else getattr(step.layer, "replaying", None)  # a Python layer's tops
-        if replaying is None and need == torch.is_grad_enabled():  # (no context to enter: small nets)
+        in_place = self._in_place[index] if write_tops and not need and step is self.steps[index] else None
+        if in_place is not None and not torch.is_grad_enabled() and not _hooked(step.layer):
+            function, constants, order = in_place  # Caffe's in-place layer: the result written into the blob
+            tops = function(*(bottoms[i] for i in order), *constants)
+        elif replaying is None and need == torch.is_grad_enabled():  # (no context to enter: small nets)
             tops = step.layer(*bottoms)
         else:
             with torch.set_grad_enabled(need), (replaying([self._blob_data(t) for t in step.tops]) if replaying
@@ -443,13 +513,23 @@ class Net(nn.Module):
         """Write `value` into blob `name`'s storage (a view of it stays the blob); where there is none of that
         shape yet, adopt the value itself, or a copy (`copy`: the value belongs to a kept graph)."""
         store = self._data.get(name)
-        value = value.detach()  # (cheaper than torch.no_grad for the copy: this runs for every top)
         if store is not None and store.shape == value.shape and store.dtype == value.dtype:
-            if store.data_ptr() != value.data_ptr():
-                store.copy_(value)
-        else:
-            self._data[name] = value.clone() if copy else value
-            self._explicit = None
+            if store.data_ptr() == value.data_ptr():
+                return
+            if copy or not self._adoptable(store, value):
+                store.copy_(value.detach())  # (detach: cheaper than torch.no_grad; this runs for every top)
+                return
+        self._data[name] = value.detach().clone() if copy else value.detach()
+        self._explicit = None
+
+    @staticmethod
+    def _adoptable(store, value):
+        """Whether a fresh top `value` may become the blob's storage in place of a copy into `store`: nothing
+        else holds the old storage (no numpy view, no other blob, no caller's tensor), which then no one
+        can see change, and nothing but the layer's result holds the new one (no bottom, no layer state)."""
+        unreferenced = sys.getrefcount(store) == 4  # (the dict, both frames, the call: no caller holds it)
+        return (unreferenced and value.is_contiguous() and value.device == store.device
+                and _storage_holders(value) == 1 and _storage_holders(store) == 1)
 
     def store_values(self, values):
         """Write tensors {blob: value} (a run's result) into the persistent blobs, as a pycaffe forward would."""
