@@ -135,3 +135,17 @@ class OnStreamZero:
     def __getattr__(self, name):
         kernel = getattr(self.module, name)
         return lambda *args: kernel(*args, 0)
+
+
+def vary_batchnorm(net):
+    """Give every BatchNorm and Scale of `net` statistics and scales away from their fillers' identity (tests of
+    folding them into the convolutions; torch's global generator)."""
+    with torch.no_grad():
+        for layer in net.layer_modules:
+            if layer.param.type == "BatchNorm":
+                layer.blobs[0].normal_()
+                layer.blobs[1].uniform_(0.5, 2)
+                layer.blobs[2].fill_(0.8)
+            elif layer.param.type == "Scale":
+                layer.blobs[0].uniform_(0.5, 1.5)
+                layer.blobs[1].normal_()

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from caffe_layers import Net
 from caffe_layers.engine.folding import FoldedConvolution
-from golden import assert_matches
+from golden import assert_matches, vary_batchnorm
 from test_golden_nets import ATOL, RTOL
 
 # ResNet's pattern (conv, BatchNorm, Scale, ReLU in place on the conv's top; an Eltwise SUM and its in-place
@@ -41,15 +41,7 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "c2" bottom: "label" top: "lo
 def make(fold=None, force=False, loss=False):
     torch.manual_seed(0)
     net = Net(RES_NET.format(force="force_backward: true" if force else "", loss=LOSS if loss else ""), fold=fold)
-    for layer in net.layer_modules:  # statistics and scales away from the fillers' identity
-        with torch.no_grad():
-            if layer.param.type == "BatchNorm":
-                layer.blobs[0].normal_()
-                layer.blobs[1].uniform_(0.5, 2)
-                layer.blobs[2].fill_(0.8)
-            elif layer.param.type == "Scale":
-                layer.blobs[0].uniform_(0.5, 1.5)
-                layer.blobs[1].normal_()
+    vary_batchnorm(net)
     return net
 
 

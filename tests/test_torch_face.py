@@ -7,7 +7,7 @@ from torch import nn
 from caffe_layers import native
 from caffe_layers.engine.graph import TorchNet
 from caffe_layers.tools.reference import fill_net_hash
-from golden import assert_matches, load_case
+from golden import assert_matches, load_case, vary_batchnorm
 from test_golden_nets import RTOL, compare, load_params
 
 MODELS = "models/segaware"
@@ -140,15 +140,7 @@ def _folded_calls(net):
 def _folded_and_plain():
     torch.manual_seed(0)
     folded, plain = TorchNet(BN_NET), TorchNet(BN_NET, fold=False)
-    for layer in folded.layer_modules:
-        with torch.no_grad():
-            if layer.param.type == "BatchNorm":
-                layer.blobs[0].normal_()
-                layer.blobs[1].uniform_(0.5, 2)
-                layer.blobs[2].fill_(0.8)
-            elif layer.param.type == "Scale":
-                layer.blobs[0].uniform_(0.5, 1.5)
-                layer.blobs[1].normal_()
+    vary_batchnorm(folded)
     plain.load_state_dict(folded.state_dict())
     return folded, plain
 
