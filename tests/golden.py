@@ -148,4 +148,5 @@ def vary_batchnorm(net):
                 layer.blobs[2].fill_(0.8)
             elif layer.param.type == "Scale":
                 layer.blobs[0].uniform_(0.5, 1.5)
-                layer.blobs[1].normal_()
+                if len(layer.blobs) > 1:
+                    layer.blobs[1].normal_()

@@ -13,7 +13,9 @@ from caffe_layers import Net
 
 from caffe_layers.training import synthetic
 from caffe_layers.formats.prototxt import read_net, read_solver
-from golden import REFERENCE, assert_same_net
+from caffe_layers.engine.folding import FoldedConvolution
+from golden import REFERENCE, assert_matches, assert_same_net, vary_batchnorm
+from test_golden_nets import ATOL, RTOL
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "models" / "segaware"))
@@ -221,7 +223,8 @@ def test_res_deploy_runs_on_an_image():
     assert model.blobs["crf"].shape == (1, 21, half, half)
     # shared weights: one blob object per name across the three scales
     assert np.shares_memory(model.params["conv1_res05"][0].data, model.params["conv1"][0].data)
-    _random_weights(model)
+    _random_weights(model, every_conv=True)
+    vary_batchnorm(model)
     image, _ = _image(size)
     small = image[:, :, ::2, ::2].copy()
     r75 = sizes[385]
@@ -232,6 +235,13 @@ def test_res_deploy_runs_on_an_image():
     crf = out["crf_interp"]
     assert crf.shape == (1, 21, 2 * half - 1, 2 * half - 1) and np.isfinite(crf).all()
     assert np.abs(crf).max() > 0
+    # the full forward ran its 312 Convolution -> BatchNorm -> Scale [-> ReLU] chains folded; a ranged one runs
+    # every layer: each blob holds the same value (its last writer's) at the golden tolerances
+    assert sum(isinstance(s.layer, FoldedConvolution) for _, s in model._full_indexed) == 312
+    folded = {name: blob.data.copy() for name, blob in model.blobs.items()}
+    model.forward(start=next(s.layer.name for s in model.steps if not s.is_input))
+    for name, blob in model.blobs.items():
+        assert_matches(folded[name], blob.data, RTOL, ATOL, f"res deploy blob {name!r}")
 
 
 @pytest.fixture(scope="module")
