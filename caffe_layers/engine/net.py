@@ -118,7 +118,8 @@ class ParamBlob(_Shaped):
     @property
     def data(self):
         view = _numpy_view(self._param.data)
-        _handed_out.setdefault(self._param, []).append(weakref.ref(view))
+        owner = self._param if self._param._base is None else self._param._base  # (a PERMISSIVE share's view)
+        _handed_out.setdefault(owner, []).append(weakref.ref(view))
         return view
 
     @data.setter
