@@ -38,6 +38,8 @@ CASES = {
     "im2dist L1 (Caffe backward)": (lambda x: native.im2dist(x, 3, 1, (2, 1), 1, "L1", True, True), [X],
                                     ops.im2dist, ops.im2dist_backward),
     "im2dist L2": (lambda x: native.im2dist(x, 3, 1, (2, 1), 1, "L2"), [X], ops.im2dist, ops.im2dist_backward),
+    "im2dist L1 (true gradient)": (lambda x: native.im2dist(x, 3, 1, (2, 1), 1, "L1", True, True, True), [X],
+                                   ops.im2dist, ops.im2dist_backward),
     "im2parity": (lambda lab: native.im2parity(lab, 3, 1, (2, 1), 1, 2), [LABELS], ops.im2parity, None),
     "scan three-way": (lambda x, *g: native.gate_recurrent(x, *g, True, True), [X, *GATES], ops.gate_recurrent,
                        ops.gate_recurrent_backward),
