@@ -44,7 +44,7 @@ def test_fill_into_draws_what_a_new_tensor_gets(kind):
         assert torch.equal(make(), want)
 
 
-def test_net_blobs_are_filled_in_layer_order_with_exact_zeros():
+def test_net_blob_constants_and_zeros_are_exact():
     net = Net('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 3 dim: 2 dim: 2 } } }'
               'layer { name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param { num_output: 4 '
               'kernel_size: 2 weight_filler { type: "xavier" } bias_filler { type: "constant" value: -0.0 } } }'
