@@ -184,3 +184,21 @@ def test_one_channel_train_conv_without_channels_last_top_is_torchs():
     top = layer(x)
     torch.testing.assert_close(top, F.conv2d(x, weight, layer.blobs[1]), rtol=0, atol=0)
     assert top.is_contiguous()
+
+
+def test_pycaffe_forward_backward_through_the_channels_last_layers():
+    """pycaffe's forward and backward (each layer on the stored blobs, which stay in the plain layout) give the
+    parameter diffs of a run through the channels-last chain."""
+    torch.manual_seed(0)
+    net = Net(lenet(), phase=TRAIN).to(torch.float64)
+    x, label = torch.rand(4, 1, 28, 28, dtype=torch.float64), torch.tensor([3.0, 0.0, 9.0, 5.0], dtype=torch.float64)
+    net.run({"data": x, "label": label})["loss"].backward()
+    chained = [p.grad.clone() for p in net.parameters()]
+    net.clear_param_diffs()
+    net.blobs["data"].data[...] = x.numpy()
+    net.blobs["label"].data[...] = label.numpy()
+    net.forward()
+    net.backward()
+    assert all(net._blob_data(b).is_contiguous() and net._blob_diff(b).is_contiguous() for b in net.blob_shapes)
+    for p, want in zip(net.parameters(), chained):
+        torch.testing.assert_close(p.grad, want, rtol=0, atol=1e-12 * want.abs().max().item())
