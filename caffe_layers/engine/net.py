@@ -520,7 +520,10 @@ class Net(nn.Module):
             if copy or not self._adoptable(store, value):
                 store.copy_(value.detach())  # (detach: cheaper than torch.no_grad; this runs for every top)
                 return
-        self._data[name] = value.detach().clone() if copy else value.detach()
+        value = value.detach()
+        if not value.is_contiguous():  # (a channels-last top: plan.mark_channels_last) blobs are plain
+            value, copy = value.contiguous(), False
+        self._data[name] = value.clone() if copy else value
         self._explicit = None
 
     @staticmethod
