@@ -11,6 +11,7 @@ import re
 
 from torch import fx, nn
 
+from caffe_layers.engine.concat import ConcatOfInterps, concat_interps, run_interps_in_concats
 from caffe_layers.engine.folding import FoldedConvolution, fold_batchnorm, folded_convolution
 from caffe_layers.engine.fusion import FusedSegawareConv, fuse_steps
 from caffe_layers.engine.plan import compile_plan, paused_gc
@@ -78,6 +79,10 @@ def build_graph(plan, steps, attr_of, keep=(), lowered=(), reuse=None):
                 *args, blob(conv, 0), blob(conv, 1) if conv.bias_term else None, blob(bn, 0), blob(bn, 1),
                 blob(bn, 2), bn.eps, scale, shift, tuple(conv.stride), tuple(conv.pad), tuple(conv.dilation),
                 conv.group, step.layer.relu is not None))
+        elif isinstance(step.layer, ConcatOfInterps):
+            interps = tuple(None if m is None else graph.get_attr(attr_of[id(m)]) for m in step.layer.interps)
+            node = graph.call_function(concat_interps, (graph.get_attr(attr_of[id(step.layer.concat)]), interps,
+                                                        *args))
         elif isinstance(step.layer, LayerChain):
             blobs = tuple(blob(layer, i) for layer in step.layer.layers for i in range(len(layer.blobs)))
             node = graph.call_function(run_chain, (step.layer.spec, *args, *blobs))
@@ -92,7 +97,7 @@ def build_graph(plan, steps, attr_of, keep=(), lowered=(), reuse=None):
             candidates.append((node, step.layer, list(node.args[:len(step.bottoms)])))  # (detached ones too)
         if len(step.tops) == 1 and not isinstance(step.layer, LayerChain):  # (a chain returns a tuple)
             env[step.tops[0]] = node if node.op == "call_function" else graph.call_function(only_top, (node,))
-            if isinstance(step.layer, (FusedSegawareConv, FoldedConvolution)) or (
+            if isinstance(step.layer, (FusedSegawareConv, FoldedConvolution, ConcatOfInterps)) or (
                     isinstance(step.layer, Layer) and step.layer.param.type in FRESH_TOP_TYPES):
                 fresh.add(env[step.tops[0]])
         else:
@@ -136,8 +141,8 @@ class TorchNet(fx.GraphModule):
     folds each Convolution -> BatchNorm -> Scale into one convolution (engine/folding.py). `lower` calls the
     simple layers (Layer.lowered: plain Convolution, Pooling, PReLU, ReLU, Softmax) as torch functions in the
     graph rather than as modules, which matters on small nets, and runs each chain of them as one step
-    (engine/tiny.py: one native call in float32 CPU inference on tiny maps); module hooks on them are refused
-    (lower=False to hook layers).
+    (engine/tiny.py: one native call in float32 CPU inference on tiny maps) and the Interps that only a Concat
+    reads inside it (engine/concat.py); module hooks on them are refused (lower=False to hook layers).
     """
 
     def __init__(self, prototxt, weights=None, phase=TEST, variables=None, *, level=0, stages=(), fuse=True,
@@ -153,6 +158,7 @@ class TorchNet(fx.GraphModule):
         if fold if fold is not None else plan.phase == TEST:
             steps = fold_batchnorm(steps, set(plan.outputs) | set(keep_blobs))
         if lower:
+            steps = run_interps_in_concats(steps, set(plan.outputs) | set(keep_blobs))
             steps = chain_tiny_layers(steps, plan.blob_shapes, set(plan.outputs) | set(keep_blobs))
         # layer attributes: not TorchNet's own names (a layer "loss" or "save" would hide or be hidden by them)
         root, attr_of, renamed = nn.Module(), {}, {}
@@ -166,7 +172,8 @@ class TorchNet(fx.GraphModule):
             attr_of[id(layer)] = attr
             root.add_module(attr, layer)
         lowered = {id(s.layer) for s in steps if lower and isinstance(s.layer, Layer) and s.layer.lowered()}
-        lowered |= {id(layer) for s in steps if isinstance(s.layer, LayerChain) for layer in s.layer.layers}
+        lowered |= {id(layer) for s in steps if isinstance(s.layer, (LayerChain, ConcatOfInterps))
+                    for layer in s.layer.layers}
         reuse = set() if lower else None
         graph = build_graph(plan, steps, attr_of, keep_blobs, lowered, reuse)
         lowered |= reuse or set()
