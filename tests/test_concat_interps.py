@@ -130,3 +130,18 @@ def test_deploy_concat_runs_its_interps(tmp_path):
     (node,) = _concat_steps(net)
     assert [None if n is None else n.target for n in node.args[1]] == [None, None, "emb22_resized", "emb33_resized"]
     assert repr(ConcatOfInterps(net.fused, [None, net.emb22_resized])) == "ConcatOfInterps(emb22_resized -> fused)"
+
+
+def test_pickled_and_copied_nets_keep_the_step(tmp_path):
+    import copy
+    import pickle
+
+    path = tmp_path / "net.prototxt"
+    path.write_text(_net_text())
+    net = TorchNet(str(path))
+    inputs = _inputs(net)
+    with torch.inference_mode():
+        want = net(**inputs)["out"]
+        for clone in (pickle.loads(pickle.dumps(net)), copy.deepcopy(net)):
+            assert len(_concat_steps(clone)) == 1
+            assert torch.equal(clone(**inputs)["out"], want)
