@@ -448,6 +448,8 @@ class Net(nn.Module):
             if store.data_ptr() != value.data_ptr():
                 store.copy_(value)
         else:
+            if not value.is_contiguous():  # (a channels-last top: plan.mark_channels_last) blobs are plain
+                value, copy = value.contiguous(), False
             self._data[name] = value.clone() if copy else value
             self._explicit = None
 

@@ -90,6 +90,7 @@ class Plan:
         self.param_specs = []
         with deferred_fills():
             self._build()
+        mark_channels_last(self.steps, set(self.outputs))
 
     def _build(self):
         owners = {}  # shared parameter name -> (parameter, layer name)
@@ -278,6 +279,24 @@ def need_backward(plan):
         elif not force:
             needs[i] = False
     return needs, bottom_needs
+
+
+def mark_channels_last(steps, outputs):
+    """Let a layer hand its top on in the channels-last layout (layer.keep_channels_last(): TRAIN-phase
+    Convolution and MAX Pooling under autograd on the CPU) where every reader takes that layout
+    (layer.takes_channels_last) and the top is no net output and never written in place: LeNet's conv1 ->
+    pool1 -> conv2 -> pool2 run without layout copies between them."""
+    readers = {}
+    for step in steps:
+        for b in step.bottoms:
+            readers.setdefault(b, []).append(step)
+    for step in steps:
+        keep = getattr(step.layer, "keep_channels_last", None)
+        if keep is None or len(step.tops) != 1 or step.tops[0] in outputs or step.tops[0] in step.bottoms:
+            continue
+        top = step.tops[0]
+        if all(getattr(r.layer, "takes_channels_last", False) and top not in r.tops for r in readers[top]):
+            keep()
 
 
 def rewritten_later(steps):

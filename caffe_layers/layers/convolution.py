@@ -91,16 +91,29 @@ def pads_onednn_blocks(channels):
     return channels >= 8 and channels % 16 != 0
 
 
+def as_channels_last(t):
+    """t in the channels-last layout. A one-channel NCHW tensor is already in that memory order, and
+    .contiguous(channels_last) leaves its strides as they are (oneDNN then answers in NCHW): it is restrided."""
+    if t.shape[1] == 1 and t.is_contiguous():
+        _, _, h, w = t.shape
+        return t.as_strided(t.shape, (h * w, 1, w, 1))
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 class _ChannelsLastConv2d(torch.autograd.Function):
-    """conv2d forward and backward in the channels-last layout, inputs and results in the plain one.
-    The backward computes only the gradients autograd asks for (Caffe's propagate_down)."""
+    """conv2d forward and backward in the channels-last layout. The top comes back in the plain layout, or
+    channels-last where `channels_last_top` (every reader takes that layout: plan.mark_channels_last); the
+    input's gradient in the layout the input came in. The backward computes only the gradients autograd asks
+    for (Caffe's propagate_down)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, pad, dilation):
-        x, weight = (t.contiguous(memory_format=torch.channels_last) for t in (x, weight))
+    def forward(ctx, x, weight, bias, stride, pad, dilation, channels_last_top):
+        ctx.plain_input = x.is_contiguous()
+        x, weight = as_channels_last(x), as_channels_last(weight)
         ctx.save_for_backward(x, weight)
         ctx.settings, ctx.has_bias = (stride, pad, dilation), bias is not None
-        return F.conv2d(x, weight, bias, stride, pad, dilation).contiguous()
+        top = F.conv2d(x, weight, bias, stride, pad, dilation)
+        return top if channels_last_top else top.contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -108,20 +121,24 @@ class _ChannelsLastConv2d(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, pad, dilation = (list(v) if isinstance(v, tuple) else [v, v] for v in ctx.settings)
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias]
-        grads = torch.ops.aten.convolution_backward(
-            grad.contiguous(memory_format=torch.channels_last), x, weight, [weight.shape[0]], stride, pad, dilation,
-            False, [0, 0], 1, need)
-        return tuple(None if g is None else g.contiguous() for g in grads) + (None, None, None)
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            as_channels_last(grad), x, weight, [weight.shape[0]], stride, pad, dilation, False, [0, 0], 1, need)
+        if dx is not None and ctx.plain_input:
+            dx = dx.contiguous()
+        return dx, None if dw is None else dw.contiguous(), db, None, None, None, None
 
 
 @leaf_function
-def train_conv2d(x, weight, bias, stride, pad, dilation, group):
-    """F.conv2d for a TRAIN-phase layer whose channels oneDNN pads (pads_onednn_blocks): where gradients are
-    taken on the CPU, through _ChannelsLastConv2d."""
-    if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling() and (
-            x.requires_grad or weight.requires_grad):
-        return _ChannelsLastConv2d.apply(x, weight, bias, stride, pad, dilation)
-    return F.conv2d(x, weight, bias, stride, pad, dilation, group)
+def train_conv2d(x, weight, bias, stride, pad, dilation, group, channels_last_top=False):
+    """F.conv2d for a TRAIN-phase layer that takes channels-last inputs (Convolution.takes_channels_last: oneDNN
+    pads its channels, pads_onednn_blocks, or it has one). Where gradients are taken on the CPU it runs through
+    _ChannelsLastConv2d (for one channel only where its top stays channels-last: `channels_last_top`); its top
+    is in the plain layout unless `channels_last_top`."""
+    if (x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and (x.requires_grad or weight.requires_grad) and (channels_last_top or pads_onednn_blocks(x.shape[1]))):
+        return _ChannelsLastConv2d.apply(x, weight, bias, stride, pad, dilation, channels_last_top)
+    top = F.conv2d(x, weight, bias, stride, pad, dilation, group)
+    return top if channels_last_top or top.is_contiguous() else top.contiguous()
 
 
 @register("Convolution")
@@ -151,9 +168,12 @@ class Convolution(Layer):
             self._plain_args = ((() if self.bias_term else (None,))
                                 + tuple(_short(v) for v in (self.stride, self.pad, self.dilation)) + (self.group,))
         self._function = _CONV[self.nsp]
-        if (self._plain_args is not None and phase == TRAIN and self.nsp == 2 and self.group == 1
-                and pads_onednn_blocks(channels)):
+        # plan.mark_channels_last may let such a layer's producer hand it a channels-last bottom
+        self.takes_channels_last = (self._plain_args is not None and phase == TRAIN and self.nsp == 2
+                                    and self.group == 1 and (pads_onednn_blocks(channels) or channels == 1))
+        if self.takes_channels_last:
             self._function = train_conv2d
+            self._plain_args += (False,)
         if not self.bottom_is_im2col:
             for i, extent in enumerate(kernel_extents(self)):
                 size = bottom_shapes[0][self.axis + 1 + i]
@@ -170,6 +190,13 @@ class Convolution(Layer):
 
     def lowered(self):
         return None if self._plain_args is None else (self._function, self._plain_args)
+
+    def keep_channels_last(self):
+        """Hand the top on channels-last under autograd on the CPU (every reader takes that layout)."""
+        if self.takes_channels_last:
+            self._plain_args = self._plain_args[:-1] + (True,)
+            return True
+        return False
 
     def forward(self, *bottoms):
         if self._plain_args is not None:  # (weight, bias) or (weight,) + (None, ...): F.conv2d's order

@@ -24,9 +24,9 @@ def pooled_size(size, kernel, pad, stride, ceil_mode, padded=None):
 
 def pool_channels_last(pool, x, *args, **kwargs):
     """torch's CPU pooling kernels vectorise over channels only in the channels-last layout (about 10x
-    faster at 64 channels, slower at 3 or for a tiny blob): pool there and hand back the input's layout."""
-    if x.device.type != "cpu" or x.shape[1] < 8 or x.numel() < 4096 or _channels_last(x):
-        return pool(x, *args, **kwargs)
+    faster at 64 channels, slower at 3 or for a tiny blob): pool there and hand back the usual layout."""
+    if x.device.type != "cpu" or x.shape[1] < 8 or x.numel() < 4096:
+        return pool(x.contiguous(), *args, **kwargs)  # (a channels-last bottom: plan.mark_channels_last)
     out = pool(x.contiguous(memory_format=torch.channels_last), *args, **kwargs)
     if isinstance(out, tuple):
         return tuple(t.contiguous() for t in out)
@@ -51,40 +51,50 @@ def _check_pool_input(x, smallest, what):
 class _MaskedMaxPool(torch.autograd.Function):
     """MAX pooling with Caffe's mask backward: each top diff is added at its window's argmax (the forward's
     index, h * W + w in its plane) of a zeroed bottom diff, in the bottom's own layout. torch's backward
-    would scatter in the channels-last layout the forward pooled in and hand conv1 a channels-last diff
-    (three layout copies of the largest blob a training iteration). Values and gradients are those of
-    max_pool2d(...).clamp_min(-FLT_MAX): nothing below Caffe's -FLT_MAX start (-inf, NaN) gets a diff."""
+    would scatter in the channels-last layout the forward pooled in and hand a plain-layout conv1 a
+    channels-last diff (three layout copies of the largest blob a training iteration). The top is in the
+    plain layout, or channels-last where `channels_last_top` (every reader takes that layout:
+    plan.mark_channels_last). Values and gradients are those of max_pool2d(...).clamp_min(-FLT_MAX): nothing
+    below Caffe's -FLT_MAX start (-inf, NaN) gets a diff."""
 
     @staticmethod
-    def forward(ctx, x, kernel, stride, pad, ceil_mode):
-        top, index = pool_channels_last(F.max_pool2d, x, kernel, stride, pad, ceil_mode=ceil_mode,
-                                        return_indices=True)
+    def forward(ctx, x, kernel, stride, pad, ceil_mode, channels_last_top=False):
+        ctx.plain_input = x.is_contiguous()
+        if channels_last_top:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pool = pool_channels_last if ctx.plain_input and not channels_last_top else _call
+        top, index = pool(F.max_pool2d, x, kernel, stride, pad, ceil_mode=ceil_mode, return_indices=True)
         low = -flt_max(x.dtype)
         alive = None
         if not top.min() >= low:  # (NaN compares false: also this path) rare: then the clamp and its mask
             alive = top >= low
             top = top.clamp_min(low)
-        ctx.save_for_backward(index, alive)
-        ctx.bottom_shape = x.shape
-        return top
+        ctx.save_for_backward(index, alive, None if ctx.plain_input else x)
+        ctx.bottom_shape, ctx.settings = x.shape, (kernel, stride, pad, ceil_mode)
+        return top if channels_last_top or top.is_contiguous() else top.contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        index, alive = ctx.saved_tensors
+        index, alive, x = ctx.saved_tensors
         if alive is not None:
             grad = grad * alive
-        N, C, H, W = ctx.bottom_shape
-        diff = grad.new_zeros((N, C, H * W))
-        diff.scatter_add_(2, index.reshape(N, C, -1), grad.reshape(N, C, -1))
-        return diff.view(N, C, H, W), None, None, None, None
+        if ctx.plain_input:
+            N, C, H, W = ctx.bottom_shape
+            diff = grad.new_zeros((N, C, H * W))
+            diff.scatter_add_(2, index.reshape(N, C, -1), grad.reshape(N, C, -1))
+            return diff.view(N, C, H, W), None, None, None, None, None
+        # a channels-last bottom: torch's kernel makes the same additions in the same order, in that layout
+        kernel, stride, pad, ceil_mode = (list(v) if isinstance(v, tuple) else v for v in ctx.settings)
+        diff = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, kernel, stride, pad, [1, 1], ceil_mode, index)
+        return diff, None, None, None, None, None
 
 
-def max_pool_clamped(x, kernel, stride, pad, ceil_mode):
+def max_pool_clamped(x, kernel, stride, pad, ceil_mode, channels_last_top=False):
     """torch's max_pool2d clamped at Caffe's -FLT_MAX start (every torch window overlaps the image here;
     only -inf inputs fall below it); where a gradient will be taken, through _MaskedMaxPool."""
     if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return _MaskedMaxPool.apply(x, kernel, stride, pad, ceil_mode)
+        return _MaskedMaxPool.apply(x, kernel, stride, pad, ceil_mode, channels_last_top)
     return pool_channels_last(F.max_pool2d, x, kernel, stride, pad, ceil_mode=ceil_mode).clamp_min(-flt_max(x.dtype))
 
 
@@ -94,9 +104,21 @@ def caffe_max_pool(x, kernel, stride, pad, ceil_mode, smallest, what):
     Caffe's at every input size (Pooling.lowered); `smallest` is the least input size giving a window."""
     _check_pool_input(x, smallest, what)
     eager_inference = not (torch.is_grad_enabled() and x.requires_grad or torch.compiler.is_compiling())
-    if eager_inference and x.device.type == "cpu" and x.numel() >= SEPARABLE_MIN_NUMEL and not _channels_last(x):
+    if eager_inference and x.device.type == "cpu" and _channels_last(x):  # pooled there, the layout kept
+        return F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil_mode).clamp_min_(-flt_max(x.dtype))
+    if eager_inference and x.device.type == "cpu" and x.numel() >= SEPARABLE_MIN_NUMEL:  # (no size guard)
         return separable_max_pool(x, kernel, stride, pad, ceil_mode)
     return max_pool_clamped(x, kernel, stride, pad, ceil_mode)
+
+
+@leaf_function
+def caffe_max_pool_channels_last(x, kernel, stride, pad, ceil_mode, smallest, what):
+    """caffe_max_pool for a layer whose readers take channels-last bottoms (plan.mark_channels_last): under
+    autograd on the CPU its top stays in the channels-last layout it pools in."""
+    _check_pool_input(x, smallest, what)
+    if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _MaskedMaxPool.apply(x, kernel, stride, pad, ceil_mode, True)
+    return caffe_max_pool(x, kernel, stride, pad, ceil_mode, smallest, what)
 
 
 # From about this size on (one thread) the separable maximum beats the channels-last round trip on CPU (an
@@ -204,6 +226,15 @@ class Pooling(Layer):
         # global pooling reads each plane once: the layout change would cost more than it saves
         self._pool = _call if self.global_pooling else pool_channels_last
         self._lowered = self._torch_at_every_size()
+        self.takes_channels_last = self._lowered is not None  # (its tops are in the plain layout: see below)
+
+    def keep_channels_last(self):
+        """A TRAIN-phase MAX pooling through torch's kernel hands its top on channels-last under autograd on
+        the CPU (plan.mark_channels_last: every reader takes that layout)."""
+        if self.phase != TRAIN or self._lowered is None or self._lowered[0] is not caffe_max_pool:
+            return False
+        self._lowered = (caffe_max_pool_channels_last, self._lowered[1])
+        return True
 
     def _torch_at_every_size(self):
         """(function, arguments) of caffe_max_pool / caffe_ave_pool where torch's kernels give Caffe's
