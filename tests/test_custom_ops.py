@@ -117,6 +117,15 @@ def test_gradcheck_through_the_ops(name):
     assert torch.autograd.gradcheck(fn, _leaves(inputs), fast_mode=True)
 
 
+def test_gradcheck_im2dist_l1_true_gradient_through_the_op():
+    """im2dist's L1 option true_gradient (its default backward is Caffe's quirk, not a gradient)."""
+    def fn(x):
+        return native.im2dist(x, 3, 1, (2, 1), 1, "L1", True, True, True)
+
+    assert "caffe_layers_im2dist_default" in fn(*_leaves([X])).grad_fn.name()
+    assert torch.autograd.gradcheck(fn, _leaves([X]), fast_mode=True)
+
+
 # ---- torch.compile and torch.export ---------------------------------------------------------------------
 def _targets(graphs):
     return {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}

@@ -1,7 +1,9 @@
 """Layer registry: Caffe type name -> layer class. One layer type per module in this package.
 
-A module registers its class with `@register("TypeName")`. Every module here is imported on the
-first lookup, so adding a layer means adding a module; user code can register its own classes too.
+A module registers its class with `@register("TypeName")`, so adding a layer means adding a module; user
+code can register its own classes too. A lookup imports only the type's own module: the one whose name,
+lowercased without underscores, is the type's lowercased (`InnerProduct`: inner_product.py), or the one
+`_MODULE_OF` names. Other lookups (an unknown type, `known_types()`) import every module here.
 """
 import importlib
 import pkgutil
@@ -10,6 +12,8 @@ from caffe_layers.formats import layer_context
 
 _REGISTRY = {}
 _discovered = False
+_MODULE_OF = {"SoftmaxWithLoss": "softmax_loss", "Python": "python_layer"}  # types not named by their module
+_modules_by_key = None  # lowercased module name without underscores -> module name
 
 
 def register(*type_names):
@@ -32,13 +36,30 @@ def _discover():
         _discovered = True
 
 
+def own_module(type_name):
+    """The module of this package named after `type_name` (full name), or None."""
+    global _modules_by_key
+    if _modules_by_key is None:
+        _modules_by_key = {info.name.replace("_", ""): info.name for info in pkgutil.iter_modules(__path__)}
+    module = _MODULE_OF.get(type_name) or _modules_by_key.get(type_name.lower())
+    return None if module is None else f"{__name__}.{module}"
+
+
+def _import_own_module(type_name):
+    module = own_module(type_name)
+    if module is not None:
+        importlib.import_module(module)  # (a dictionary lookup once imported)
+
+
 def known_types():
     _discover()
     return sorted(_REGISTRY)
 
 
 def layer_class(type_name, layer_name="?"):
-    _discover()
+    _import_own_module(type_name)  # before the registry: a user class of a built-in name still clashes
+    if type_name not in _REGISTRY:
+        _discover()
     try:
         return _REGISTRY[type_name]
     except KeyError:
@@ -50,7 +71,9 @@ def layer_class(type_name, layer_name="?"):
 
 
 def _is_known_type(type_name):
-    _discover()
+    _import_own_module(type_name)
+    if type_name not in _REGISTRY:
+        _discover()
     return type_name in _REGISTRY
 
 

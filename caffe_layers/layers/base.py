@@ -3,12 +3,13 @@ import contextlib
 import functools
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 from caffe_layers.errors import PrototxtError
 from caffe_layers.formats.proto import check_blob_shape
-from caffe_layers.layers.fillers import fill
+from caffe_layers.layers.fillers import fill, fill_into
 
 
 _deferring = [False]
@@ -134,9 +135,9 @@ class Layer(nn.Module):
         that a net built with weights draws no random numbers it would throw away."""
         check_blob_shape(shape, f"layer {self.name!r}: parameter blob {len(self.blobs)}", PrototxtError)
         try:
-            self.blobs.append(nn.Parameter(torch.empty(tuple(shape))))
-        except RuntimeError as err:
-            if not _too_large(err):
+            self.blobs.append(nn.Parameter(zeroed(tuple(shape))))
+        except (RuntimeError, MemoryError, ValueError) as err:
+            if isinstance(err, RuntimeError) and not _too_large(err):
                 raise
             raise PrototxtError(f"layer {self.name!r}: parameter blob {len(self.blobs)} of shape "
                                 f"{list(shape)} cannot be allocated") from err
@@ -178,17 +179,23 @@ class Layer(nn.Module):
 
     @torch.no_grad()
     def _fill(self, i):
+        """Fill blob i, which is still the zeroed memory add_blob allocated (a zero fill writes nothing)."""
         filler_param, value = self._fills[i]
         blob = self.blobs[i]
+        if filler_param is not None and filler_param.type == "constant":
+            value, filler_param = filler_param.value, None
         if filler_param is not None:
-            try:
-                blob.copy_(fill(blob.shape, filler_param))
+            try:  # drawn in float32 as Caffe's, in place where the blob is a float32 one
+                if blob.dtype == torch.float32 and blob.is_contiguous():
+                    fill_into(blob, filler_param)
+                else:
+                    blob.copy_(fill(blob.shape, filler_param))
             except ValueError as err:  # the filler's settings; the net may fill after its build
                 raise PrototxtError(f"layer {self.name!r}: parameter blob {i}: {err}") from err
         elif isinstance(value, torch.Tensor):
             blob.copy_(value)
-        else:
-            blob.fill_(0.0 if value is None else value)
+        elif not (value is None or (value == 0 and math.copysign(1.0, value) > 0)):  # +0: already so
+            blob.fill_(value)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # keys "<layer>.<i>", Caffe's blob order (not "<layer>.blobs.<i>")
@@ -220,6 +227,14 @@ class Layer(nn.Module):
 
     def extra_repr(self):
         return f"{self.name!r}"
+
+
+def zeroed(shape):
+    """A zero tensor of the default dtype; a float32 one is numpy's calloc memory, whose pages the kernel
+    zeroes when first touched: a blob that stays zero (Caffe's default constant filler) costs no writes."""
+    if torch.get_default_dtype() != torch.float32:
+        return torch.zeros(shape)
+    return torch.from_numpy(np.zeros(shape, np.float32))
 
 
 def _too_large(err):
