@@ -48,6 +48,17 @@ class _LeafTracer(fx.Tracer):
 
 # Steps whose single top is a new tensor that nothing else holds (never a view of a bottom or a blob)
 FRESH_TOP_TYPES = {"Convolution", "ReLU", "Eltwise", "Pooling", "Interp"}
+# Steps that read channels-last bottoms as they read plain ones (torch's kernels follow the strides) and may
+# hand the layout on; before any other step (and at the outputs) a possibly channels-last blob (a folded
+# convolution's top, engine/folding.py) is made contiguous
+CHANNELS_LAST_READERS = {"Convolution", "ReLU", "Eltwise", "Pooling"}
+
+
+def _reads_channels_last(layer):
+    if isinstance(layer, FoldedConvolution):
+        return True
+    return (isinstance(layer, Layer) and layer.param.type in CHANNELS_LAST_READERS
+            and (layer.param.type != "Convolution" or layer.lowered() is not None))
 
 
 def build_graph(plan, steps, attr_of, keep=(), lowered=(), reuse=None):
@@ -57,12 +68,18 @@ def build_graph(plan, steps, attr_of, keep=(), lowered=(), reuse=None):
     graph = fx.Graph(tracer_cls=_LeafTracer)
     taken = set()
     env = {name: graph.placeholder(_identifier(name, taken)) for name in plan.inputs}
-    fresh, candidates = set(), []
+    fresh, candidates, channels_last = set(), [], set()
+
+    def plain(node):
+        return graph.call_method("contiguous", (node,)) if node in channels_last else node
+
     for step in steps:
         if step.is_input:
             continue
-        args = [env[b] if down else graph.call_method("detach", (env[b],))
-                for b, down in zip(step.bottoms, step.propagate_down)]
+        reads_channels_last = _reads_channels_last(step.layer)
+        sources = [env[b] if reads_channels_last else plain(env[b]) for b in step.bottoms]
+        args = [src if down else graph.call_method("detach", (src,))
+                for src, down in zip(sources, step.propagate_down)]
         def blob(layer, i):
             return graph.get_attr(f"{attr_of[id(layer)]}.blobs.{i}")
 
@@ -103,11 +120,14 @@ def build_graph(plan, steps, attr_of, keep=(), lowered=(), reuse=None):
         else:
             for i, top in enumerate(step.tops):
                 env[top] = graph.call_function(operator.getitem, (node, i))
+        if isinstance(step.layer, FoldedConvolution) or (
+                reads_channels_last and any(src in channels_last for src in sources)):
+            channels_last.update(env[top] for top in step.tops)
     wanted = list(plan.outputs) + [b for b in keep if b not in plan.outputs]
     missing = [b for b in wanted if b not in env]
     if missing:
         raise ValueError(f"net {plan.name!r}: blobs {missing} are not computed by the graph")
-    graph.output({name: env[name] for name in wanted})
+    graph.output({name: plain(env[name]) for name in wanted})
     if reuse is not None:
         reuse.update(reuse_bottoms(candidates, fresh))
     return graph
