@@ -120,7 +120,7 @@ def build_graph(plan, steps, attr_of, keep=(), lowered=(), reuse=None):
         else:
             for i, top in enumerate(step.tops):
                 env[top] = graph.call_function(operator.getitem, (node, i))
-        if isinstance(step.layer, FoldedConvolution) or (
+        if isinstance(step.layer, FoldedConvolution) or getattr(step.layer, "hands_channels_last", False) or (
                 reads_channels_last and any(src in channels_last for src in sources)):
             channels_last.update(env[top] for top in step.tops)
     wanted = list(plan.outputs) + [b for b in keep if b not in plan.outputs]
