@@ -202,3 +202,20 @@ def test_pycaffe_forward_backward_through_the_channels_last_layers():
     assert all(net._blob_data(b).is_contiguous() and net._blob_diff(b).is_contiguous() for b in net.blob_shapes)
     for p, want in zip(net.parameters(), chained):
         torch.testing.assert_close(p.grad, want, rtol=0, atol=1e-12 * want.abs().max().item())
+
+
+def test_torch_face_hands_kept_channels_last_blobs_plain():
+    """A TorchNet TRAIN net keeps its channels-last chain, but a blob the caller asked for (keep_blobs) comes
+    back in the plain layout with the chain's values."""
+    from caffe_layers import TorchNet
+    torch.manual_seed(0)
+    net = TorchNet(lenet(), phase=TRAIN, keep_blobs=["conv1", "pool1"])
+    assert sorted(n for n, m in net.named_modules() if getattr(m, "hands_channels_last", False)) == [
+        "conv1", "conv2", "pool1"]
+    x, label = torch.rand(4, 1, 28, 28), torch.tensor([3.0, 0.0, 9.0, 5.0])
+    out = net(data=x, label=label)
+    assert out["conv1"].is_contiguous() and out["pool1"].is_contiguous()
+    conv1 = F.conv2d(x, net.state_dict()["conv1.0"], net.state_dict()["conv1.1"])
+    torch.testing.assert_close(out["conv1"], conv1)
+    torch.testing.assert_close(out["pool1"], F.max_pool2d(conv1, 2, 2))
+    out["loss"].backward()

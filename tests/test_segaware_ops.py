@@ -233,6 +233,29 @@ def test_distloss_stale_diff_for_ignored_entries_after_first_image():
     assert prev[1] != 0
 
 
+def test_distloss_buffer_keeps_its_tail_when_the_count_shrinks():
+    gen = torch.Generator().manual_seed(5)
+    dist, _ = _dist_parity(gen)  # 2x9x3x4: 216 entries
+    layer = make_layer(DL.format(extra=""), [dist.shape, dist.shape])
+    d1 = dist.clone().requires_grad_(True)
+    loss1 = layer(d1, torch.zeros_like(dist))  # nothing ignored: the buffer holds -max(2 - d, 0) everywhere
+    buffer = (-(2 - dist).clamp_min(0)).reshape(-1)
+    small = dist[:, :, :, :3].contiguous()  # 162 entries: the buffer keeps its 216
+    ignored = torch.zeros_like(small)
+    ignored[1] = 255
+    d2 = small.clone().requires_grad_(True)
+    layer(d2, ignored).backward()
+    torch.testing.assert_close(d2.grad[1].reshape(-1), buffer[81:162] / small.numel())
+    loss1.backward()  # the first forward's diff, not overwritten by the second
+    torch.testing.assert_close(d1.grad.reshape(-1), buffer / dist.numel())
+    # back to 216 entries: image 1's ignored entries read the tail the 162-entry forward left
+    d3 = dist.clone().requires_grad_(True)
+    ignored = torch.zeros_like(dist)
+    ignored[1] = 255
+    layer(d3, ignored).backward()
+    torch.testing.assert_close(d3.grad[1].reshape(-1), buffer[108:] / dist.numel())
+
+
 def test_distloss_true_gradient_gradcheck_and_loss_weight():
     gen = torch.Generator().manual_seed(4)
     dist, parity = _dist_parity(gen)

@@ -10,8 +10,10 @@ one of the blobs changes: its version counter (every in-place write through torc
 `.half`) or its identity. Writes that bypass the version counter (through `.data` or a numpy view) are not
 seen: call `clear_fold_cache()` after them. Under autograd and while tracing (torch.compile, torch.export,
 make_fx, functorch) nothing is cached: the weights are folded in the graph. A kept float32 CPU convolution with
-a kernel larger than 1x1 runs on oneDNN directly, its weights kept in oneDNN's layout and the ReLU fused
-(not inside `native.disabled()`: there every step is computed as an exported graph computes it).
+a kernel larger than 1x1 runs on oneDNN directly, its weights kept in oneDNN's layout and the ReLU fused; a 1x1
+one (no padding, one group) as one GEMM over the channels-last pixels; both hand back channels-last tops, so a
+ResNet runs in that layout from convolution to convolution without layout copies (not inside
+`native.disabled()`: there every step is computed as an exported graph computes it).
 """
 from dataclasses import dataclass
 
@@ -85,17 +87,33 @@ def _cached_fold(blobs, eps, onednn_args=None):
     return entry[1], entry[2]
 
 
+def _pointwise_gemm_ready(x, weight, pad, group):
+    """Whether a kept float32 CPU 1x1 convolution (no padding, one group) runs as one GEMM over the
+    channels-last pixels: [N*H*W, C] @ weight^T, the bias in the GEMM, the top channels-last."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 4
+            and x.numel() > 0 and weight.shape[-1] == weight.shape[-2] == 1 and not any(pad) and group == 1)
+
+
 def folded_convolution(x, weight, bias, mean, var, factor, eps, scale, shift, stride, pad, dilation, group,
                        relu=False):
+    """The folded step. Its kept float32 CPU paths hand back a channels-last top (the next convolution reads
+    it without a layout copy); TorchNet's graph makes it contiguous before a step that wants the plain one."""
     blobs = (weight, bias, mean, var, factor, scale, shift)
     if _cacheable([t for t in blobs if t is not None]):
         if native.enabled() and _onednn_ready(x, weight):  # oneDNN, weights in its layout, the ReLU fused
             w, b = _cached_fold(blobs, eps, (tuple(x.shape), stride, pad, dilation, group))
             x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.ops.mkldnn._convolution_pointwise(x, w, b, pad, stride, dilation, group,
-                                                        "relu" if relu else "none", [], "")
-            return y.contiguous()  # channels_last out; the next (1x1) F.conv2d can be 5x slower on it
+            return torch.ops.mkldnn._convolution_pointwise(x, w, b, pad, stride, dilation, group,
+                                                           "relu" if relu else "none", [], "")
         w, b = _cached_fold(blobs, eps)
+        if native.enabled() and _pointwise_gemm_ready(x, w, pad, group):
+            if stride[0] != 1 or stride[1] != 1:
+                x = x[:, :, ::stride[0], ::stride[1]]
+            n, c, h, wd = x.shape
+            y = torch.addmm(b, x.permute(0, 2, 3, 1).reshape(-1, c), w.reshape(w.shape[0], c).t())
+            if relu:
+                y.clamp_min_(0)
+            return y.view(n, h, wd, -1).permute(0, 3, 1, 2)
     else:
         w, b = fold_weights(weight, bias, mean, var, factor, eps, scale, shift)
     y = F.conv2d(x, w, b, stride, pad, dilation, group)

@@ -11,6 +11,7 @@ import re
 
 from torch import fx, nn
 
+from caffe_layers.engine.concat import ConcatOfInterps, concat_interps, run_interps_in_concats
 from caffe_layers.engine.folding import FoldedConvolution, fold_batchnorm, folded_convolution
 from caffe_layers.engine.fusion import FusedSegawareConv, fuse_steps
 from caffe_layers.engine.plan import compile_plan, paused_gc
@@ -47,6 +48,17 @@ class _LeafTracer(fx.Tracer):
 
 # Steps whose single top is a new tensor that nothing else holds (never a view of a bottom or a blob)
 FRESH_TOP_TYPES = {"Convolution", "ReLU", "Eltwise", "Pooling", "Interp"}
+# Steps that read channels-last bottoms as they read plain ones (torch's kernels follow the strides) and may
+# hand the layout on; before any other step (and at the outputs) a possibly channels-last blob (a folded
+# convolution's top, engine/folding.py) is made contiguous
+CHANNELS_LAST_READERS = {"Convolution", "ReLU", "Eltwise", "Pooling"}
+
+
+def _reads_channels_last(layer):
+    if isinstance(layer, FoldedConvolution):
+        return True
+    return (isinstance(layer, Layer) and layer.param.type in CHANNELS_LAST_READERS
+            and (layer.param.type != "Convolution" or layer.lowered() is not None))
 
 
 def build_graph(plan, steps, attr_of, keep=(), lowered=(), reuse=None):
@@ -56,12 +68,18 @@ def build_graph(plan, steps, attr_of, keep=(), lowered=(), reuse=None):
     graph = fx.Graph(tracer_cls=_LeafTracer)
     taken = set()
     env = {name: graph.placeholder(_identifier(name, taken)) for name in plan.inputs}
-    fresh, candidates = set(), []
+    fresh, candidates, channels_last = set(), [], set()
+
+    def plain(node):
+        return graph.call_method("contiguous", (node,)) if node in channels_last else node
+
     for step in steps:
         if step.is_input:
             continue
-        args = [env[b] if down else graph.call_method("detach", (env[b],))
-                for b, down in zip(step.bottoms, step.propagate_down)]
+        reads_channels_last = _reads_channels_last(step.layer)
+        sources = [env[b] if reads_channels_last else plain(env[b]) for b in step.bottoms]
+        args = [src if down else graph.call_method("detach", (src,))
+                for src, down in zip(sources, step.propagate_down)]
         def blob(layer, i):
             return graph.get_attr(f"{attr_of[id(layer)]}.blobs.{i}")
 
@@ -78,6 +96,10 @@ def build_graph(plan, steps, attr_of, keep=(), lowered=(), reuse=None):
                 *args, blob(conv, 0), blob(conv, 1) if conv.bias_term else None, blob(bn, 0), blob(bn, 1),
                 blob(bn, 2), bn.eps, scale, shift, tuple(conv.stride), tuple(conv.pad), tuple(conv.dilation),
                 conv.group, step.layer.relu is not None))
+        elif isinstance(step.layer, ConcatOfInterps):
+            interps = tuple(None if m is None else graph.get_attr(attr_of[id(m)]) for m in step.layer.interps)
+            node = graph.call_function(concat_interps, (graph.get_attr(attr_of[id(step.layer.concat)]), interps,
+                                                        *args))
         elif isinstance(step.layer, LayerChain):
             blobs = tuple(blob(layer, i) for layer in step.layer.layers for i in range(len(layer.blobs)))
             node = graph.call_function(run_chain, (step.layer.spec, *args, *blobs))
@@ -92,17 +114,20 @@ def build_graph(plan, steps, attr_of, keep=(), lowered=(), reuse=None):
             candidates.append((node, step.layer, list(node.args[:len(step.bottoms)])))  # (detached ones too)
         if len(step.tops) == 1 and not isinstance(step.layer, LayerChain):  # (a chain returns a tuple)
             env[step.tops[0]] = node if node.op == "call_function" else graph.call_function(only_top, (node,))
-            if isinstance(step.layer, (FusedSegawareConv, FoldedConvolution)) or (
+            if isinstance(step.layer, (FusedSegawareConv, FoldedConvolution, ConcatOfInterps)) or (
                     isinstance(step.layer, Layer) and step.layer.param.type in FRESH_TOP_TYPES):
                 fresh.add(env[step.tops[0]])
         else:
             for i, top in enumerate(step.tops):
                 env[top] = graph.call_function(operator.getitem, (node, i))
+        if isinstance(step.layer, FoldedConvolution) or getattr(step.layer, "hands_channels_last", False) or (
+                reads_channels_last and any(src in channels_last for src in sources)):
+            channels_last.update(env[top] for top in step.tops)
     wanted = list(plan.outputs) + [b for b in keep if b not in plan.outputs]
     missing = [b for b in wanted if b not in env]
     if missing:
         raise ValueError(f"net {plan.name!r}: blobs {missing} are not computed by the graph")
-    graph.output({name: env[name] for name in wanted})
+    graph.output({name: plain(env[name]) for name in wanted})
     if reuse is not None:
         reuse.update(reuse_bottoms(candidates, fresh))
     return graph
@@ -136,8 +161,8 @@ class TorchNet(fx.GraphModule):
     folds each Convolution -> BatchNorm -> Scale into one convolution (engine/folding.py). `lower` calls the
     simple layers (Layer.lowered: plain Convolution, Pooling, PReLU, ReLU, Softmax) as torch functions in the
     graph rather than as modules, which matters on small nets, and runs each chain of them as one step
-    (engine/tiny.py: one native call in float32 CPU inference on tiny maps); module hooks on them are refused
-    (lower=False to hook layers).
+    (engine/tiny.py: one native call in float32 CPU inference on tiny maps) and the Interps that only a Concat
+    reads inside it (engine/concat.py); module hooks on them are refused (lower=False to hook layers).
     """
 
     def __init__(self, prototxt, weights=None, phase=TEST, variables=None, *, level=0, stages=(), fuse=True,
@@ -153,6 +178,7 @@ class TorchNet(fx.GraphModule):
         if fold if fold is not None else plan.phase == TEST:
             steps = fold_batchnorm(steps, set(plan.outputs) | set(keep_blobs))
         if lower:
+            steps = run_interps_in_concats(steps, set(plan.outputs) | set(keep_blobs))
             steps = chain_tiny_layers(steps, plan.blob_shapes, set(plan.outputs) | set(keep_blobs))
         # layer attributes: not TorchNet's own names (a layer "loss" or "save" would hide or be hidden by them)
         root, attr_of, renamed = nn.Module(), {}, {}
@@ -166,7 +192,8 @@ class TorchNet(fx.GraphModule):
             attr_of[id(layer)] = attr
             root.add_module(attr, layer)
         lowered = {id(s.layer) for s in steps if lower and isinstance(s.layer, Layer) and s.layer.lowered()}
-        lowered |= {id(layer) for s in steps if isinstance(s.layer, LayerChain) for layer in s.layer.layers}
+        lowered |= {id(layer) for s in steps if isinstance(s.layer, (LayerChain, ConcatOfInterps))
+                    for layer in s.layer.layers}
         reuse = set() if lower else None
         graph = build_graph(plan, steps, attr_of, keep_blobs, lowered, reuse)
         lowered |= reuse or set()

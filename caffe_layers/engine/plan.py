@@ -296,7 +296,7 @@ def mark_channels_last(steps, outputs):
             continue
         top = step.tops[0]
         if all(getattr(r.layer, "takes_channels_last", False) and top not in r.tops for r in readers[top]):
-            keep()
+            step.layer.hands_channels_last = keep()
 
 
 def rewritten_later(steps):

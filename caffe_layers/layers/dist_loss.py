@@ -10,7 +10,7 @@ import torch
 from caffe_layers.layers import register
 from caffe_layers.layers.base import Layer, optional
 from caffe_layers.layers.patch_geometry import patch_geometry
-from caffe_layers.ops.dist_loss import dist_loss, dist_loss_diff
+from caffe_layers.ops.dist_loss import dist_loss, dist_loss_diff, dist_loss_masks
 
 
 @register("DistLoss")
@@ -51,9 +51,11 @@ class DistLoss(Layer):
         if stale is not None and (stale.numel() < n or stale.device != dist.device or stale.dtype != dist.dtype):
             stale = None
         prev = None if stale is None else stale[:n].reshape(dist.shape)
-        diff = dist_loss_diff(dist, parity, self.alpha, self.beta, self.ignore_label, prev)
-        if stale is None:
-            stale = torch.zeros(n, dtype=dist.dtype, device=dist.device)
-        stale[:n] = diff.reshape(-1)
-        self._stale = stale
-        return dist_loss(dist, parity, self.alpha, self.beta, self.ignore_label, diff=diff)
+        masks = dist_loss_masks(dist, parity, self.ignore_label)
+        diff = dist_loss_diff(dist, parity, self.alpha, self.beta, self.ignore_label, prev, masks)
+        if stale is None or stale.numel() == n:  # (a fresh buffer would be zeros, then all of diff written)
+            self._stale = diff.reshape(-1)
+        else:  # a copy: the old buffer may be an earlier forward's diff, saved for its backward
+            self._stale = stale.clone()
+            self._stale[:n] = diff.reshape(-1)
+        return dist_loss(dist, parity, self.alpha, self.beta, self.ignore_label, diff=diff, masks=masks)

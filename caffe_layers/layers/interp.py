@@ -102,12 +102,26 @@ class Interp(Layer):
     def _bilinear(self, x):
         """float32: torch's align-corners bilinear kernel is the original's loop (positions r * i in float32,
         truncated, the neighbour clamped at the last row, lambda = position - index) on the crop."""
+        crop, eff, out = self._crop(x)
+        if eff == out:  # the original's special case: a plain copy of the crop
+            return crop.clone(memory_format=torch.contiguous_format)
+        return F.interpolate(crop, size=out, mode="bilinear", align_corners=True)
+
+    def _crop(self, x):
+        """(the crop of x, its size, the output size)"""
         size = (x.shape[2], x.shape[3])
         sizes = self._sizes.get(size)
         if sizes is None:  # the proto's rules once per input size (the original crops pad_beg from the start)
             sizes = self._sizes[size] = (*self.sizes(x.shape), -self.pad_beg)
         eff, out, off = sizes
-        crop = x[:, :, off:off + eff[0], off:off + eff[1]]
-        if eff == out:  # the original's special case: a plain copy of the crop
-            return crop.clone(memory_format=torch.contiguous_format)
-        return F.interpolate(crop, size=out, mode="bilinear", align_corners=True)
+        return x[:, :, off:off + eff[0], off:off + eff[1]], eff, out
+
+    def forward_into(self, x, out):
+        """forward(x) written into `out`, a tensor of the top's shape (a slice of a Concat's top in inference:
+        engine/concat.py): the float32 kernel writes there itself."""
+        if x.dtype != torch.float32:
+            return out.copy_(self.forward(x))
+        crop, eff, size = self._crop(x)
+        if eff == size:
+            return out.copy_(crop)
+        return torch._C._nn.upsample_bilinear2d(crop, size, True, out=out)

@@ -15,7 +15,8 @@ The fork's GPU DistLoss differs (it only processes the first image); the CPU cod
 import torch
 
 
-def _masks(dist, parity, ignore_label):
+def dist_loss_masks(dist, parity, ignore_label):
+    """(kept entries, same-label entries) of parity, as booleans."""
     if parity.shape != dist.shape:
         raise ValueError(f"dist_loss: parity shape {list(parity.shape)} must equal dist shape {list(dist.shape)}")
     p = parity.detach().trunc()
@@ -23,15 +24,18 @@ def _masks(dist, parity, ignore_label):
     return keep, p != 0
 
 
-def dist_loss_diff(dist, parity, alpha, beta, ignore_label=None, stale=None):
+def dist_loss_diff(dist, parity, alpha, beta, ignore_label=None, stale=None, masks=None):
     """The original's diff_ buffer: +max(d - alpha, 0) (same), -max(beta - d, 0) (different).
 
     Ignored entries are 0 in the first image and `stale` (the previous buffer, same shape) after it.
+    `masks`: dist_loss_masks(dist, parity, ignore_label), where the caller has them.
     """
-    keep, same = _masks(dist, parity, ignore_label)
+    keep, same = masks or dist_loss_masks(dist, parity, ignore_label)
     d = dist.detach()
     diff = torch.where(same, (d - alpha).clamp_min(0), -(beta - d).clamp_min(0))
-    old = torch.zeros_like(d) if stale is None else stale.to(d).reshape(d.shape).clone()
+    if stale is None or d.shape[0] == 1:
+        return torch.where(keep, diff, 0.0)
+    old = stale.to(d).reshape(d.shape).clone()
     old[:1] = 0
     return torch.where(keep, diff, old)
 
@@ -49,19 +53,20 @@ class _DistLossCaffe(torch.autograd.Function):
         return diff / diff.numel(), None, None  # quirk: the top diff (loss_weight) is not used
 
 
-def dist_loss(dist, parity, alpha, beta, ignore_label=None, true_gradient=False, diff=None):
+def dist_loss(dist, parity, alpha, beta, ignore_label=None, true_gradient=False, diff=None, masks=None):
     """Scalar loss sum(hinge) / dist.numel(); see the module docstring for its backward.
 
     `diff` is the buffer from dist_loss_diff (computed here, without stale values, when not given);
-    the layer passes its own to carry stale values between calls.
+    the layer passes its own to carry stale values between calls, and its masks (dist_loss_masks).
     """
-    keep, same = _masks(dist, parity, ignore_label)
-    hinge = torch.where(same, (dist - alpha).clamp_min(0), (beta - dist).clamp_min(0))
+    keep, same = masks or dist_loss_masks(dist, parity, ignore_label)
     # the sum in at least float32 (a float16 sum overflows), the loss in dist's dtype
     acc = torch.promote_types(dist.dtype, torch.float32)
-    loss = (torch.where(keep, hinge, torch.zeros_like(hinge)).sum(dtype=acc) / dist.numel()).to(dist.dtype)
     if true_gradient:
-        return loss
+        hinge = torch.where(same, (dist - alpha).clamp_min(0), (beta - dist).clamp_min(0))
+        return (torch.where(keep, hinge, torch.zeros_like(hinge)).sum(dtype=acc) / dist.numel()).to(dist.dtype)
     if diff is None:
-        diff = dist_loss_diff(dist, parity, alpha, beta, ignore_label)
-    return _DistLossCaffe.apply(dist, loss.detach(), diff)
+        diff = dist_loss_diff(dist, parity, alpha, beta, ignore_label, masks=(keep, same))
+    # diff is +hinge (same) or -hinge (different) at the kept entries: the same hinge values, summed
+    loss = (torch.where(keep, diff.abs(), 0.0).sum(dtype=acc) / dist.numel()).to(dist.dtype)
+    return _DistLossCaffe.apply(dist, loss, diff)
