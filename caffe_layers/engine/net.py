@@ -180,6 +180,22 @@ def _storage_holders(tensor):
     return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) - 1  # (minus the storage object here)
 
 
+def _count_refs(store):
+    return sys.getrefcount(store)
+
+
+def _refs_when_unheld():
+    """sys.getrefcount of a blob's storage inside Net._adoptable when only the blob dict holds it: measured here
+    through the same frames (a dict entry, the writer's local, the check's argument), since how many references
+    the interpreter's frames count differs between Python versions."""
+    blobs = {"blob": object()}
+    store = blobs.get("blob")
+    return _count_refs(store)
+
+
+_UNHELD_REFS = _refs_when_unheld()
+
+
 def _hooked(layer):
     """Whether a module call of `layer` would run hooks (then the layer runs as a module call)."""
     return bool(layer._forward_hooks or layer._forward_pre_hooks or nn.modules.module._global_forward_hooks
@@ -531,7 +547,7 @@ class Net(nn.Module):
         """Whether a fresh top `value` may become the blob's storage in place of a copy into `store`: nothing
         else holds the old storage (no numpy view, no other blob, no caller's tensor), which then no one
         can see change, and nothing but the layer's result holds the new one (no bottom, no layer state)."""
-        unreferenced = sys.getrefcount(store) == 4  # (the dict, both frames, the call: no caller holds it)
+        unreferenced = sys.getrefcount(store) == _UNHELD_REFS  # (no caller holds it)
         return (unreferenced and value.is_contiguous() and value.device == store.device
                 and _storage_holders(value) == 1 and _storage_holders(store) == 1)
 
