@@ -137,14 +137,19 @@ class FoldedConvolution:
     def param(self):
         return self.conv.param
 
+    def arguments(self, blob):
+        """folded_convolution's arguments after x; `blob(layer, i)` gives a layer's i-th blob (a tensor, or a
+        graph node in TorchNet's graph)."""
+        conv, bn, sc = self.conv, self.bn, self.scale
+        scale = blob(sc, 0) if sc is not None else None
+        shift = blob(sc, len(sc.blobs) - 1) if sc is not None and sc.bias_term else None
+        return (blob(conv, 0), blob(conv, 1) if conv.bias_term else None, blob(bn, 0), blob(bn, 1), blob(bn, 2),
+                bn.eps, scale, shift, tuple(conv.stride), tuple(conv.pad), tuple(conv.dilation), conv.group,
+                self.relu is not None)
+
     def __call__(self, x):
         """folded_convolution of `x` with the layers' current blobs (the pycaffe face's call)."""
-        conv, bn, sc = self.conv, self.bn, self.scale
-        scale = sc.blobs[0] if sc is not None else None
-        shift = sc.blobs[len(sc.blobs) - 1] if sc is not None and sc.bias_term else None
-        return folded_convolution(x, conv.blobs[0], conv.blobs[1] if conv.bias_term else None, bn.blobs[0],
-                                  bn.blobs[1], bn.blobs[2], bn.eps, scale, shift, tuple(conv.stride),
-                                  tuple(conv.pad), tuple(conv.dilation), conv.group, self.relu is not None)
+        return folded_convolution(x, *self.arguments(lambda layer, i: layer.blobs[i]))
 
 
 def _version_readers(steps, i, blob):

@@ -89,13 +89,7 @@ def build_graph(plan, steps, attr_of, keep=(), lowered=(), reuse=None):
             node = graph.call_function(segaware_conv, (*args, blob(conv, 0), bias, tuple(im2col.kernel),
                                                       tuple(im2col.pad), tuple(im2col.stride), tuple(im2col.dilation)))
         elif isinstance(step.layer, FoldedConvolution):
-            conv, bn, sc = step.layer.conv, step.layer.bn, step.layer.scale
-            scale = blob(sc, 0) if sc is not None else None
-            shift = blob(sc, len(sc.blobs) - 1) if sc is not None and sc.bias_term else None
-            node = graph.call_function(folded_convolution, (
-                *args, blob(conv, 0), blob(conv, 1) if conv.bias_term else None, blob(bn, 0), blob(bn, 1),
-                blob(bn, 2), bn.eps, scale, shift, tuple(conv.stride), tuple(conv.pad), tuple(conv.dilation),
-                conv.group, step.layer.relu is not None))
+            node = graph.call_function(folded_convolution, (*args, *step.layer.arguments(blob)))
         elif isinstance(step.layer, ConcatOfInterps):
             interps = tuple(None if m is None else graph.get_attr(attr_of[id(m)]) for m in step.layer.interps)
             node = graph.call_function(concat_interps, (graph.get_attr(attr_of[id(step.layer.concat)]), interps,
